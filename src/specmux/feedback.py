@@ -100,6 +100,7 @@ def expected_accepted(gamma: np.ndarray, weight: np.ndarray, k: int) -> np.ndarr
 @dataclass
 class _Pending:
     start: int  # index of the round's first path position in the query's position log
+    tag: int  # caller's label for the round (the engine passes the arm it played)
 
 
 class CounterfactualTracker:
@@ -131,16 +132,26 @@ class CounterfactualTracker:
 
     def add_round(self, gamma: np.ndarray, weight: np.ndarray) -> list[np.ndarray]:
         """Record one round's path scores; return the loss vectors that became known."""
-        if self.loss == "acceptance" or not self.delayed:
-            return [self._losses(gamma, weight)] if gamma.shape[0] else []
-        start = self._offset + len(self._gamma)
-        self._gamma.extend(gamma)
-        self._weight.extend(weight)
-        self._pending.append(_Pending(start))
-        return self._release(final=False)
+        return [losses for _, losses in self.add_round_tagged(gamma, weight, -1)]
 
     def flush(self) -> list[np.ndarray]:
         """End of query: resolve every pending round with the positions known."""
+        return [losses for _, losses in self.flush_tagged()]
+
+    def add_round_tagged(
+        self, gamma: np.ndarray, weight: np.ndarray, tag: int
+    ) -> list[tuple[int, np.ndarray]]:
+        """As :meth:`add_round`, pairing each released loss vector with its round's ``tag``."""
+        if self.loss == "acceptance" or not self.delayed:
+            return [(tag, self._losses(gamma, weight))] if gamma.shape[0] else []
+        start = self._offset + len(self._gamma)
+        self._gamma.extend(gamma)
+        self._weight.extend(weight)
+        self._pending.append(_Pending(start, tag))
+        return self._release(final=False)
+
+    def flush_tagged(self) -> list[tuple[int, np.ndarray]]:
+        """As :meth:`flush`, with tags."""
         out = self._release(final=True)
         self.reset()
         return out
@@ -149,8 +160,8 @@ class CounterfactualTracker:
     def num_pending(self) -> int:
         return len(self._pending)
 
-    def _release(self, final: bool) -> list[np.ndarray]:
-        out: list[np.ndarray] = []
+    def _release(self, final: bool) -> list[tuple[int, np.ndarray]]:
+        out: list[tuple[int, np.ndarray]] = []
         end = self._offset + len(self._gamma)
         while self._pending:
             lo = self._pending[0].start - self._offset
@@ -162,9 +173,9 @@ class CounterfactualTracker:
             dead = gamma.shape[0] > 0 and not np.any(np.prod(weight, axis=0) > 0)
             if not (complete or dead or final):
                 break
-            self._pending.popleft()
+            pending = self._pending.popleft()
             if gamma.shape[0]:
-                out.append(self._losses(gamma, weight))
+                out.append((pending.tag, self._losses(gamma, weight)))
         # Drop positions no pending round needs any more.
         keep_from = self._pending[0].start if self._pending else end
         drop = keep_from - self._offset

@@ -1,0 +1,50 @@
+"""The drafter protocol: propose k tokens; score a given path; learn from verified output."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+
+from specmux.types import Draft, PathDistributions, SamplingParams
+
+
+class Drafter(ABC):
+    """A source of draft tokens.
+
+    ``name`` identifies the drafter in metrics and traces.  ``vocab_size`` is set by drafters
+    that produce distributions over a vocabulary (LM drafters): the engine checks it against
+    the target's.  Model-free drafters are deterministic (``Draft.probs is None``).
+    """
+
+    name: str
+    vocab_size: int | None = None
+
+    @abstractmethod
+    def propose(
+        self,
+        context: Sequence[int],
+        k: int,
+        sampling: SamplingParams,
+        generator: torch.Generator | None = None,
+    ) -> Draft:
+        """Draft up to ``k`` tokens after ``context`` (fewer, even 0, if it has no guess)."""
+
+    @abstractmethod
+    def distributions(
+        self, context: Sequence[int], path: Sequence[int], sampling: SamplingParams
+    ) -> PathDistributions:
+        """This drafter's next-token guesses at each position of ``path`` after ``context``.
+
+        Row ``j`` is conditioned on ``context + path[:j]`` (used for counterfactual scoring).
+        """
+
+    def observe(self, context: Sequence[int], committed: Sequence[int]) -> None:  # noqa: B027
+        """Called after every round with the tokens just committed after ``context``."""
+
+    def start_query(self, prompt: Sequence[int]) -> None:  # noqa: B027
+        """Called when a new query starts."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"

@@ -1,0 +1,58 @@
+"""A small causal LM drafter sharing the target's tokenizer, with a KV cache."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedModel
+
+from specmux.drafters.base import Drafter
+from specmux.lm import CachedLM
+from specmux.types import Draft, PathDistributions, SamplingParams
+from specmux.verify import process_logits, sample
+
+
+class HFDrafter(Drafter):
+    """Autoregressive drafting with a Hugging Face causal LM.
+
+    Each proposal costs ``k`` forward passes of one token each (the first also catches the
+    cache up with tokens committed since this drafter last ran).  ``distributions`` scores a
+    whole path in one forward pass, so counterfactual scoring is cheap.
+    """
+
+    def __init__(self, model: PreTrainedModel, name: str = "lm") -> None:
+        self.lm = CachedLM(model, name=name)
+        self.name = name
+        self.vocab_size = self.lm.vocab_size
+
+    def propose(
+        self,
+        context: Sequence[int],
+        k: int,
+        sampling: SamplingParams,
+        generator: torch.Generator | None = None,
+    ) -> Draft:
+        seq = list(context)
+        tokens: list[int] = []
+        probs: list[torch.Tensor] = []
+        for _ in range(k):
+            q = process_logits(self.lm.logits(seq, 1), sampling)[0]  # [V]
+            x = int(q.argmax()) if sampling.greedy else sample(q, generator)
+            tokens.append(x)
+            probs.append(q)
+            seq.append(x)
+        if not tokens:
+            return Draft(tokens=torch.zeros(0, dtype=torch.long), probs=None)
+        return Draft(tokens=torch.tensor(tokens, dtype=torch.long), probs=torch.stack(probs))
+
+    def distributions(
+        self, context: Sequence[int], path: Sequence[int], sampling: SamplingParams
+    ) -> PathDistributions:
+        if not path:
+            return PathDistributions(tokens=torch.zeros(0, dtype=torch.long))
+        logits = self.lm.logits([*context, *path[:-1]], len(path))  # [L, V]
+        if sampling.greedy:  # only the argmax matters
+            return PathDistributions(tokens=logits.argmax(dim=-1))
+        probs = process_logits(logits, sampling)
+        return PathDistributions(tokens=probs.argmax(dim=-1), probs=probs)
