@@ -215,6 +215,7 @@ class SpeculativeDecoder:
                 )
             )
             for d in self.drafters:
+                d.observe_target(context, committed, logits[: len(committed)])
                 d.observe(context, committed)
             context.extend(committed)
             t4 = time.perf_counter()

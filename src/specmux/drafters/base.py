@@ -43,6 +43,13 @@ class Drafter(ABC):
     def observe(self, context: Sequence[int], committed: Sequence[int]) -> None:  # noqa: B027
         """Called after every round with the tokens just committed after ``context``."""
 
+    def observe_target(  # noqa: B027
+        self, context: Sequence[int], path: Sequence[int], target_logits: torch.Tensor
+    ) -> None:
+        """Called after verification with the target's raw logits [len(path), V] along the
+        committed ``path`` (row j conditioned on ``context + path[:j]``): a free training
+        signal for drafters that adapt online (OnlineSpec)."""
+
     def start_query(self, prompt: Sequence[int]) -> None:  # noqa: B027
         """Called when a new query starts."""
 
