@@ -84,8 +84,9 @@ class Policy(ABC):
         return int(np.argmax(self.probabilities()))
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-serializable learned state."""
-        state: dict[str, Any] = {"policy": self.name, "num_arms": self.num_arms, "t": self.t}
+        """JSON-serializable learned state, including the rng state (so selections resume)."""
+        state: dict[str, Any] = {"policy": self.name, "num_arms": self.num_arms, "t": self.t,
+                                 "rng": self.rng.bit_generator.state}
         for key in self._state_keys:
             value = getattr(self, key)
             state[key] = value.tolist() if isinstance(value, np.ndarray) else value
@@ -99,6 +100,8 @@ class Policy(ABC):
                 f" not {self.name!r} with {self.num_arms}"
             )
         self.t = int(state["t"])
+        if "rng" in state:
+            self.rng.bit_generator.state = state["rng"]
         for key in self._state_keys:
             current = getattr(self, key)
             value = state[key]
