@@ -93,8 +93,14 @@ def expected_accepted(gamma: np.ndarray, weight: np.ndarray, k: int) -> np.ndarr
     m = min(k, gamma.shape[0])
     if m == 0:
         return np.zeros(gamma.shape[1])
-    reach = np.cumprod(np.vstack([np.ones((1, gamma.shape[1])), weight[: m - 1]]), axis=0)
-    return (reach * gamma[:m]).sum(axis=0)  # [N]
+    # reach[d] = prod_{j<d} w_j, written in place (same products, same order, as cumprod
+    # over [1; w]: 1 * w_0 == w_0 exactly).
+    reach = np.empty((m, gamma.shape[1]))
+    reach[0] = 1.0
+    if m > 1:
+        np.cumprod(weight[: m - 1], axis=0, out=reach[1:])
+    reach *= gamma[:m]
+    return reach.sum(axis=0)  # [N]
 
 
 @dataclass
@@ -121,12 +127,20 @@ class CounterfactualTracker:
         self.max_k = int(self.k_of_arm.max())
         self.loss = loss
         self.delayed = delayed
+        # Arms grouped by k once: (k, arm mask, drafter of each selected arm).
+        self._groups = [
+            (int(k), sel, self.drafter_of_arm[sel])
+            for k in np.unique(self.k_of_arm)
+            for sel in [self.k_of_arm == k]
+        ]
         self.reset()
 
     def reset(self) -> None:
         """Start a new query (pending rounds of the previous one must be flushed first)."""
-        self._gamma: list[np.ndarray] = []  # per position, [N]
-        self._weight: list[np.ndarray] = []
+        # The position log: rows [0, _len) of two growable [capacity, N] arrays.
+        self._gamma: np.ndarray | None = None
+        self._weight: np.ndarray | None = None
+        self._len = 0
         self._offset = 0  # positions dropped from the front of the log
         self._pending: deque[_Pending] = deque()
 
@@ -144,15 +158,20 @@ class CounterfactualTracker:
         """As :meth:`add_round`, pairing each released loss vector with its round's ``tag``."""
         if self.loss == "acceptance" or not self.delayed:
             return [(tag, self._losses(gamma, weight))] if gamma.shape[0] else []
-        start = self._offset + len(self._gamma)
-        self._gamma.extend(gamma)
-        self._weight.extend(weight)
+        n = gamma.shape[0]
+        if self._gamma is None or self._len + n > self._gamma.shape[0]:
+            self._grow(self._len + n, gamma.shape[1])
+        assert self._gamma is not None and self._weight is not None
+        self._gamma[self._len : self._len + n] = gamma
+        self._weight[self._len : self._len + n] = weight
+        start = self._offset + self._len
+        self._len += n
         self._pending.append(_Pending(start, tag))
         return self._release(final=False)
 
     def flush_tagged(self) -> list[tuple[int, np.ndarray]]:
         """As :meth:`flush`, with tags."""
-        out = self._release(final=True)
+        out = self._release(final=True) if self._gamma is not None else []
         self.reset()
         return out
 
@@ -160,27 +179,40 @@ class CounterfactualTracker:
     def num_pending(self) -> int:
         return len(self._pending)
 
+    def _grow(self, rows: int, num_drafters: int) -> None:
+        capacity = max(64, 4 * self.max_k, 2 * rows)
+        gamma, weight = np.empty((capacity, num_drafters)), np.empty((capacity, num_drafters))
+        if self._gamma is not None and self._weight is not None:
+            gamma[: self._len] = self._gamma[: self._len]
+            weight[: self._len] = self._weight[: self._len]
+        self._gamma, self._weight = gamma, weight
+
     def _release(self, final: bool) -> list[tuple[int, np.ndarray]]:
+        assert self._gamma is not None and self._weight is not None
         out: list[tuple[int, np.ndarray]] = []
-        end = self._offset + len(self._gamma)
-        while self._pending:
-            lo = self._pending[0].start - self._offset
-            hi = min(lo + self.max_k, len(self._gamma))
-            gamma = np.asarray(self._gamma[lo:hi])
-            weight = np.asarray(self._weight[lo:hi])
-            complete = end - self._pending[0].start >= self.max_k
-            # No drafter can get past the known positions: the rest contributes nothing.
-            dead = gamma.shape[0] > 0 and not np.any(np.prod(weight, axis=0) > 0)
-            if not (complete or dead or final):
-                break
-            pending = self._pending.popleft()
-            if gamma.shape[0]:
-                out.append((pending.tag, self._losses(gamma, weight)))
+        end = self._offset + self._len
+        pending = self._pending
+        while pending:
+            lo = pending[0].start - self._offset
+            hi = min(lo + self.max_k, self._len)
+            complete = end - pending[0].start >= self.max_k
+            if not (complete or final):
+                # No drafter can get past the known positions: the rest contributes nothing.
+                dead = hi > lo and not np.any(np.prod(self._weight[lo:hi], axis=0) > 0)
+                if not dead:
+                    break
+            tag = pending.popleft().tag
+            if hi > lo:
+                out.append((tag, self._losses(self._gamma[lo:hi], self._weight[lo:hi])))
         # Drop positions no pending round needs any more.
-        keep_from = self._pending[0].start if self._pending else end
+        keep_from = pending[0].start if pending else end
         drop = keep_from - self._offset
         if drop > 0:
-            del self._gamma[:drop], self._weight[:drop]
+            rest = self._len - drop
+            if rest > 0:
+                self._gamma[:rest] = self._gamma[drop : self._len]
+                self._weight[:rest] = self._weight[drop : self._len]
+            self._len = rest
             self._offset += drop
         return out
 
@@ -189,9 +221,12 @@ class CounterfactualTracker:
         if self.loss == "acceptance":
             per_drafter = 1.0 - gamma.mean(axis=0)  # [N]
             return per_drafter[self.drafter_of_arm]
+        if len(self._groups) == 1:  # one k for every arm: no scatter needed
+            k, _, drafters = self._groups[0]
+            mean_accepted = expected_accepted(gamma, weight, k)  # [N]
+            return 1.0 - (mean_accepted[drafters] + 1.0) / (self.max_k + 1)
         losses = np.empty(len(self.k_of_arm))
-        for k in np.unique(self.k_of_arm):
-            mean_accepted = expected_accepted(gamma, weight, int(k))  # [N]
-            sel = self.k_of_arm == k
-            losses[sel] = 1.0 - (mean_accepted[self.drafter_of_arm[sel]] + 1.0) / (self.max_k + 1)
+        for k, sel, drafters in self._groups:
+            mean_accepted = expected_accepted(gamma, weight, k)  # [N]
+            losses[sel] = 1.0 - (mean_accepted[drafters] + 1.0) / (self.max_k + 1)
         return losses
