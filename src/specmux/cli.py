@@ -50,6 +50,11 @@ def setup_logging(verbose: bool) -> None:
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    if not verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
 
 
 @app.command()
@@ -123,14 +128,14 @@ def generate(
             reset_per_query=cfg.reset_per_query, seed=seed or 0, install=install,
         )
         out = pipe.generate(prompt, max_new_tokens=max_new_tokens, sampling=sampling, chat=chat)
-    console.print(out.text, markup=False, highlight=False)
+    console.print(out.text, markup=False, highlight=False, soft_wrap=True)
     s = out.stats
     share = ", ".join(f"{k} {v:.0%}" for k, v in s.selection_share().items())
     console.print(
         f"[dim]{s.num_output_tokens} tokens, {s.num_drafts} target calls, "
         f"MAT {s.mean_acceptance_length:.2f}, acceptance {s.acceptance_rate:.0%}, "
         f"{s.tokens_per_second:.1f} tok/s, drafters: {share}[/]",
-        highlight=False,
+        highlight=False, soft_wrap=True,
     )
 
 
