@@ -1,0 +1,1 @@
+"""Benchmarks: evaluation data, runner, report."""
