@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
+import typer
+from typer.testing import CliRunner
 
 from specmux.feedback import CounterfactualTracker, expected_accepted
+from specmux.policies import POLICIES
+from specmux.sim import experiments
+from specmux.sim.cli import register
+from specmux.sim.env import DrafterPool, SimEnv, iid_pool, make_stream
+from specmux.sim.runner import arm_means, default_arms, regret_curve, simulate, stop_regret
 
 # --------------------------------------------------------------------------------------
 # Tracker fast path: identical results to the original list-based implementation.
@@ -130,3 +139,177 @@ def test_expected_accepted_fast_path_is_bitwise_identical() -> None:
         gamma, weight = rng.random((m, num)), rng.random((m, num))
         assert np.array_equal(expected_accepted(gamma, weight, k),
                               _reference_expected_accepted(gamma, weight, k))
+
+
+# --------------------------------------------------------------------------------------
+# The simulator.
+# --------------------------------------------------------------------------------------
+
+
+
+def _hits(buf, num: int) -> np.ndarray:  # type: ignore[no-untyped-def]
+    return np.frombuffer(buf.hits, dtype=bool).reshape(num, buf.size)
+
+
+def test_iid_hits_match_configured_acceptance() -> None:
+    alpha = np.array([[0.2, 0.55, 0.9], [0.7, 0.1, 0.4]])
+    env = SimEnv(iid_pool(alpha), np.random.default_rng(0), block_cells=600_000)
+    for d in range(2):
+        buf = env.draw(d, 200_000)
+        rate = _hits(buf, 3).mean(axis=1)
+        assert np.allclose(rate, alpha[d], atol=0.004)  # 4.4 sigma at n = 2e5
+        assert np.array_equal(buf.weight.T.astype(bool), _hits(buf, 3))
+        assert buf.gamma is buf.weight  # greedy: gamma = w
+
+
+def test_accepted_lengths_match_configured_profiles() -> None:
+    """Per-position (run-length) profiles: P(accept >= d) from a fresh start, and rates."""
+    hazard = np.array([[[0.9, 0.35, 0.35], [0.6, 0.95, 0.8]]])
+    pool = DrafterPool(hazard)
+    env = SimEnv(pool, np.random.default_rng(1))
+    buf = env.draw(0, 400_000)
+    hits = _hits(buf, 2)
+    k = 4
+    for i in range(2):
+        fresh = np.flatnonzero(~hits[i, : -k - 1]) + 1  # positions right after a miss
+        lengths = np.array([buf.accepted(i, int(s), k) for s in fresh[:30_000]])
+        reach = pool.reach(k)[0, i, 1:]  # P(A >= d), d = 1..k
+        got = np.array([(lengths >= d).mean() for d in range(1, k + 1)])
+        assert np.allclose(got, reach, atol=0.012)
+        assert abs(lengths.mean() - pool.expected_accepted(k)[0, i]) < 0.03
+    assert np.allclose(hits.mean(axis=1), pool.marginal_acceptance()[0], atol=0.005)
+
+
+def test_sampling_gamma_is_calibrated() -> None:
+    """Sampling mode: E[w | gamma] = gamma (the tracker's estimator stays unbiased)."""
+    pool = iid_pool(np.array([0.3, 0.75]))
+    env = SimEnv(pool, np.random.default_rng(2), mode="sampling")
+    buf = env.draw(0, 200_000)
+    assert buf.gamma is not None and buf.weight is not None
+    for i in range(2):
+        g, w = buf.gamma[:, i], buf.weight[:, i]
+        assert abs(g.mean() - pool.hazard[0, i, 0]) < 0.005
+        for lo in (0.1, 0.4, 0.7):
+            sel = (g >= lo) & (g < lo + 0.2)
+            assert abs(w[sel].mean() - g[sel].mean()) < 0.02
+
+
+def test_simulated_rounds_match_the_configured_tokens_per_round() -> None:
+    pool = iid_pool(np.array([0.85, 0.5]))
+    arms = default_arms(2, (4,))
+    mu = arm_means(pool, arms)[0]
+    stream = make_stream("stationary", 1, 2000, np.random.default_rng(3))
+    for arm in range(2):
+        policy = POLICIES["fixed"](2, arm=arm)
+        trace = simulate(policy, SimEnv(pool, np.random.default_rng(4), scores=False), stream,
+                         arms, tokens=200_000)
+        # Query ends cut a few rounds short; 256-token queries lose < 1.5%.
+        assert abs(trace.mean_tokens_per_round - mu[arm]) / mu[arm] < 0.02
+        assert set(np.unique(trace.accepted)) <= set(range(5))
+
+
+def test_policies_are_the_engines_classes() -> None:
+    pool = iid_pool(np.array([0.8, 0.6, 0.5]))
+    arms = default_arms(3, (4,))
+    stream = make_stream("blocks", 1, 10, np.random.default_rng(0))
+    for name in ("fixed", "ucb", "exp3", "metasd", "hedge", "normalhedge"):
+        policy = experiments._policy(name, 3, seed=0)
+        assert type(policy) is POLICIES[name]
+        trace = experiments._play(policy, pool, stream, arms, 0, "greedy", rounds=200)
+        assert trace.policy == name and trace.num_rounds == 200
+
+
+def test_hedge_beats_exp3_at_32_drafters() -> None:
+    n, rounds = 32, 4000
+    pool = experiments.gap_pool(n, np.random.default_rng(11))
+    arms = default_arms(n, (4,))
+    mu = arm_means(pool, arms)
+    regret = {}
+    for name in ("hedge", "exp3"):
+        stream = make_stream("stationary", 1, 100, np.random.default_rng(5))
+        policy = experiments._policy(name, n, seed=5)
+        trace = experiments._play(policy, pool, stream, arms, 5, "greedy", rounds=rounds)
+        regret[name] = float(regret_curve(trace, mu, np.array([rounds]))[0])
+    assert regret["hedge"] < 0.5 * regret["exp3"], regret
+
+
+def test_stopping_time_regret_of_the_best_fixed_arm_is_about_zero() -> None:
+    pool = iid_pool(np.array([0.8, 0.6]))
+    arms = default_arms(2, (4,))
+    realized = []
+    for seed in range(40):
+        stream = make_stream("stationary", 1, 30, np.random.default_rng(seed), query_tokens=100)
+        trace = simulate(POLICIES["fixed"](2, arm=0),
+                         SimEnv(pool, np.random.default_rng(seed + 99), scores=False), stream,
+                         arms, tokens=3000)
+        got, pseudo = stop_regret(trace, pool, arms, np.array([3000]))
+        assert abs(pseudo[0]) < 1e-6
+        realized.append(got[0])
+    assert abs(np.mean(realized)) < 4 * np.std(realized) / np.sqrt(len(realized)) + 0.5
+
+
+def test_adaptive_adversary_breaks_ucb_not_exp3() -> None:
+    pool = iid_pool(np.array([[0.85, 0.45], [0.45, 0.85]]))
+    arms = default_arms(2, (4,))
+    mu = arm_means(pool, arms)
+    regret = {}
+    for name in ("ucb", "exp3"):
+        stream = make_stream("alternating", 2, 4000, np.random.default_rng(0), query_tokens=5)
+        trace = experiments._play(experiments._policy(name, 2, 0), pool, stream, arms, 0,
+                                  "greedy", rounds=3000)
+        regret[name] = float(regret_curve(trace, mu, np.array([3000]))[0])
+    assert regret["ucb"] > 0.4 * 3000 and regret["exp3"] < 0.25 * regret["ucb"], regret
+
+
+def test_cli_quick_writes_jsonl_png_and_markdown(tmp_path: Path) -> None:
+    app = typer.Typer()
+    register(app)
+
+    @app.callback()
+    def _root() -> None:
+        """specmux (test app)."""
+
+    out = tmp_path / "sim"
+    result = CliRunner().invoke(app, ["simulate", "--quick", "--rounds", "1500", "--seeds", "1",
+                                      "--num-drafters", "8", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["experiment"] for r in rows} == {"a", "b", "c", "d"}
+    assert sum(1 for r in rows if r.get("summary")) == 4
+    for png in ("a_regret_vs_n.png", "b_stopping_time.png", "c_feedback.png",
+                "d_metasd_reward.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 150_000
+    summary = (out / "summary.md").read_text()
+    assert "## (a)" in summary and "## (d)" in summary and "specmux simulate" in summary
+
+
+def test_cli_help_documents_every_option() -> None:
+    app = typer.Typer()
+    register(app)
+
+    @app.callback()
+    def _root() -> None:
+        """specmux (test app)."""
+
+    result = CliRunner().invoke(app, ["simulate", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for option in ("--experiment", "--rounds", "--seeds", "--out", "--policies",
+                   "--num-drafters", "--env", "--mode", "--k", "--quick"):
+        assert option in result.output
+
+
+def test_cli_rejects_bad_options(tmp_path: Path) -> None:
+    app = typer.Typer()
+    register(app)
+
+    @app.callback()
+    def _root() -> None:
+        """specmux (test app)."""
+
+    runner = CliRunner()
+    bad = runner.invoke(app, ["simulate", "--experiment", "z", "--out", str(tmp_path)])
+    assert bad.exit_code == 2
+    bad = runner.invoke(app, ["simulate", "--quick", "--policies", "nope", "--experiment", "run",
+                              "--out", str(tmp_path)])
+    assert bad.exit_code == 2

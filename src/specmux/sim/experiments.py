@@ -1,0 +1,844 @@
+"""The simulator's experiments: (a)-(d) reproduce the seed papers' claims; ``run`` is a plain run.
+
+Each experiment builds its environments, plays the real policy classes through
+:func:`specmux.sim.runner.simulate`, and returns an :class:`ExperimentResult`: JSON-able rows
+(one per run), the fitted numbers, a PNG figure and a markdown section.  :func:`run_experiments`
+writes them all under one output directory (``results.jsonl``, ``*.png``, ``summary.md``).
+
+* **a** (Not-a-Bandit): static regret after ``T`` rounds vs the number of drafters ``N`` for
+  full-information learners (Hedge, NormalHedge) and bandits (UCBSpec, EXP3Spec), with
+  log-log slopes and a fit against ``ln N``.
+* **b** (BanditSpec): UCBSpec's stopping-time regret vs the token budget ``T`` on a
+  stochastic pool, fitted to ``a + b ln T``; then an adaptive adversary that alternates the
+  domain against the favoured arm, where the deterministic UCB index fails and EXP3Spec does not.
+* **c** (HedgeSpec's feedback): delayed vs naive (truncated) counterfactual feedback, and the
+  acceptance-length loss vs the acceptance-probability loss.
+* **d** (MetaSD): the block-divergence reward vs the block-efficiency reward for MetaSD's UCB,
+  over its exploration scale ``beta``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from specmux.errors import ConfigError  # noqa: E402
+from specmux.policies import POLICIES, Policy, make_policy  # noqa: E402
+from specmux.sim.env import (  # noqa: E402
+    STREAMS,
+    DrafterPool,
+    SimEnv,
+    Stream,
+    expert_pool,
+    iid_pool,
+    make_stream,
+)
+from specmux.sim.runner import (  # noqa: E402
+    Trace,
+    arm_means,
+    checkpoints,
+    default_arms,
+    regret_curve,
+    segment_regret,
+    simulate,
+    stop_regret,
+)
+
+log = logging.getLogger(__name__)
+
+EXPERIMENTS = ("a", "b", "c", "d", "run")
+StepFn = Callable[[str, int], None]  # (description, jobs done so far in this experiment)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Options shared by the experiments (``None``: the experiment's own default)."""
+
+    out: Path = Path("sim-out")
+    seeds: int | None = None
+    rounds: int | None = None
+    policies: tuple[str, ...] | None = None
+    num_drafters: int | None = None
+    env: str | None = None
+    mode: str = "greedy"
+    k: int = 4
+    quick: bool = False
+    command: str = "specmux simulate"
+
+    def pick(self, full: Any, quick: Any) -> Any:
+        return quick if self.quick else full
+
+
+@dataclass
+class ExperimentResult:
+    name: str
+    title: str
+    rows: list[dict[str, Any]]
+    fits: dict[str, Any]
+    figure: Path | None
+    markdown: str
+    seconds: float = 0.0
+    jobs: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _policy(name: str, num_arms: int, seed: int, **kwargs: Any) -> Policy:
+    policy = make_policy(name, num_arms, seed=seed, **kwargs)
+    assert type(policy) is POLICIES[name]  # the engine's own classes, never copies
+    return policy
+
+
+def _stream_for(kind: str, num_domains: int, rounds: int, k: int, seed: int,
+                query_tokens: int = 256) -> Stream:
+    """A stream long enough for ``rounds`` rounds of at most ``k + 1`` tokens."""
+    num_queries = rounds * (k + 1) // query_tokens + 2
+    return make_stream(kind, num_domains, num_queries, np.random.default_rng([seed, 17]),
+                       query_tokens=query_tokens)
+
+
+def _play(
+    policy: Policy,
+    pool: DrafterPool,
+    stream: Stream,
+    arms: Sequence[tuple[int, int]],
+    seed: int,
+    mode: str,
+    *,
+    rounds: int | None = None,
+    tokens: int | None = None,
+    loss: str = "length",
+    delayed: bool = True,
+) -> Trace:
+    needs_scores = policy.full_information or (
+        mode == "sampling" and getattr(policy, "reward", None) == "divergence"
+    )
+    env = SimEnv(pool, np.random.default_rng([seed, 29]), mode=mode, scores=needs_scores)
+    return simulate(policy, env, stream, arms, rounds=rounds, tokens=tokens, loss=loss,
+                    delayed=delayed)
+
+
+def fit_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """Least squares ``y = a + b x``: (a, b, R^2)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    b, a = np.polyfit(x, y, 1)
+    pred = a + b * x
+    ss = float(((y - y.mean()) ** 2).sum())
+    r2 = 1.0 - float(((y - pred) ** 2).sum()) / ss if ss > 0 else 1.0
+    return float(a), float(b), r2
+
+
+def loglog_slope(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Slope of ``log y`` vs ``log x`` over the points with ``y > 0`` (None if < 2)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    ok = y > 0
+    if ok.sum() < 2:
+        return None
+    return fit_line(np.log(x[ok]), np.log(y[ok]))[1]
+
+
+def _fmt(x: float | None, nd: int = 2) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.{nd}f}"
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def _mean_se(values: Sequence[float]) -> tuple[float, float]:
+    arr = np.asarray(values, float)
+    se = float(arr.std(ddof=1) / math.sqrt(arr.size)) if arr.size > 1 else 0.0
+    return float(arr.mean()), se
+
+
+COLORS = {"hedge": "C0", "normalhedge": "C1", "ucb": "C2", "exp3": "C3", "metasd": "C4",
+          "fixed": "C7"}
+
+
+# ----------------------------------------------------------------------------- (a)
+
+
+def gap_pool(num_drafters: int, rng: np.random.Generator, best: float = 0.8,
+             others: tuple[float, float] = (0.45, 0.75)) -> DrafterPool:
+    """One domain; drafter 0 accepts ``best`` per position, the rest uniform in ``others``."""
+    alpha = rng.uniform(*others, size=num_drafters)
+    alpha[0] = best
+    return iid_pool(alpha, tuple(["best"] + [f"d{i}" for i in range(1, num_drafters)]))
+
+
+def experiment_a(cfg: SimConfig, step: StepFn) -> ExperimentResult:
+    """Static regret vs N: full information (log N) against bandits (N or sqrt N)."""
+    max_n = cfg.num_drafters or cfg.pick(1024, 64)
+    sizes = [2**j for j in range(1, int(math.log2(max_n)) + 1)]
+    rounds = cfg.rounds or cfg.pick(20_000, 3_000)
+    seeds = cfg.seeds or cfg.pick(3, 1)
+    policies = cfg.policies or ("hedge", "normalhedge", "ucb", "exp3")
+    rows: list[dict[str, Any]] = []
+    jobs = 0
+    for n in sizes:
+        for seed in range(seeds):
+            pool = gap_pool(n, np.random.default_rng([n, seed, 1]))
+            arms = default_arms(n, (cfg.k,))
+            mu = arm_means(pool, arms)
+            stream = _stream_for("stationary", 1, rounds, cfg.k, seed)
+            for name in policies:
+                policy = _policy(name, len(arms), seed)
+                trace = _play(policy, pool, stream, arms, seed, cfg.mode, rounds=rounds)
+                regret = float(regret_curve(trace, mu, np.array([trace.num_rounds]))[0])
+                rows.append({"experiment": "a", "policy": name, "num_drafters": n,
+                             "seed": seed, "rounds": trace.num_rounds, "regret": regret,
+                             "mat": trace.mean_tokens_per_round,
+                             "best_mat": float(mu.max()),
+                             "rounds_per_s": trace.rounds_per_second})
+                jobs += 1
+                step(f"(a) N={n} {name} seed {seed}", jobs)
+    fits: dict[str, Any] = {}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name in policies:
+        mean = np.array([_mean_se([r["regret"] for r in rows
+                                   if r["policy"] == name and r["num_drafters"] == n])[0]
+                         for n in sizes])
+        se = np.array([_mean_se([r["regret"] for r in rows
+                                 if r["policy"] == name and r["num_drafters"] == n])[1]
+                       for n in sizes])
+        a, b, r2 = fit_line(np.log(sizes), mean)
+        fits[name] = {"loglog_slope": loglog_slope(np.array(sizes), mean),
+                      "per_ln_n": b, "per_ln_n_r2": r2,
+                      "regret_by_n": dict(zip(sizes, mean.round(1).tolist(), strict=True))}
+        for ax in axes:
+            ax.errorbar(sizes, np.maximum(mean, 1e-1) if ax is axes[0] else mean, yerr=se,
+                        marker="o", ms=3, label=name, color=COLORS.get(name))
+    axes[0].set_xscale("log", base=2)
+    axes[0].set_yscale("log")
+    axes[0].set_title(f"regret after {rounds} rounds (log-log)")
+    axes[1].set_xscale("log", base=2)
+    axes[1].set_title("same, linear regret axis (vs ln N)")
+    for ax in axes:
+        ax.set_xlabel("number of drafters N")
+        ax.set_ylabel("regret (expected tokens lost)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure = _save(fig, cfg.out / "a_regret_vs_n.png")
+    lines = [f"| policy | feedback | log-log slope vs N | regret per unit ln N (R²) | "
+             f"regret at N={sizes[0]} | regret at N={sizes[-1]} |",
+             "|---|---|---|---|---|---|"]
+    for name in policies:
+        f = fits[name]
+        kind = "full information" if POLICIES[name].full_information else "bandit"
+        lines.append(f"| {name} | {kind} | {_fmt(f['loglog_slope'])} | "
+                     f"{_fmt(f['per_ln_n'], 1)} ({_fmt(f['per_ln_n_r2'])}) | "
+                     f"{f['regret_by_n'][sizes[0]]} | {f['regret_by_n'][sizes[-1]]} |")
+    md = (f"One domain; drafter 0 accepts 0.8 per position, the other N-1 uniform in "
+          f"[0.45, 0.75]; k={cfg.k}, {rounds} rounds, {seeds} seed(s), N = "
+          f"{', '.join(map(str, sizes))}.  Regret = expected tokens lost against the best "
+          f"fixed drafter (pseudo-regret).\n\n" + "\n".join(lines))
+    return ExperimentResult("a", "(a) Not-a-Bandit: regret vs number of drafters", rows, fits,
+                            figure, md, jobs=jobs)
+
+
+# ----------------------------------------------------------------------------- (b)
+
+
+def experiment_b(cfg: SimConfig, step: StepFn) -> ExperimentResult:
+    """UCBSpec's stopping-time regret vs T (stochastic), then an adaptive adversary."""
+    seeds = cfg.seeds or cfg.pick(5, 2)
+    n = cfg.num_drafters or 8
+    alpha = np.linspace(0.8, 0.45, n) if n > 1 else np.array([0.8])
+    pool = iid_pool(alpha)
+    arms = default_arms(n, (cfg.k,))
+    max_tokens = cfg.pick(300_000, 20_000) if cfg.rounds is None else cfg.rounds * 3
+    budgets = np.unique(np.geomspace(1_000, max_tokens, 14).round(-1).astype(np.int64))
+    stoch = cfg.policies or ("ucb", "exp3", "hedge")
+    rows: list[dict[str, Any]] = []
+    jobs = 0
+    curves: dict[str, list[np.ndarray]] = {p: [] for p in stoch}
+    real_curves: dict[str, list[np.ndarray]] = {p: [] for p in stoch}
+    for seed in range(seeds):
+        stream = _stream_for(cfg.env or "stationary", 1, max_tokens, 0, seed)
+        for name in stoch:
+            policy = _policy(name, len(arms), seed)
+            trace = _play(policy, pool, stream, arms, seed, cfg.mode, tokens=max_tokens)
+            realized, pseudo = stop_regret(trace, pool, arms, budgets)
+            curves[name].append(pseudo)
+            real_curves[name].append(realized)
+            rows.append({"experiment": "b", "part": "stochastic", "policy": name, "seed": seed,
+                         "num_drafters": n, "budgets": budgets.tolist(),
+                         "stop_regret": realized.round(2).tolist(),
+                         "stop_regret_pseudo": pseudo.round(2).tolist(),
+                         "rounds": trace.num_rounds, "mat": trace.mean_tokens_per_round,
+                         "rounds_per_s": trace.rounds_per_second})
+            jobs += 1
+            step(f"(b) stochastic {name} seed {seed}", jobs)
+    fits: dict[str, Any] = {"stochastic": {}, "adversarial": {}}
+    for name in stoch:
+        mean = np.mean(curves[name], axis=0)
+        a, b, r2 = fit_line(np.log(budgets), mean)
+        fits["stochastic"][name] = {
+            "per_ln_T": b, "intercept": a, "r2": r2,
+            "loglog_slope": loglog_slope(budgets, mean),
+            "pseudo_at_max": float(mean[-1]),
+            "realized_at_max": float(np.mean(real_curves[name], axis=0)[-1]),
+            "realized_se_at_max": _mean_se([c[-1] for c in real_curves[name]])[1],
+        }
+    # Adversarial: two drafters, two domains, each drafter good in one.  Queries are one
+    # draft long (k + 1 tokens) and the adversary picks each one's domain against the
+    # policy's favoured arm.
+    adv_alpha = np.array([[0.85, 0.45], [0.45, 0.85]])
+    adv_pool = iid_pool(adv_alpha)
+    adv_arms = default_arms(2, (cfg.k,))
+    adv_mu = arm_means(adv_pool, adv_arms)
+    adv_rounds = cfg.rounds or cfg.pick(50_000, 4_000)
+    adv_policies = cfg.policies or ("ucb", "exp3", "hedge", "normalhedge")
+    at = checkpoints(adv_rounds, 40)
+    adv_curves: dict[str, list[np.ndarray]] = {p: [] for p in adv_policies}
+    for seed in range(seeds):
+        stream = make_stream("alternating", 2, adv_rounds + 2, np.random.default_rng(seed),
+                             query_tokens=cfg.k + 1)
+        for name in adv_policies:
+            policy = _policy(name, 2, seed)
+            trace = _play(policy, adv_pool, stream, adv_arms, seed, cfg.mode, rounds=adv_rounds)
+            curve = regret_curve(trace, adv_mu, at)
+            adv_curves[name].append(curve)
+            rows.append({"experiment": "b", "part": "adversarial", "policy": name, "seed": seed,
+                         "rounds": trace.num_rounds, "regret": float(curve[-1]),
+                         "mat": trace.mean_tokens_per_round,
+                         "domain_share": float(np.mean(trace.stream.domains == 0)),
+                         "at": at.tolist(), "regret_curve": curve.round(2).tolist()})
+            jobs += 1
+            step(f"(b) adversarial {name} seed {seed}", jobs)
+    tail = at >= max(10, adv_rounds // 100)
+    for name in adv_policies:
+        mean = np.mean(adv_curves[name], axis=0)
+        fits["adversarial"][name] = {"loglog_slope": loglog_slope(at[tail], mean[tail]),
+                                     "regret_at_end": float(mean[-1]),
+                                     "per_round": float(mean[-1] / adv_rounds)}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name in stoch:
+        mean = np.mean(curves[name], axis=0)
+        axes[0].plot(budgets, mean, marker="o", ms=3, label=f"{name} (pseudo)",
+                     color=COLORS.get(name))
+        axes[0].plot(budgets, np.mean(real_curves[name], axis=0), ls=":", lw=1,
+                     color=COLORS.get(name), label=f"{name} (realized)")
+        if name == "ucb":
+            f = fits["stochastic"][name]
+            axes[0].plot(budgets, f["intercept"] + f["per_ln_T"] * np.log(budgets), "k--",
+                         lw=1, label=f"fit {f['intercept']:.0f}+{f['per_ln_T']:.1f} ln T")
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("token budget T")
+    axes[0].set_ylabel("stopping-time regret (rounds)")
+    axes[0].set_title(f"stochastic, N={n}")
+    axes[0].legend(fontsize=7)
+    for name in adv_policies:
+        axes[1].plot(at, np.mean(adv_curves[name], axis=0), label=name, color=COLORS.get(name))
+    axes[1].set_xscale("log")
+    axes[1].set_yscale("symlog", linthresh=10)
+    axes[1].set_xlabel("rounds")
+    axes[1].set_ylabel("regret vs best fixed drafter (tokens)")
+    axes[1].set_title("adaptive adversary alternating domains")
+    axes[1].legend(fontsize=7)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    figure = _save(fig, cfg.out / "b_stopping_time.png")
+    st = fits["stochastic"]
+    lines = ["| policy | stop-regret = a + b ln T: b | R² | log-log slope | pseudo at T_max |"
+             " realized at T_max (± se) |", "|---|---|---|---|---|---|"]
+    for name in stoch:
+        f = st[name]
+        lines.append(f"| {name} | {_fmt(f['per_ln_T'], 1)} | {_fmt(f['r2'], 3)} | "
+                     f"{_fmt(f['loglog_slope'])} | {_fmt(f['pseudo_at_max'], 1)} | "
+                     f"{_fmt(f['realized_at_max'], 1)} (± {_fmt(f['realized_se_at_max'], 1)}) |")
+    lines += ["", "| policy (adversary) | regret after "
+              f"{adv_rounds} rounds | per round | log-log slope vs rounds |",
+              "|---|---|---|---|"]
+    for name in adv_policies:
+        f = fits["adversarial"][name]
+        lines.append(f"| {name} | {_fmt(f['regret_at_end'], 1)} | {_fmt(f['per_round'], 3)} | "
+                     f"{_fmt(f['loglog_slope'])} |")
+    md = (f"Stochastic: one domain, N={n} drafters with per-position acceptance "
+          f"{', '.join(f'{x:.2f}' for x in alpha)}, k={cfg.k}, token budgets up to "
+          f"{max_tokens}, {seeds} seeds.  Adversarial: two drafters, two domains "
+          f"(acceptance 0.85/0.45 and 0.45/0.85), queries of k+1 tokens, each query's domain "
+          f"chosen against the policy's favoured arm, {adv_rounds} rounds.\n\n"
+          + "\n".join(lines))
+    return ExperimentResult("b", "(b) BanditSpec: stopping-time regret; adversarial domains",
+                            rows, fits, figure, md, jobs=jobs)
+
+
+# ----------------------------------------------------------------------------- (c)
+
+_C_VARIANTS: tuple[tuple[str, str, str, bool], ...] = (
+    # label, policy, loss, delayed
+    ("hedge / length / delayed", "hedge", "length", True),
+    ("hedge / length / naive", "hedge", "length", False),
+    ("hedge / acceptance", "hedge", "acceptance", True),
+    ("normalhedge / length / delayed", "normalhedge", "length", True),
+    ("normalhedge / length / naive", "normalhedge", "length", False),
+    ("normalhedge / acceptance", "normalhedge", "acceptance", True),
+)
+
+
+def experiment_c(cfg: SimConfig, step: StepFn) -> ExperimentResult:
+    """Truncated/delayed feedback vs naive; length loss vs acceptance loss."""
+    seeds = cfg.seeds or cfg.pick(3, 1)
+    k = 8  # long drafts make truncation matter
+    rounds = cfg.rounds or cfg.pick(30_000, 3_000)
+    variants = [v for v in _C_VARIANTS if cfg.policies is None or v[1] in cfg.policies]
+    rows: list[dict[str, Any]] = []
+    jobs = 0
+    fits: dict[str, Any] = {}
+
+    # c1: two phases.  Domain 0: the early stopper A is best (A 0.85, B 0.5).  Domain 1: the
+    # long-run drafter B is best (A 0.8, B 0.9).  The switch comes after a quarter of the run.
+    c1_pool = iid_pool(np.array([[0.85, 0.5], [0.8, 0.9]]), ("A-early-stopper", "B-long-runs"))
+    c1_arms = default_arms(2, (k,))
+    c1_mu = arm_means(c1_pool, c1_arms)
+    q_tokens = 256
+    num_queries = rounds * (k + 1) // q_tokens + 2
+    switch_query = max(1, int(rounds * c1_mu[0].max() / 4 / q_tokens))
+    domains = np.ones(num_queries, dtype=int)
+    domains[:switch_query] = 0
+    c1_stream = Stream(domains, q_tokens)
+    window = max(rounds // 100, 10)
+    c1_share: dict[str, list[np.ndarray]] = {}
+    c1_summary: dict[str, dict[str, float]] = {}
+    for label, name, loss, delayed in [v for v in variants if v[2] == "length"]:
+        shares, after_b, regrets = [], [], []
+        for seed in range(seeds):
+            policy = _policy(name, 2, seed)
+            trace = _play(policy, c1_pool, c1_stream, c1_arms, seed, cfg.mode, rounds=rounds,
+                          loss=loss, delayed=delayed)
+            on_b = (trace.arm == 1).astype(float)
+            shares.append(np.convolve(on_b, np.ones(window) / window, mode="valid")[::window])
+            phase2 = trace.domain == 1
+            after_b.append(float(on_b[phase2][-len(on_b) // 4:].mean()) if phase2.any() else 0.0)
+            regrets.append(float(regret_curve(trace, c1_mu, np.array([trace.num_rounds]))[0]))
+            rows.append({"experiment": "c", "part": "two-phase", "variant": label,
+                         "seed": seed, "rounds": trace.num_rounds,
+                         "share_B_late": after_b[-1], "regret": regrets[-1],
+                         "segment_regret": segment_regret(trace, c1_mu),
+                         "mat": trace.mean_tokens_per_round})
+            jobs += 1
+            step(f"(c) two-phase {label} seed {seed}", jobs)
+        c1_share[label] = np.mean(shares, axis=0)
+        c1_summary[label] = {"share_B_late": float(np.mean(after_b)),
+                             "regret": float(np.mean(regrets))}
+    fits["two_phase"] = c1_summary
+
+    # c2: stationary; 7 early stoppers (0.8 per position) and one long-run drafter (0.9).
+    n2 = 8
+    c2_pool = iid_pool(np.array([0.8] * (n2 - 1) + [0.9]))
+    c2_arms = default_arms(n2, (k,))
+    c2_mu = arm_means(c2_pool, c2_arms)
+    c2_summary: dict[str, dict[str, float]] = {}
+    for label, name, loss, delayed in variants:
+        mats, share, regrets, chosen_loss, other_loss = [], [], [], [], []
+        for seed in range(seeds):
+            stream = _stream_for("stationary", 1, rounds, k, seed)
+            policy = _policy(name, n2, seed)
+            probe = _LossProbe(policy)
+            trace = _play(probe, c2_pool, stream, c2_arms, seed, cfg.mode,  # type: ignore[arg-type]
+                          rounds=rounds, loss=loss, delayed=delayed)
+            mats.append(trace.mean_tokens_per_round)
+            share.append(float((trace.arm[-rounds // 4:] == n2 - 1).mean()))
+            regrets.append(float(regret_curve(trace, c2_mu, np.array([trace.num_rounds]))[0]))
+            chosen_loss.append(probe.mean_loss_when_played(n2 - 1))
+            other_loss.append(probe.mean_loss_when_not_played(n2 - 1))
+            rows.append({"experiment": "c", "part": "stationary", "variant": label,
+                         "seed": seed, "rounds": trace.num_rounds, "mat": mats[-1],
+                         "share_B_late": share[-1], "regret": regrets[-1],
+                         "B_loss_when_played": chosen_loss[-1],
+                         "B_loss_when_not_played": other_loss[-1]})
+            jobs += 1
+            step(f"(c) stationary {label} seed {seed}", jobs)
+        c2_summary[label] = {"mat": float(np.mean(mats)), "share_B_late": float(np.mean(share)),
+                             "regret": float(np.mean(regrets)),
+                             "B_loss_played": float(np.nanmean(chosen_loss)),
+                             "B_loss_not_played": float(np.nanmean(other_loss))}
+    fits["stationary"] = c2_summary
+    fits["stationary_fixed_mat"] = {"A": float(c2_mu[0, 0]), "B": float(c2_mu[0, -1])}
+
+    # c3: per-position profiles (renewal model): A starts runs well then drops, B starts
+    # worse but runs long.
+    c3_pool = DrafterPool(np.array([[[0.9, 0.6], [0.7, 0.95]]]), ("A", "B"))
+    c3_arms = default_arms(2, (k,))
+    c3_summary: dict[str, dict[str, float]] = {}
+    for label, name, loss, delayed in variants:
+        share = []
+        for seed in range(seeds):
+            stream = _stream_for("stationary", 1, rounds // 3, k, seed)
+            policy = _policy(name, 2, seed)
+            trace = _play(policy, c3_pool, stream, c3_arms, seed, cfg.mode,
+                          rounds=rounds // 3, loss=loss, delayed=delayed)
+            share.append(float((trace.arm[-rounds // 12:] == 1).mean()))
+            rows.append({"experiment": "c", "part": "profiles", "variant": label, "seed": seed,
+                         "rounds": trace.num_rounds, "share_B_late": share[-1],
+                         "mat": trace.mean_tokens_per_round})
+            jobs += 1
+            step(f"(c) profiles {label} seed {seed}", jobs)
+        c3_summary[label] = {"share_B_late": float(np.mean(share))}
+    fits["profiles"] = c3_summary
+    fits["profiles_played_rate"] = c3_pool.tokens_per_round(k)[0].round(3).tolist()
+    fits["profiles_marginal"] = c3_pool.marginal_acceptance()[0].round(3).tolist()
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    x = (np.arange(len(next(iter(c1_share.values())))) + 1) * window if c1_share else []
+    for label, share_curve in c1_share.items():
+        axes[0].plot(x, share_curve, label=label, ls="-" if "delayed" in label else "--")
+    if c1_share:
+        axes[0].axvline(switch_query * q_tokens / c1_mu[0].max(), color="k", lw=0.8, ls=":")
+    axes[0].set_xlabel("round")
+    axes[0].set_ylabel("share of rounds on B (long runs)")
+    axes[0].set_title("two phases: B becomes best at the dotted line")
+    axes[0].legend(fontsize=7)
+    labels = list(c2_summary)
+    mats = [c2_summary[lab]["mat"] for lab in labels]
+    axes[1].barh(range(len(labels)), mats, color=["C0" if "delayed" in lab else
+                                                  ("C3" if "naive" in lab else "C2")
+                                                  for lab in labels])
+    axes[1].axvline(fits["stationary_fixed_mat"]["B"], color="k", ls="--", lw=1,
+                    label="fixed B")
+    axes[1].axvline(fits["stationary_fixed_mat"]["A"], color="grey", ls=":", lw=1,
+                    label="fixed A")
+    axes[1].set_yticks(range(len(labels)), labels, fontsize=7)
+    axes[1].set_xlabel("mean tokens per round")
+    axes[1].set_title("7 early stoppers + 1 long-run drafter")
+    axes[1].legend(fontsize=7)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    figure = _save(fig, cfg.out / "c_feedback.png")
+    lines = ["| variant | two-phase: share on B, last quarter | two-phase regret | "
+             "stationary: MAT | share on B | regret | B's loss played / not played |"
+             " profiles: share on B |", "|---|---|---|---|---|---|---|---|"]
+    for label in labels:
+        t = c1_summary.get(label, {})
+        s2 = c2_summary[label]
+        s3 = c3_summary[label]
+        lines.append(f"| {label} | {_fmt(t.get('share_B_late'))} | {_fmt(t.get('regret'), 0)} "
+                     f"| {_fmt(s2['mat'])} | {_fmt(s2['share_B_late'])} | "
+                     f"{_fmt(s2['regret'], 0)} | {_fmt(s2['B_loss_played'], 3)} / "
+                     f"{_fmt(s2['B_loss_not_played'], 3)} | {_fmt(s3['share_B_late'])} |")
+    md = (f"k={k}, {rounds} rounds, {seeds} seed(s).  *Two-phase*: domain 0 (A 0.85, B 0.5 "
+          f"per position) for the first quarter, then domain 1 (A 0.8, B 0.9).  *Stationary*: "
+          f"7 drafters at 0.8 and one (B) at 0.9; fixed A makes "
+          f"{fits['stationary_fixed_mat']['A']:.2f} tokens/round, fixed B "
+          f"{fits['stationary_fixed_mat']['B']:.2f}.  *Profiles*: renewal model, A = "
+          f"[0.9 first, 0.6 after a hit], B = [0.7, 0.95]; played every round A makes "
+          f"{fits['profiles_played_rate'][0]} and B {fits['profiles_played_rate'][1]} "
+          f"tokens/round.\n\n" + "\n".join(lines))
+    return ExperimentResult("c", "(c) Delayed vs naive feedback; length vs acceptance loss",
+                            rows, fits, figure, md, jobs=jobs)
+
+
+class _LossProbe:
+    """Wraps a full-information policy and records the loss vectors it receives."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.name = policy.name
+        self.num_arms = policy.num_arms
+        self.full_information = policy.full_information
+        self.reward = getattr(policy, "reward", None)
+        self._played: list[int] = []
+        self._sum_played = np.zeros(policy.num_arms)
+        self._n_played = np.zeros(policy.num_arms)
+        self._sum_other = np.zeros(policy.num_arms)
+        self._n_other = np.zeros(policy.num_arms)
+        self._pending: list[int] = []
+
+    def select(self) -> int:
+        return self.policy.select()
+
+    def peek(self) -> int:
+        return self.policy.peek()
+
+    def reset(self) -> None:
+        self.policy.reset()
+
+    def update(self, feedback: Any) -> None:
+        # Loss vectors come back in round order (possibly delayed): match them to the arm
+        # played in their round.
+        self._pending.append(feedback.arm)
+        for loss in feedback.losses:
+            arm = self._pending.pop(0)
+            played = np.zeros(self.num_arms, dtype=bool)
+            played[arm] = True
+            self._sum_played += np.where(played, loss, 0.0)
+            self._n_played += played
+            self._sum_other += np.where(played, 0.0, loss)
+            self._n_other += ~played
+        self.policy.update(feedback)
+
+    def mean_loss_when_played(self, arm: int) -> float:
+        n = self._n_played[arm]
+        return float(self._sum_played[arm] / n) if n else float("nan")
+
+    def mean_loss_when_not_played(self, arm: int) -> float:
+        n = self._n_other[arm]
+        return float(self._sum_other[arm] / n) if n else float("nan")
+
+
+# ----------------------------------------------------------------------------- (d)
+
+
+def experiment_d(cfg: SimConfig, step: StepFn) -> ExperimentResult:
+    """MetaSD's UCB with the block-divergence reward vs the block-efficiency reward."""
+    seeds = cfg.seeds or cfg.pick(6, 2)
+    rounds = cfg.rounds or cfg.pick(50_000, 4_000)
+    n = cfg.num_drafters or 8
+    base = np.array([0.8, 0.77, 0.74, 0.7, 0.65, 0.6, 0.5, 0.4])
+    alpha = base[:n] if n <= base.size else np.concatenate(
+        [base, np.random.default_rng(5).uniform(0.4, 0.75, n - base.size)])
+    num_domains = 1 if (cfg.env or "stationary") == "stationary" else 2
+    # With a changing stream, a second domain reverses the ranking.
+    pool = iid_pool(alpha if num_domains == 1 else np.vstack([alpha, alpha[::-1]]))
+    arms = default_arms(n, (cfg.k,))
+    mu = arm_means(pool, arms)
+    betas = cfg.pick((0.05, 0.075, 0.1, 0.15, 0.25, 0.5), (0.1, 0.25))
+    rows: list[dict[str, Any]] = []
+    jobs = 0
+    at = checkpoints(rounds, 40)
+    results: dict[tuple[str, float | None], list[float]] = {}
+    curves: dict[tuple[str, float | None], list[np.ndarray]] = {}
+    configs: list[tuple[str, str, dict[str, Any]]] = [
+        (f"metasd/{reward}", "metasd", {"reward": reward, "beta": beta})
+        for beta in betas for reward in ("divergence", "efficiency")
+    ]
+    configs.append(("ucb (UCBSpec)", "ucb", {}))
+    for seed in range(seeds):
+        stream = _stream_for(cfg.env or "stationary", num_domains, rounds, cfg.k, seed)
+        for label, name, kwargs in configs:
+            policy = _policy(name, len(arms), seed, **kwargs)
+            trace = _play(policy, pool, stream, arms, seed, cfg.mode, rounds=rounds)
+            curve = regret_curve(trace, mu, at)
+            key = (label, kwargs.get("beta"))
+            results.setdefault(key, []).append(float(curve[-1]))
+            curves.setdefault(key, []).append(curve)
+            rows.append({"experiment": "d", "variant": label, "beta": kwargs.get("beta"),
+                         "seed": seed, "rounds": trace.num_rounds, "regret": float(curve[-1]),
+                         "mat": trace.mean_tokens_per_round, "mode": cfg.mode})
+            jobs += 1
+            step(f"(d) {label} beta={kwargs.get('beta')} seed {seed}", jobs)
+    fits: dict[str, Any] = {}
+    for reward in ("divergence", "efficiency"):
+        per_beta = {b: _mean_se(results[(f"metasd/{reward}", b)]) for b in betas}
+        best_beta = min(per_beta, key=lambda b: per_beta[b][0])
+        fits[reward] = {"regret_by_beta": {str(b): round(v[0], 1) for b, v in per_beta.items()},
+                        "se_by_beta": {str(b): round(v[1], 1) for b, v in per_beta.items()},
+                        "best_beta": best_beta, "best_regret": per_beta[best_beta][0]}
+    ucb_mean, ucb_se = _mean_se(results[("ucb (UCBSpec)", None)])
+    fits["ucb"] = {"regret": ucb_mean, "se": ucb_se}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for reward, color in (("divergence", "C4"), ("efficiency", "C1")):
+        m = [_mean_se(results[(f"metasd/{reward}", b)]) for b in betas]
+        axes[0].errorbar(betas, [v[0] for v in m], yerr=[v[1] for v in m], marker="o", ms=3,
+                         label=f"MetaSD, {reward} reward", color=color)
+    axes[0].axhline(ucb_mean, color="C2", ls="--", lw=1, label="UCBSpec (c=0.35)")
+    axes[0].set_xscale("log")
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("MetaSD exploration scale beta")
+    axes[0].set_ylabel(f"regret after {rounds} rounds (tokens)")
+    axes[0].legend(fontsize=7)
+    show_beta = min(betas, key=lambda b: abs(b - 0.1))
+    for reward, color in (("divergence", "C4"), ("efficiency", "C1")):
+        for beta, ls in ((show_beta, "-"), (0.25, "--")):
+            if (f"metasd/{reward}", beta) in curves:
+                axes[1].plot(at, np.mean(curves[(f"metasd/{reward}", beta)], axis=0), ls=ls,
+                             color=color, label=f"{reward}, beta={beta}")
+    axes[1].plot(at, np.mean(curves[("ucb (UCBSpec)", None)], axis=0), color="C2",
+                 label="UCBSpec")
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel("rounds")
+    axes[1].set_ylabel("regret (tokens)")
+    axes[1].legend(fontsize=7)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    figure = _save(fig, cfg.out / "d_metasd_reward.png")
+    lines = ["| beta | " + " | ".join(f"{b}" for b in betas) + " |",
+             "|---|" + "---|" * len(betas)]
+    for reward in ("divergence", "efficiency"):
+        f = fits[reward]
+        lines.append(f"| {reward} | " + " | ".join(
+            f"{f['regret_by_beta'][str(b)]} ± {f['se_by_beta'][str(b)]}" for b in betas) + " |")
+    md = (f"N={n} drafters, acceptance {', '.join(f'{x:.2f}' for x in alpha)}, k={cfg.k}, "
+          f"{rounds} rounds, {seeds} seeds, {cfg.mode} mode, stream "
+          f"{cfg.env or 'stationary'}.  Regret (tokens) of MetaSD's UCB by reward and beta "
+          f"(mean ± se); UCBSpec (tokens-per-round reward, c=0.35): {ucb_mean:.1f} ± "
+          f"{ucb_se:.1f}.\n\n" + "\n".join(lines))
+    return ExperimentResult("d", "(d) MetaSD: block-divergence vs block-efficiency reward", rows,
+                            fits, figure, md, jobs=jobs)
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def experiment_run(cfg: SimConfig, step: StepFn) -> ExperimentResult:
+    """A plain run: every policy over one environment; regret curves and rounds/s."""
+    n = cfg.num_drafters or 64
+    rounds = cfg.rounds or cfg.pick(100_000, 5_000)
+    seeds = cfg.seeds or 1
+    kind = cfg.env or "stationary"
+    if kind not in STREAMS:
+        raise ConfigError(f"env must be one of {STREAMS}, got {kind!r}")
+    policies = cfg.policies or ("hedge", "normalhedge", "ucb", "exp3", "metasd")
+    num_domains = 4
+    rows: list[dict[str, Any]] = []
+    jobs = 0
+    at = checkpoints(rounds, 40)
+    curves: dict[str, list[np.ndarray]] = {p: [] for p in policies}
+    for seed in range(seeds):
+        pool = expert_pool(n, num_domains, np.random.default_rng([n, seed, 3]))
+        arms = default_arms(n, (cfg.k,))
+        mu = arm_means(pool, arms)
+        query_tokens = cfg.k + 1 if kind == "alternating" else 256
+        stream = _stream_for(kind, num_domains, rounds, cfg.k, seed, query_tokens=query_tokens)
+        for name in policies:
+            policy = _policy(name, len(arms), seed)
+            trace = _play(policy, pool, stream, arms, seed, cfg.mode, rounds=rounds)
+            curve = regret_curve(trace, mu, at[at <= trace.num_rounds])
+            curves[name].append(curve)
+            rows.append({"experiment": "run", "policy": name, "seed": seed, "env": kind,
+                         "num_drafters": n, "mode": cfg.mode, "rounds": trace.num_rounds,
+                         "tokens": trace.num_tokens, "seconds": trace.seconds,
+                         "rounds_per_s": trace.rounds_per_second,
+                         "mat": trace.mean_tokens_per_round, "regret": float(curve[-1]),
+                         "segment_regret": segment_regret(trace, mu)})
+            jobs += 1
+            step(f"run {name} seed {seed}", jobs)
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for name in policies:
+        length = min(len(c) for c in curves[name])
+        ax.plot(at[:length], np.mean([c[:length] for c in curves[name]], axis=0), label=name,
+                color=COLORS.get(name))
+    ax.set_xscale("log")
+    ax.set_yscale("symlog", linthresh=10)
+    ax.set_xlabel("rounds")
+    ax.set_ylabel("regret vs best fixed drafter (tokens)")
+    ax.set_title(f"N={n}, env={kind}, {cfg.mode}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    figure = _save(fig, cfg.out / "run_regret.png")
+    lines = ["| policy | rounds/s | mean tokens/round | regret (best fixed) | "
+             "regret (best per segment) |", "|---|---|---|---|---|"]
+    fits: dict[str, Any] = {}
+    for name in policies:
+        rs = [r for r in rows if r["policy"] == name]
+        fits[name] = {k: float(np.mean([r[k] for r in rs]))
+                      for k in ("rounds_per_s", "mat", "regret", "segment_regret")}
+        f = fits[name]
+        lines.append(f"| {name} | {f['rounds_per_s']:.0f} | {f['mat']:.3f} | "
+                     f"{f['regret']:.1f} | {f['segment_regret']:.1f} |")
+    md = (f"{n} domain-expert drafters over {num_domains} domains (drafter 0 a generalist), "
+          f"k={cfg.k}, env {kind}, {rounds} rounds, {seeds} seed(s), {cfg.mode} mode.\n\n"
+          + "\n".join(lines))
+    return ExperimentResult("run", "Plain run", rows, fits, figure, md, jobs=jobs)
+
+
+RUNNERS: dict[str, Callable[[SimConfig, StepFn], ExperimentResult]] = {
+    "a": experiment_a, "b": experiment_b, "c": experiment_c, "d": experiment_d,
+    "run": experiment_run,
+}
+
+
+def machine() -> str:
+    """A one-line description of this machine (for the summary)."""
+    import os
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} CPU core(s), Python {platform.python_version()}, "
+            f"numpy {np.__version__}")
+
+
+def run_experiments(
+    names: Sequence[str], cfg: SimConfig, step: StepFn | None = None,
+    start: Callable[[str, str], None] | None = None,
+) -> list[ExperimentResult]:
+    """Run the named experiments; write results.jsonl, the PNGs and summary.md under cfg.out.
+
+    ``start(name, title)`` is called before each experiment, ``step(description, jobs)``
+    after each simulation run.
+    """
+    for name in names:
+        if name not in RUNNERS:
+            raise ConfigError(f"unknown experiment {name!r}; known: {', '.join(EXPERIMENTS)}")
+    if cfg.mode not in ("greedy", "sampling"):
+        raise ConfigError(f"mode must be greedy or sampling, got {cfg.mode!r}")
+    if cfg.policies is not None:
+        for p in cfg.policies:
+            if p not in POLICIES:
+                raise ConfigError(f"unknown policy {p!r}; known: {', '.join(sorted(POLICIES))}")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    results: list[ExperimentResult] = []
+    total_start = time.perf_counter()
+    with open(cfg.out / "results.jsonl", "w") as fh:
+        for name in names:
+            if start is not None:
+                start(name, RUNNERS[name].__doc__ or name)
+            t0 = time.perf_counter()
+            result = RUNNERS[name](cfg, step or (lambda _d, _j: None))
+            result.seconds = time.perf_counter() - t0
+            log.info("experiment %s: %d runs in %.1f s", name, result.jobs, result.seconds)
+            for row in result.rows:
+                fh.write(json.dumps(_jsonable(row)) + "\n")
+            fh.write(json.dumps(_jsonable({"experiment": name, "summary": True,
+                                           "fits": result.fits,
+                                           "seconds": result.seconds})) + "\n")
+            results.append(result)
+    total = time.perf_counter() - total_start
+    write_summary(results, replace(cfg), total)
+    return results
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating | float):
+        return float(obj) if math.isfinite(float(obj)) else None
+    return obj
+
+
+def write_summary(results: Sequence[ExperimentResult], cfg: SimConfig, total: float) -> Path:
+    """summary.md: one section per experiment, with the command, machine and timings."""
+    lines = ["# specmux simulate: summary", "",
+             f"- command: `{cfg.command}`",
+             f"- machine: {machine()}",
+             f"- total wall time: {total:.1f} s", ""]
+    for r in results:
+        lines += [f"## {r.title}", "",
+                  f"{r.jobs} simulation runs in {r.seconds:.1f} s.", ""]
+        if r.figure is not None:
+            lines += [f"![{r.name}]({r.figure.name})", ""]
+        lines += [r.markdown, ""]
+    path = cfg.out / "summary.md"
+    path.write_text("\n".join(lines))
+    return path
