@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -16,8 +17,36 @@ from specmux.errors import SpecmuxError
 
 log = logging.getLogger(__name__)
 
-EXPERIMENT_CHOICES = ("a", "b", "c", "d", "all", "run")
-ENV_CHOICES = ("stationary", "blocks", "alternating")
+
+
+class Experiment(StrEnum):
+    a = "a"
+    b = "b"
+    c = "c"
+    d = "d"
+    all = "all"
+    run = "run"
+
+
+class EnvKind(StrEnum):
+    stationary = "stationary"
+    blocks = "blocks"
+    alternating = "alternating"
+
+
+class Mode(StrEnum):
+    greedy = "greedy"
+    sampling = "sampling"
+
+
+HELP = (
+    "Simulate speculative-decoding rounds to study the drafter-selection learners.\n\n"
+    "Runs the engine's own policy classes (specmux.policies) and counterfactual tracker "
+    "(specmux.feedback) on simulated drafter pools, at scales no model run reaches, and "
+    "writes OUT/results.jsonl (one row per run plus a summary row per experiment), "
+    "OUT/*.png and OUT/summary.md.  `--experiment all` with the defaults reproduces "
+    "docs/THEORY.md."
+)
 
 
 def _expected_jobs(name: str, cfg: object) -> int | None:
@@ -29,7 +58,8 @@ def _expected_jobs(name: str, cfg: object) -> int | None:
     if name == "a":
         max_n = cfg.num_drafters or cfg.pick(1024, 64)
         sizes = max(1, max_n.bit_length() - 1)
-        return sizes * (seeds or cfg.pick(3, 1)) * len(cfg.policies or range(4))
+        return sizes * ((seeds or cfg.pick(3, 1)) + (seeds or cfg.pick(2, 1))) * len(
+            cfg.policies or range(4))
     if name == "b":
         s = seeds or cfg.pick(5, 2)
         return s * len(cfg.policies or range(3)) + s * len(cfg.policies or range(4))
@@ -47,18 +77,19 @@ def _expected_jobs(name: str, cfg: object) -> int | None:
 
 
 def simulate_command(
-    experiment: Annotated[str, typer.Option(
+    experiment: Annotated[Experiment, typer.Option(
         "--experiment", "-e",
         help="Which experiment: a (regret vs number of drafters, full information vs bandit), "
              "b (UCBSpec stopping-time regret vs T; adversarial domains: UCB vs EXP3), "
              "c (delayed vs naive counterfactual feedback; length vs acceptance loss), "
              "d (MetaSD block-divergence vs block-efficiency reward), all (a-d), or run "
-             "(one plain simulation of --policies on --env; reports rounds/s).")] = "all",
+             "(one plain simulation of --policies on --env; reports rounds/s).")
+    ] = Experiment.all,
     rounds: Annotated[int | None, typer.Option(
         "--rounds", "-r", min=1,
         help="Rounds per simulation run (b: token budget = 3 x rounds for the stochastic "
              "part).  Default: each experiment's own (a 20000, b 300000 tokens / 50000 "
-             "adversarial rounds, c 30000, d 50000, run 100000).")] = None,
+             "adversarial rounds, c 20000, d 50000, run 100000).")] = None,
     seeds: Annotated[int | None, typer.Option(
         "--seeds", "-s", min=1,
         help="Independent seeds per configuration (default: per experiment, 1-6).")] = None,
@@ -74,43 +105,34 @@ def simulate_command(
         "--num-drafters", "-n", min=1,
         help="a: the largest N of the sweep 2, 4, ..., N (default 1024); b, d: pool size "
              "(default 8); run: pool size (default 64).")] = None,
-    env: Annotated[str | None, typer.Option(
+    env: Annotated[EnvKind | None, typer.Option(
         "--env",
         help="Query stream for run, d and b's stochastic part: stationary (i.i.d. domains), "
              "blocks (20 queries per domain, then a switch) or alternating (an adaptive "
              "adversary picks each query's domain against the favoured arm).")] = None,
-    mode: Annotated[str, typer.Option(
+    mode: Annotated[Mode, typer.Option(
         "--mode",
         help="greedy: gamma = w = 0/1 hit indicators; sampling: gamma = acceptance "
-             "probability (Beta-distributed), w = the realized 0/1 ratio.")] = "greedy",
+             "probability (Beta-distributed), w = the realized 0/1 ratio.")] = Mode.greedy,
     k: Annotated[int, typer.Option(
         "--k", min=1, help="Draft length of every arm (c always uses k = 8).")] = 4,
     quick: Annotated[bool, typer.Option(
         "--quick", help="Small sizes everywhere (seconds, for smoke tests); numbers are noisy.")
     ] = False,
 ) -> None:
-    """Simulate speculative-decoding rounds to study the drafter-selection learners.
-
-    Runs the engine's own policy classes and counterfactual tracker on simulated drafter
-    pools at scales no model run reaches; writes OUT/results.jsonl (one row per run plus a
-    summary row per experiment), OUT/*.png and OUT/summary.md.
-    """
+    """Simulate speculative-decoding rounds (see HELP)."""
     from specmux.sim.experiments import EXPERIMENTS, SimConfig, run_experiments
 
     console = Console(stderr=True)
-    if experiment not in EXPERIMENT_CHOICES:
-        raise typer.BadParameter(f"must be one of {', '.join(EXPERIMENT_CHOICES)}",
-                                 param_hint="--experiment")
-    if env is not None and env not in ENV_CHOICES:
-        raise typer.BadParameter(f"must be one of {', '.join(ENV_CHOICES)}", param_hint="--env")
-    if mode not in ("greedy", "sampling"):
-        raise typer.BadParameter("must be greedy or sampling", param_hint="--mode")
-    names = [e for e in EXPERIMENTS if e != "run"] if experiment == "all" else [experiment]
+    exp = experiment.value
+    env_name = env.value if env is not None else None
+    names = [e for e in EXPERIMENTS if e != "run"] if exp == "all" else [exp]
     policy_list = tuple(p.strip() for p in policies.split(",") if p.strip()) if policies else None
     cfg = SimConfig(out=out, seeds=seeds, rounds=rounds, policies=policy_list,
-                    num_drafters=num_drafters, env=env, mode=mode, k=k, quick=quick,
-                    command=_reconstruct(experiment, rounds, seeds, out, policies,
-                                         num_drafters, env, mode, k, quick))
+                    num_drafters=num_drafters, env=env_name, mode=mode.value, k=k,
+                    quick=quick,
+                    command=_reconstruct(exp, rounds, seeds, out, policies, num_drafters,
+                                         env_name, mode.value, k, quick))
     with Progress(TextColumn("[bold]{task.fields[name]}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   transient=False) as progress:
@@ -164,4 +186,4 @@ def _reconstruct(experiment: str, rounds: int | None, seeds: int | None, out: Pa
 
 def register(app: typer.Typer) -> None:
     """Add the ``simulate`` command to ``app``."""
-    app.command("simulate")(simulate_command)
+    app.command("simulate", help=HELP)(simulate_command)

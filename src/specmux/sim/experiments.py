@@ -124,13 +124,14 @@ def _play(
     tokens: int | None = None,
     loss: str = "length",
     delayed: bool = True,
+    reset_per_query: bool = False,
 ) -> Trace:
     needs_scores = policy.full_information or (
         mode == "sampling" and getattr(policy, "reward", None) == "divergence"
     )
     env = SimEnv(pool, np.random.default_rng([seed, 29]), mode=mode, scores=needs_scores)
     return simulate(policy, env, stream, arms, rounds=rounds, tokens=tokens, loss=loss,
-                    delayed=delayed)
+                    delayed=delayed, reset_per_query=reset_per_query)
 
 
 def fit_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
@@ -186,11 +187,19 @@ def gap_pool(num_drafters: int, rng: np.random.Generator, best: float = 0.8,
 
 
 def experiment_a(cfg: SimConfig, step: StepFn) -> ExperimentResult:
-    """Static regret vs N: full information (log N) against bandits (N or sqrt N)."""
+    """Regret vs N: full information (log N) against bandits (N or sqrt N).
+
+    Panel *static*: one domain, regret against the best fixed drafter after ``T`` rounds.
+    Panel *per query*: four domains with domain experts, queries of 256 tokens in i.i.d.
+    domains, every learner reset at each query (the engine's ``reset_per_query``), regret
+    against the best drafter of each query, per query.
+    """
     max_n = cfg.num_drafters or cfg.pick(1024, 64)
     sizes = [2**j for j in range(1, int(math.log2(max_n)) + 1)]
     rounds = cfg.rounds or cfg.pick(20_000, 3_000)
+    pq_rounds = max(rounds // 2, 500)
     seeds = cfg.seeds or cfg.pick(3, 1)
+    pq_seeds = cfg.seeds or cfg.pick(2, 1)
     policies = cfg.policies or ("hedge", "normalhedge", "ucb", "exp3")
     rows: list[dict[str, Any]] = []
     jobs = 0
@@ -204,55 +213,81 @@ def experiment_a(cfg: SimConfig, step: StepFn) -> ExperimentResult:
                 policy = _policy(name, len(arms), seed)
                 trace = _play(policy, pool, stream, arms, seed, cfg.mode, rounds=rounds)
                 regret = float(regret_curve(trace, mu, np.array([trace.num_rounds]))[0])
-                rows.append({"experiment": "a", "policy": name, "num_drafters": n,
-                             "seed": seed, "rounds": trace.num_rounds, "regret": regret,
-                             "mat": trace.mean_tokens_per_round,
+                rows.append({"experiment": "a", "panel": "static", "policy": name,
+                             "num_drafters": n, "seed": seed, "rounds": trace.num_rounds,
+                             "regret": regret, "mat": trace.mean_tokens_per_round,
                              "best_mat": float(mu.max()),
+                             "rounds_per_s": trace.rounds_per_second,
+                             "rounds_per_cpu_s": trace.rounds_per_cpu_second})
+                jobs += 1
+                step(f"(a) static N={n} {name} seed {seed}", jobs)
+        for seed in range(pq_seeds):
+            pool = expert_pool(n, 4, np.random.default_rng([n, seed, 2]))
+            arms = default_arms(n, (cfg.k,))
+            mu = arm_means(pool, arms)
+            stream = _stream_for("stationary", 4, pq_rounds, cfg.k, seed)
+            for name in policies:
+                policy = _policy(name, len(arms), seed)
+                trace = _play(policy, pool, stream, arms, seed, cfg.mode, rounds=pq_rounds,
+                              reset_per_query=True)
+                queries = max(int(np.count_nonzero(np.diff(trace.domain) != 0)) + 1,
+                              int(round(trace.num_tokens / stream.query_tokens)))
+                rows.append({"experiment": "a", "panel": "per_query", "policy": name,
+                             "num_drafters": n, "seed": seed, "rounds": trace.num_rounds,
+                             "queries": queries,
+                             "regret": segment_regret(trace, mu) / queries,
+                             "mat": trace.mean_tokens_per_round,
                              "rounds_per_s": trace.rounds_per_second})
                 jobs += 1
-                step(f"(a) N={n} {name} seed {seed}", jobs)
-    fits: dict[str, Any] = {}
+                step(f"(a) per-query N={n} {name} seed {seed}", jobs)
+    fits: dict[str, Any] = {"static": {}, "per_query": {}}
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for name in policies:
-        mean = np.array([_mean_se([r["regret"] for r in rows
-                                   if r["policy"] == name and r["num_drafters"] == n])[0]
-                         for n in sizes])
-        se = np.array([_mean_se([r["regret"] for r in rows
-                                 if r["policy"] == name and r["num_drafters"] == n])[1]
-                       for n in sizes])
-        a, b, r2 = fit_line(np.log(sizes), mean)
-        fits[name] = {"loglog_slope": loglog_slope(np.array(sizes), mean),
-                      "per_ln_n": b, "per_ln_n_r2": r2,
-                      "regret_by_n": dict(zip(sizes, mean.round(1).tolist(), strict=True))}
-        for ax in axes:
-            ax.errorbar(sizes, np.maximum(mean, 1e-1) if ax is axes[0] else mean, yerr=se,
-                        marker="o", ms=3, label=name, color=COLORS.get(name))
-    axes[0].set_xscale("log", base=2)
-    axes[0].set_yscale("log")
-    axes[0].set_title(f"regret after {rounds} rounds (log-log)")
-    axes[1].set_xscale("log", base=2)
-    axes[1].set_title("same, linear regret axis (vs ln N)")
-    for ax in axes:
+    for ax, panel in zip(axes, ("static", "per_query"), strict=True):
+        for name in policies:
+            stats = [_mean_se([r["regret"] for r in rows if r["panel"] == panel
+                               and r["policy"] == name and r["num_drafters"] == n])
+                     for n in sizes]
+            mean = np.array([m for m, _ in stats])
+            se = np.array([e for _, e in stats])
+            _, b, r2 = fit_line(np.log(sizes), mean)
+            fits[panel][name] = {
+                "loglog_slope": loglog_slope(np.array(sizes), mean),
+                "per_ln_n": b, "per_ln_n_r2": r2,
+                "regret_by_n": dict(zip(sizes, mean.round(2).tolist(), strict=True)),
+            }
+            ax.errorbar(sizes, np.maximum(mean, 1e-2), yerr=se, marker="o", ms=3, label=name,
+                        color=COLORS.get(name))
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
         ax.set_xlabel("number of drafters N")
-        ax.set_ylabel("regret (expected tokens lost)")
         ax.grid(alpha=0.3)
+    axes[0].set_ylabel("regret (expected tokens lost)")
+    axes[0].set_title(f"static: one domain, {rounds} rounds")
+    axes[1].set_ylabel("regret per query (tokens)")
+    axes[1].set_title("per query: 4 domains, reset each query")
     axes[0].legend(fontsize=8)
     figure = _save(fig, cfg.out / "a_regret_vs_n.png")
-    lines = [f"| policy | feedback | log-log slope vs N | regret per unit ln N (R²) | "
-             f"regret at N={sizes[0]} | regret at N={sizes[-1]} |",
-             "|---|---|---|---|---|---|"]
-    for name in policies:
-        f = fits[name]
-        kind = "full information" if POLICIES[name].full_information else "bandit"
-        lines.append(f"| {name} | {kind} | {_fmt(f['loglog_slope'])} | "
-                     f"{_fmt(f['per_ln_n'], 1)} ({_fmt(f['per_ln_n_r2'])}) | "
-                     f"{f['regret_by_n'][sizes[0]]} | {f['regret_by_n'][sizes[-1]]} |")
-    md = (f"One domain; drafter 0 accepts 0.8 per position, the other N-1 uniform in "
-          f"[0.45, 0.75]; k={cfg.k}, {rounds} rounds, {seeds} seed(s), N = "
-          f"{', '.join(map(str, sizes))}.  Regret = expected tokens lost against the best "
-          f"fixed drafter (pseudo-regret).\n\n" + "\n".join(lines))
+    md_parts = [
+        f"*Static*: one domain; drafter 0 accepts 0.8 per position, the other N-1 uniform in "
+        f"[0.45, 0.75]; k={cfg.k}, {rounds} rounds, {seeds} seed(s).  Regret = expected "
+        f"tokens lost against the best fixed drafter (pseudo-regret).  *Per query*: 4 "
+        f"domains, drafter 0 a generalist (0.7 everywhere), the others experts (0.75-0.9 at "
+        f"home, 0.3-0.5 elsewhere); queries of 256 tokens in i.i.d. domains, every learner "
+        f"reset at each query; {pq_rounds} rounds, {pq_seeds} seed(s); regret against the "
+        f"best drafter of each query, per query.  N = {', '.join(map(str, sizes))}.", ""]
+    for panel in ("static", "per_query"):
+        md_parts += [f"| {panel}: policy | feedback | log-log slope vs N | "
+                     f"regret per unit ln N (R²) | at N={sizes[0]} | at N={sizes[-1]} |",
+                     "|---|---|---|---|---|---|"]
+        for name in policies:
+            f = fits[panel][name]
+            kind = "full information" if POLICIES[name].full_information else "bandit"
+            md_parts.append(f"| {name} | {kind} | {_fmt(f['loglog_slope'])} | "
+                            f"{_fmt(f['per_ln_n'], 2)} ({_fmt(f['per_ln_n_r2'])}) | "
+                            f"{f['regret_by_n'][sizes[0]]} | {f['regret_by_n'][sizes[-1]]} |")
+        md_parts.append("")
     return ExperimentResult("a", "(a) Not-a-Bandit: regret vs number of drafters", rows, fits,
-                            figure, md, jobs=jobs)
+                            figure, "\n".join(md_parts), jobs=jobs)
 
 
 # ----------------------------------------------------------------------------- (b)
@@ -400,7 +435,7 @@ def experiment_c(cfg: SimConfig, step: StepFn) -> ExperimentResult:
     """Truncated/delayed feedback vs naive; length loss vs acceptance loss."""
     seeds = cfg.seeds or cfg.pick(3, 1)
     k = 8  # long drafts make truncation matter
-    rounds = cfg.rounds or cfg.pick(30_000, 3_000)
+    rounds = cfg.rounds or cfg.pick(20_000, 3_000)
     variants = [v for v in _C_VARIANTS if cfg.policies is None or v[1] in cfg.policies]
     rows: list[dict[str, Any]] = []
     jobs = 0
@@ -719,6 +754,7 @@ def experiment_run(cfg: SimConfig, step: StepFn) -> ExperimentResult:
                          "num_drafters": n, "mode": cfg.mode, "rounds": trace.num_rounds,
                          "tokens": trace.num_tokens, "seconds": trace.seconds,
                          "rounds_per_s": trace.rounds_per_second,
+                         "rounds_per_cpu_s": trace.rounds_per_cpu_second,
                          "mat": trace.mean_tokens_per_round, "regret": float(curve[-1]),
                          "segment_regret": segment_regret(trace, mu)})
             jobs += 1
@@ -736,15 +772,17 @@ def experiment_run(cfg: SimConfig, step: StepFn) -> ExperimentResult:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     figure = _save(fig, cfg.out / "run_regret.png")
-    lines = ["| policy | rounds/s | mean tokens/round | regret (best fixed) | "
-             "regret (best per segment) |", "|---|---|---|---|---|"]
+    lines = ["| policy | rounds/s (wall) | rounds/s (CPU) | mean tokens/round | "
+             "regret (best fixed) | regret (best per segment) |", "|---|---|---|---|---|---|"]
     fits: dict[str, Any] = {}
     for name in policies:
         rs = [r for r in rows if r["policy"] == name]
         fits[name] = {k: float(np.mean([r[k] for r in rs]))
-                      for k in ("rounds_per_s", "mat", "regret", "segment_regret")}
+                      for k in ("rounds_per_s", "rounds_per_cpu_s", "mat", "regret",
+                                "segment_regret")}
         f = fits[name]
-        lines.append(f"| {name} | {f['rounds_per_s']:.0f} | {f['mat']:.3f} | "
+        lines.append(f"| {name} | {f['rounds_per_s']:.0f} | {f['rounds_per_cpu_s']:.0f} | "
+                     f"{f['mat']:.3f} | "
                      f"{f['regret']:.1f} | {f['segment_regret']:.1f} |")
     md = (f"{n} domain-expert drafters over {num_domains} domains (drafter 0 a generalist), "
           f"k={cfg.k}, env {kind}, {rounds} rounds, {seeds} seed(s), {cfg.mode} mode.\n\n"
@@ -795,7 +833,7 @@ def run_experiments(
                 raise ConfigError(f"unknown policy {p!r}; known: {', '.join(sorted(POLICIES))}")
     cfg.out.mkdir(parents=True, exist_ok=True)
     results: list[ExperimentResult] = []
-    total_start = time.perf_counter()
+    total_start, cpu_start = time.perf_counter(), time.process_time()
     with open(cfg.out / "results.jsonl", "w") as fh:
         for name in names:
             if start is not None:
@@ -811,7 +849,7 @@ def run_experiments(
                                            "seconds": result.seconds})) + "\n")
             results.append(result)
     total = time.perf_counter() - total_start
-    write_summary(results, replace(cfg), total)
+    write_summary(results, replace(cfg), total, time.process_time() - cpu_start)
     return results
 
 
@@ -827,12 +865,14 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def write_summary(results: Sequence[ExperimentResult], cfg: SimConfig, total: float) -> Path:
+def write_summary(results: Sequence[ExperimentResult], cfg: SimConfig, total: float,
+                  cpu: float | None = None) -> Path:
     """summary.md: one section per experiment, with the command, machine and timings."""
     lines = ["# specmux simulate: summary", "",
              f"- command: `{cfg.command}`",
              f"- machine: {machine()}",
-             f"- total wall time: {total:.1f} s", ""]
+             f"- total wall time: {total:.1f} s"
+             + (f" (process CPU time {cpu:.1f} s)" if cpu is not None else ""), ""]
     for r in results:
         lines += [f"## {r.title}", "",
                   f"{r.jobs} simulation runs in {r.seconds:.1f} s.", ""]
