@@ -42,4 +42,5 @@ def chi2_statistic(counts: np.ndarray, probs: np.ndarray, min_expected: float = 
 def assert_distribution(counts: np.ndarray, probs: np.ndarray) -> None:
     """Fail if ``counts`` are unlikely (p < 0.001) under ``probs``."""
     stat, df = chi2_statistic(counts, probs)
-    assert stat < chi2_critical(df), f"chi2={stat:.1f} with df={df} (critical {chi2_critical(df):.1f})"
+    critical = chi2_critical(df)
+    assert stat < critical, f"chi2={stat:.1f} with df={df} (critical {critical:.1f})"

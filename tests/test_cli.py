@@ -5,11 +5,12 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import tiny_lm
-from helpers import save_tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
 from specmux.cli import app
+
+from conftest import tiny_lm
+from helpers import save_tiny_model, tiny_tokenizer
 
 runner = CliRunner()
 

@@ -41,8 +41,9 @@ def test_unbiased_estimator_matches_monte_carlo_acceptance_where_naive_does_not(
     table = {(a, b): _scores(a, b) for a in range(4) for b in range(4)}
     xs1 = rng.choice(4, size=n, p=P1)
     xs2 = np.array([rng.choice(4, p=P2[a]) for a in xs1])
-    unbiased = np.mean([table[a, b][1][0, 0] * table[a, b][0][1, 0] for a, b in zip(xs1, xs2)])
-    naive = np.mean([table[a, b][0][0, 0] * table[a, b][0][1, 0] for a, b in zip(xs1, xs2)])
+    pairs = list(zip(xs1, xs2, strict=True))
+    unbiased = np.mean([table[a, b][1][0, 0] * table[a, b][0][1, 0] for a, b in pairs])
+    naive = np.mean([table[a, b][0][0, 0] * table[a, b][0][1, 0] for a, b in pairs])
     assert abs(unbiased - mc_depth2) < 0.01
     assert abs(naive - mc_depth2) > 0.03  # the naive product is measurably biased
 

@@ -7,10 +7,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from stats import assert_distribution, chi2_statistic
 
 from specmux.types import Draft, SamplingParams
 from specmux.verify import process_logits, verify, verify_greedy, verify_sampling
+
+from stats import assert_distribution, chi2_statistic
 
 
 def test_greedy_accepts_matching_prefix_then_recovers() -> None:

@@ -5,6 +5,9 @@ keeps the token ids its KV cache holds; each call finds the longest common prefi
 them and the requested sequence, crops the cache back to it (rolling back rejected draft
 positions) and feeds only the new tokens.  A long generation therefore never re-encodes its
 context: per round the target is fed the drafted tokens plus the one committed last round.
+
+It also remembers the logit rows of its last calls, so a drafter asked to score the path it
+just drafted (counterfactual feedback) gets them without another forward pass.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ class CachedLM:
     Counters ``num_forward_calls`` and ``num_tokens_fed`` make the cache's effect testable.
     """
 
+    max_saved_rows = 16  # logit rows remembered for reuse ([V] float32 each)
+
     def __init__(self, model: PreTrainedModel, name: str = "model") -> None:
         self.model = model.eval()
         self.name = name
@@ -46,6 +51,7 @@ class CachedLM:
         """Drop the KV cache."""
         self.cache = DynamicCache()
         self.cached_ids: list[int] = []
+        self.rows: dict[int, torch.Tensor] = {}  # i -> logits [V] after cached_ids[:i]
 
     @torch.inference_mode()
     def logits(self, ids: Sequence[int], num_last: int = 1) -> torch.Tensor:
@@ -53,19 +59,34 @@ class CachedLM:
 
         Row ``j`` is the next-token distribution after ``ids[: len(ids) - num_last + j + 1]``.
         """
-        if not 1 <= num_last <= len(ids):
-            raise ValueError(f"num_last={num_last} must be in [1, len(ids)={len(ids)}]")
-        keep = min(common_prefix_length(self.cached_ids, ids), len(ids) - num_last)
+        n = len(ids)
+        if not 1 <= num_last <= n:
+            raise ValueError(f"num_last={num_last} must be in [1, len(ids)={n}]")
+        common = common_prefix_length(self.cached_ids, ids)
+        first = n - num_last + 1  # rows first..n are wanted; row i follows ids[:i]
+        start = first
+        while start <= n and start <= common and start in self.rows:
+            start += 1  # already computed for this very prefix
+        if start > n:
+            return torch.stack([self.rows[i] for i in range(first, n + 1)])
+        keep = min(common, start - 1)
         if keep == 0:
             self.cache = DynamicCache()
         elif keep < len(self.cached_ids):
             self.cache.crop(keep - len(self.cached_ids))  # negative: tokens to remove
-        new = torch.tensor([list(ids[keep:])], dtype=torch.long)  # [1, n_new]
+        new = torch.tensor([list(ids[keep:])], dtype=torch.long)  # [1, n - keep]
         out = self.model(
-            input_ids=new, past_key_values=self.cache, use_cache=True, logits_to_keep=num_last
+            input_ids=new, past_key_values=self.cache, use_cache=True,
+            logits_to_keep=n - start + 1,
         )
         self.cache = out.past_key_values
         self.cached_ids = list(ids)
         self.num_forward_calls += 1
         self.num_tokens_fed += int(new.shape[1])
-        return out.logits[0, -num_last:].float()
+        fresh = out.logits[0].float()  # [n - start + 1, V]
+        self.rows = {i: r for i, r in self.rows.items() if i <= keep}
+        self.rows.update({start + j: fresh[j] for j in range(fresh.shape[0])})
+        if len(self.rows) > self.max_saved_rows:
+            for i in sorted(self.rows)[: len(self.rows) - self.max_saved_rows]:
+                del self.rows[i]
+        return torch.stack([self.rows[i] for i in range(first, n + 1)])

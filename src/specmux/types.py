@@ -130,6 +130,7 @@ class Step:
     verify_seconds: float = 0.0
     learner_seconds: float = 0.0  # policy select+update and counterfactual scoring
     finished: bool = False
+    finish_reason: str | None = None  # on the last step: "stop" (stop token) or "length"
     # Counterfactual acceptance per drafter name along this round's verified path:
     # gamma[name][j] = sum_x min(p_j(x), q_j(x)) (greedy: the argmax indicator).
     gammas: dict[str, tuple[float, ...]] = field(default_factory=dict)
