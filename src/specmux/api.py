@@ -124,14 +124,20 @@ class Pipeline:
         elif self.tokenizer is None:
             raise ConfigError("a text prompt needs a tokenizer; pass tokenizer= or token ids")
         elif chat:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise ConfigError("this tokenizer has no chat template; use a plain prompt")
-            ids = list(self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True,
-                return_dict=False,
-            ))
+            ids = self.encode_chat([{"role": "user", "content": prompt}])
         else:
             ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise PromptError("the prompt is empty")
+        return ids
+
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation through the tokenizer's chat template."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ConfigError("this tokenizer has no chat template; use a plain prompt")
+        ids = list(self.tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, tokenize=True, return_dict=False,
+        ))
         if not ids:
             raise PromptError("the prompt is empty")
         return ids
