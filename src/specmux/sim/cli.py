@@ -62,7 +62,9 @@ def _expected_jobs(name: str, cfg: object) -> int | None:
             cfg.policies or range(4))
     if name == "b":
         s = seeds or cfg.pick(5, 2)
-        return s * len(cfg.policies or range(3)) + s * len(cfg.policies or range(4))
+        stoch = 4 if cfg.policies is None else sum(
+            (p in cfg.policies) * (2 if p == "ucb" else 1) for p in ("ucb", "exp3", "hedge"))
+        return s * stoch + s * len(cfg.policies or range(4))
     if name == "c":
         s = seeds or cfg.pick(3, 1)
         variants = 6 if cfg.policies is None else 3 * sum(

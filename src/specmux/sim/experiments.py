@@ -302,20 +302,27 @@ def experiment_b(cfg: SimConfig, step: StepFn) -> ExperimentResult:
     arms = default_arms(n, (cfg.k,))
     max_tokens = cfg.pick(300_000, 20_000) if cfg.rounds is None else cfg.rounds * 3
     budgets = np.unique(np.geomspace(1_000, max_tokens, 14).round(-1).astype(np.int64))
-    stoch = cfg.policies or ("ucb", "exp3", "hedge")
+    # (label, policy, options): UCBSpec with its default radius and with the paper's.
+    configs: list[tuple[str, str, dict[str, Any]]] = [
+        ("ucb", "ucb", {}), ("ucb c=1", "ucb", {"c": 1.0}), ("exp3", "exp3", {}),
+        ("hedge", "hedge", {})]
+    if cfg.policies is not None:
+        configs = [c for c in configs if c[1] in cfg.policies]
+    stoch = [label for label, _, _ in configs]
     rows: list[dict[str, Any]] = []
     jobs = 0
     curves: dict[str, list[np.ndarray]] = {p: [] for p in stoch}
     real_curves: dict[str, list[np.ndarray]] = {p: [] for p in stoch}
     for seed in range(seeds):
         stream = _stream_for(cfg.env or "stationary", 1, max_tokens, 0, seed)
-        for name in stoch:
-            policy = _policy(name, len(arms), seed)
+        for name, policy_name, options in configs:
+            policy = _policy(policy_name, len(arms), seed, **options)
             trace = _play(policy, pool, stream, arms, seed, cfg.mode, tokens=max_tokens)
             realized, pseudo = stop_regret(trace, pool, arms, budgets)
             curves[name].append(pseudo)
             real_curves[name].append(realized)
-            rows.append({"experiment": "b", "part": "stochastic", "policy": name, "seed": seed,
+            rows.append({"experiment": "b", "part": "stochastic", "policy": name,
+                         "options": options, "seed": seed,
                          "num_drafters": n, "budgets": budgets.tolist(),
                          "stop_regret": realized.round(2).tolist(),
                          "stop_regret_pseudo": pseudo.round(2).tolist(),
@@ -327,8 +334,10 @@ def experiment_b(cfg: SimConfig, step: StepFn) -> ExperimentResult:
     for name in stoch:
         mean = np.mean(curves[name], axis=0)
         a, b, r2 = fit_line(np.log(budgets), mean)
+        _, sqrt_coef, sqrt_r2 = fit_line(np.sqrt(budgets), mean)
         fits["stochastic"][name] = {
-            "per_ln_T": b, "intercept": a, "r2": r2,
+            "per_ln_T": b, "intercept": a, "r2": r2, "per_sqrt_T": sqrt_coef,
+            "sqrt_r2": sqrt_r2,
             "loglog_slope": loglog_slope(budgets, mean),
             "pseudo_at_max": float(mean[-1]),
             "realized_at_max": float(np.mean(real_curves[name], axis=0)[-1]),
@@ -369,15 +378,17 @@ def experiment_b(cfg: SimConfig, step: StepFn) -> ExperimentResult:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for name in stoch:
         mean = np.mean(curves[name], axis=0)
-        axes[0].plot(budgets, mean, marker="o", ms=3, label=f"{name} (pseudo)",
-                     color=COLORS.get(name))
-        axes[0].plot(budgets, np.mean(real_curves[name], axis=0), ls=":", lw=1,
-                     color=COLORS.get(name), label=f"{name} (realized)")
-        if name == "ucb":
+        color = "C8" if name == "ucb c=1" else COLORS.get(name)
+        axes[0].plot(budgets, mean, marker="o", ms=3, label=f"{name} (pseudo)", color=color)
+        if name == "ucb":  # the realized curve: same mean, far noisier
+            axes[0].plot(budgets, np.mean(real_curves[name], axis=0), ls=":", lw=1,
+                         color=color, label=f"{name} (realized)")
+        if name.startswith("ucb"):
             f = fits["stochastic"][name]
             axes[0].plot(budgets, f["intercept"] + f["per_ln_T"] * np.log(budgets), "k--",
                          lw=1, label=f"fit {f['intercept']:.0f}+{f['per_ln_T']:.1f} ln T")
     axes[0].set_xscale("log")
+    axes[0].set_yscale("log")
     axes[0].set_xlabel("token budget T")
     axes[0].set_ylabel("stopping-time regret (rounds)")
     axes[0].set_title(f"stochastic, N={n}")
@@ -394,11 +405,13 @@ def experiment_b(cfg: SimConfig, step: StepFn) -> ExperimentResult:
         ax.grid(alpha=0.3)
     figure = _save(fig, cfg.out / "b_stopping_time.png")
     st = fits["stochastic"]
-    lines = ["| policy | stop-regret = a + b ln T: b | R² | log-log slope | pseudo at T_max |"
-             " realized at T_max (± se) |", "|---|---|---|---|---|---|"]
+    lines = ["| policy | stop-regret = a + b ln T: b | R² | R² of a + c sqrt(T) | "
+             "log-log slope | pseudo at T_max | realized at T_max (± se) |",
+             "|---|---|---|---|---|---|---|"]
     for name in stoch:
         f = st[name]
         lines.append(f"| {name} | {_fmt(f['per_ln_T'], 1)} | {_fmt(f['r2'], 3)} | "
+                     f"{_fmt(f['sqrt_r2'], 3)} | "
                      f"{_fmt(f['loglog_slope'])} | {_fmt(f['pseudo_at_max'], 1)} | "
                      f"{_fmt(f['realized_at_max'], 1)} (± {_fmt(f['realized_se_at_max'], 1)}) |")
     lines += ["", "| policy (adversary) | regret after "
@@ -677,18 +690,24 @@ def experiment_d(cfg: SimConfig, step: StepFn) -> ExperimentResult:
         per_beta = {b: _mean_se(results[(f"metasd/{reward}", b)]) for b in betas}
         best_beta = min(per_beta, key=lambda b: per_beta[b][0])
         fits[reward] = {"regret_by_beta": {str(b): round(v[0], 1) for b, v in per_beta.items()},
+                        "median_by_beta": {str(b): round(float(np.median(
+                            results[(f"metasd/{reward}", b)])), 1) for b in betas},
                         "se_by_beta": {str(b): round(v[1], 1) for b, v in per_beta.items()},
                         "best_beta": best_beta, "best_regret": per_beta[best_beta][0]}
     ucb_mean, ucb_se = _mean_se(results[("ucb (UCBSpec)", None)])
     fits["ucb"] = {"regret": ucb_mean, "se": ucb_se}
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for reward, color in (("divergence", "C4"), ("efficiency", "C1")):
-        m = [_mean_se(results[(f"metasd/{reward}", b)]) for b in betas]
-        axes[0].errorbar(betas, [v[0] for v in m], yerr=[v[1] for v in m], marker="o", ms=3,
-                         label=f"MetaSD, {reward} reward", color=color)
+        runs = [np.asarray(results[(f"metasd/{reward}", b)]) for b in betas]
+        axes[0].plot(betas, [float(np.median(r)) for r in runs], marker="o", ms=4,
+                     color=color, label=f"MetaSD, {reward} reward (median)")
+        axes[0].plot(betas, [float(r.mean()) for r in runs], ls="--", lw=1, color=color,
+                     label=f"MetaSD, {reward} reward (mean)")
     axes[0].axhline(ucb_mean, color="C2", ls="--", lw=1, label="UCBSpec (c=0.35)")
     axes[0].set_xscale("log")
     axes[0].set_yscale("log")
+    axes[0].set_xticks(list(betas), [str(b) for b in betas])
+    axes[0].minorticks_off()
     axes[0].set_xlabel("MetaSD exploration scale beta")
     axes[0].set_ylabel(f"regret after {rounds} rounds (tokens)")
     axes[0].legend(fontsize=7)
@@ -712,11 +731,12 @@ def experiment_d(cfg: SimConfig, step: StepFn) -> ExperimentResult:
     for reward in ("divergence", "efficiency"):
         f = fits[reward]
         lines.append(f"| {reward} | " + " | ".join(
-            f"{f['regret_by_beta'][str(b)]} ± {f['se_by_beta'][str(b)]}" for b in betas) + " |")
+            f"{f['regret_by_beta'][str(b)]} ± {f['se_by_beta'][str(b)]} "
+            f"({f['median_by_beta'][str(b)]})" for b in betas) + " |")
     md = (f"N={n} drafters, acceptance {', '.join(f'{x:.2f}' for x in alpha)}, k={cfg.k}, "
           f"{rounds} rounds, {seeds} seeds, {cfg.mode} mode, stream "
           f"{cfg.env or 'stationary'}.  Regret (tokens) of MetaSD's UCB by reward and beta "
-          f"(mean ± se); UCBSpec (tokens-per-round reward, c=0.35): {ucb_mean:.1f} ± "
+          f"(mean ± se (median)); UCBSpec (tokens-per-round reward, c=0.35): {ucb_mean:.1f} ± "
           f"{ucb_se:.1f}.\n\n" + "\n".join(lines))
     return ExperimentResult("d", "(d) MetaSD: block-divergence vs block-efficiency reward", rows,
                             fits, figure, md, jobs=jobs)
