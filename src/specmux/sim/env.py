@@ -28,7 +28,6 @@ round loop only indexes into them.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -424,9 +423,3 @@ def stream_rounds(pool: DrafterPool, k: int, stream: Stream, tokens: int) -> np.
     if rest:
         total = total + per_query[stream.domains[full], :, rest]
     return total
-
-
-def check_probability(name: str, value: float) -> None:
-    """ConfigError unless ``value`` is a probability in [0, 1)."""
-    if not (math.isfinite(value) and 0.0 <= value < 1.0):
-        raise ConfigError(f"{name} must be in [0, 1), got {value}")
