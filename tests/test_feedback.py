@@ -88,4 +88,4 @@ def test_naive_truncation_underestimates_long_runners() -> None:
 def test_acceptance_loss_is_immediate() -> None:
     tracker = CounterfactualTracker([(0, 4), (1, 4)], loss="acceptance")
     (losses,) = tracker.add_round(np.array([[1.0, 0.0], [0.5, 0.0]]), np.ones((2, 2)))
-    assert np.allclose(losses, [0.25, 1.0])
+    assert np.allclose(losses, [0.5 / 5, 2.0 / 5])  # summed over the path, scaled by max_k + 1

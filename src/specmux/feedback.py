@@ -26,8 +26,11 @@ instead scores only the current path, the naive choice that favours drafters tha
 Losses, each in [0, 1]:
 
 * ``"length"``: ``1 - (E[A] + 1) / (max_k + 1)``, the expected-acceptance-length loss;
-* ``"acceptance"``: ``1 - mean_j gamma_ij`` over the round's path, the acceptance-probability
-  loss (known at once: no delay).
+* ``"acceptance"``: ``sum_j (1 - gamma_ij) / (max_k + 1)`` over the round's path, the
+  acceptance-probability loss (known at once: no delay).  It sums rather than averages:
+  every position belongs to exactly one round, so summed losses add up to the per-token
+  rejection probabilities over the whole output, whereas a per-round mean would overweight
+  the position where the *played* drafter was rejected (each round's path ends there).
 """
 
 from __future__ import annotations
@@ -219,7 +222,7 @@ class CounterfactualTracker:
     def _losses(self, gamma: np.ndarray, weight: np.ndarray) -> np.ndarray:
         """Loss vector [num_arms] from the scores along one round's (possibly longer) path."""
         if self.loss == "acceptance":
-            per_drafter = 1.0 - gamma.mean(axis=0)  # [N]
+            per_drafter = (1.0 - gamma).sum(axis=0) / (self.max_k + 1)  # [N]
             return per_drafter[self.drafter_of_arm]
         if len(self._groups) == 1:  # one k for every arm: no scatter needed
             k, _, drafters = self._groups[0]

@@ -87,7 +87,7 @@ class _ReferenceTracker:
 
     def _losses(self, gamma: np.ndarray, weight: np.ndarray) -> np.ndarray:
         if self.loss == "acceptance":
-            return (1.0 - gamma.mean(axis=0))[self.drafter_of_arm]
+            return ((1.0 - gamma).sum(axis=0) / (self.max_k + 1))[self.drafter_of_arm]
         losses = np.empty(len(self.k_of_arm))
         for k in np.unique(self.k_of_arm):
             mean_accepted = _reference_expected_accepted(gamma, weight, int(k))
