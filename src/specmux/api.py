@@ -73,6 +73,20 @@ def make_drafter(
     return HFDrafter(model, name=spec.removeprefix("embedded:"))
 
 
+def encode_chat(
+    tokenizer: PreTrainedTokenizerBase | None, messages: Sequence[dict[str, str]]
+) -> list[int]:
+    """Token ids of a conversation through the tokenizer's chat template."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("this tokenizer has no chat template; use a plain prompt")
+    ids = list(tokenizer.apply_chat_template(
+        list(messages), add_generation_prompt=True, tokenize=True, return_dict=False,
+    ))
+    if not ids:
+        raise PromptError("the prompt is empty")
+    return ids
+
+
 class Pipeline:
     """A loaded target, its tokenizer and a :class:`SpeculativeDecoder` over a drafter pool.
 
@@ -124,7 +138,7 @@ class Pipeline:
         elif self.tokenizer is None:
             raise ConfigError("a text prompt needs a tokenizer; pass tokenizer= or token ids")
         elif chat:
-            ids = self.encode_chat([{"role": "user", "content": prompt}])
+            ids = encode_chat(self.tokenizer, [{"role": "user", "content": prompt}])
         else:
             ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if not ids:
@@ -133,14 +147,7 @@ class Pipeline:
 
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Token ids of a conversation through the tokenizer's chat template."""
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise ConfigError("this tokenizer has no chat template; use a plain prompt")
-        ids = list(self.tokenizer.apply_chat_template(
-            list(messages), add_generation_prompt=True, tokenize=True, return_dict=False,
-        ))
-        if not ids:
-            raise PromptError("the prompt is empty")
-        return ids
+        return encode_chat(self.tokenizer, messages)
 
     def decode(self, ids: Sequence[int]) -> str:
         if self.tokenizer is None:
