@@ -78,6 +78,9 @@ def test_good_drafter_is_accepted_and_learned(target_model, drafter_models) -> N
     share = decoder.stats.selection_share()
     assert max(share, key=share.get) == "good"
     assert decoder.stats.mean_acceptance_length > 1.5
+    # The counterfactual oracle in hindsight is the good drafter, and the regret is small.
+    assert decoder.arms[decoder.stats.oracle_arm].drafter == "good"
+    assert 0 <= decoder.stats.regret < 0.1 * decoder.stats.num_scored_rounds
 
 
 def _target_first_two(target_model, prompt, sampling) -> np.ndarray:

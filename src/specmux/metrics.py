@@ -89,6 +89,11 @@ class SpecStats:
             return 0.0
         return self.chosen_loss_sum - float(self.arm_loss_sum.min())
 
+    @property
+    def oracle_arm(self) -> int | None:
+        """The best fixed arm in hindsight (lowest counterfactual loss), if scored."""
+        return None if self.arm_loss_sum is None else int(np.argmin(self.arm_loss_sum))
+
     def selection_share(self) -> dict[str, float]:
         total = sum(self.drafter_selections.values())
         return {k: v / total for k, v in sorted(self.drafter_selections.items())} if total else {}
@@ -127,4 +132,6 @@ class SpecStats:
             "seconds": self.seconds,
             "learner_seconds": self.learner_seconds,
             "drafter_share": self.selection_share(),
+            "regret": self.regret,
+            "oracle_arm": self.oracle_arm,
         }
