@@ -499,6 +499,7 @@ def experiment_c(cfg: SimConfig, step: StepFn) -> ExperimentResult:
     c2_summary: dict[str, dict[str, float]] = {}
     for label, name, loss, delayed in variants:
         mats, share, regrets, chosen_loss, other_loss = [], [], [], [], []
+        chosen_pos, other_pos = [], []
         for seed in range(seeds):
             stream = _stream_for("stationary", 1, rounds, k, seed)
             policy = _policy(name, n2, seed)
@@ -510,19 +511,32 @@ def experiment_c(cfg: SimConfig, step: StepFn) -> ExperimentResult:
             regrets.append(float(regret_curve(trace, c2_mu, np.array([trace.num_rounds]))[0]))
             chosen_loss.append(probe.mean_loss_when_played(n2 - 1))
             other_loss.append(probe.mean_loss_when_not_played(n2 - 1))
+            chosen_pos.append(probe.loss_per_position_when_played(n2 - 1))
+            other_pos.append(probe.loss_per_position_when_not_played(n2 - 1))
             rows.append({"experiment": "c", "part": "stationary", "variant": label,
                          "seed": seed, "rounds": trace.num_rounds, "mat": mats[-1],
                          "share_B_late": share[-1], "regret": regrets[-1],
                          "B_loss_when_played": chosen_loss[-1],
-                         "B_loss_when_not_played": other_loss[-1]})
+                         "B_loss_when_not_played": other_loss[-1],
+                         "B_loss_per_position_when_played": chosen_pos[-1],
+                         "B_loss_per_position_when_not_played": other_pos[-1]})
             jobs += 1
             step(f"(c) stationary {label} seed {seed}", jobs)
         c2_summary[label] = {"mat": float(np.mean(mats)), "share_B_late": float(np.mean(share)),
                              "regret": float(np.mean(regrets)),
                              "B_loss_played": float(np.nanmean(chosen_loss)),
-                             "B_loss_not_played": float(np.nanmean(other_loss))}
+                             "B_loss_not_played": float(np.nanmean(other_loss)),
+                             "B_loss_per_position_played": float(np.nanmean(chosen_pos)),
+                             "B_loss_per_position_not_played": float(np.nanmean(other_pos))}
     fits["stationary"] = c2_summary
     fits["stationary_fixed_mat"] = {"A": float(c2_mu[0, 0]), "B": float(c2_mu[0, -1])}
+    # What an unbiased loss gives B.  Length loss, per round: 1 - E[tokens of a B round] /
+    # (k+1).  Acceptance loss: it sums (1 - gamma) over the round's path / (k+1), so its
+    # per-round mean depends on how long the played drafter's paths are; per path position,
+    # (sum of losses) * (k+1) / positions, it should be B's rejection rate 1 - alpha_B.
+    fits["stationary_true_B_loss"] = {
+        "length": 1.0 - float(c2_mu[0, -1]) / (k + 1),
+        "acceptance_per_position": 1.0 - float(c2_pool.marginal_acceptance()[0, -1])}
 
     # c3: per-position profiles (renewal model): A starts runs well then drops, B starts
     # worse but runs long.
@@ -574,16 +588,24 @@ def experiment_c(cfg: SimConfig, step: StepFn) -> ExperimentResult:
         ax.grid(alpha=0.3)
     figure = _save(fig, cfg.out / "c_feedback.png")
     lines = ["| variant | two-phase: share on B, last quarter | two-phase regret | "
-             "stationary: MAT | share on B | regret | B's loss played / not played |"
+             "stationary: MAT | share on B | regret | B's loss played / not played* |"
              " profiles: share on B |", "|---|---|---|---|---|---|---|---|"]
     for label in labels:
         t = c1_summary.get(label, {})
         s2 = c2_summary[label]
         s3 = c3_summary[label]
+        per_pos = "acceptance" in label
+        b_played = s2["B_loss_per_position_played" if per_pos else "B_loss_played"]
+        b_other = s2["B_loss_per_position_not_played" if per_pos else "B_loss_not_played"]
         lines.append(f"| {label} | {_fmt(t.get('share_B_late'))} | {_fmt(t.get('regret'), 0)} "
                      f"| {_fmt(s2['mat'])} | {_fmt(s2['share_B_late'])} | "
-                     f"{_fmt(s2['regret'], 0)} | {_fmt(s2['B_loss_played'], 3)} / "
-                     f"{_fmt(s2['B_loss_not_played'], 3)} | {_fmt(s3['share_B_late'])} |")
+                     f"{_fmt(s2['regret'], 0)} | {_fmt(b_played, 3)} / "
+                     f"{_fmt(b_other, 3)} | {_fmt(s3['share_B_late'])} |")
+    true_b = fits["stationary_true_B_loss"]
+    lines.append(f"\n\\* Length loss: mean per round, unbiased value "
+                 f"{true_b['length']:.3f}.  Acceptance loss: per path position, (sum of "
+                 f"losses) x (k+1) / positions, unbiased value "
+                 f"{true_b['acceptance_per_position']:.3f}.")
     md = (f"k={k}, {rounds} rounds, {seeds} seed(s).  *Two-phase*: domain 0 (A 0.85, B 0.5 "
           f"per position) for the first quarter, then domain 1 (A 0.8, B 0.9).  *Stationary*: "
           f"7 drafters at 0.8 and one (B) at 0.9; fixed A makes "
@@ -610,7 +632,10 @@ class _LossProbe:
         self._n_played = np.zeros(policy.num_arms)
         self._sum_other = np.zeros(policy.num_arms)
         self._n_other = np.zeros(policy.num_arms)
-        self._pending: list[int] = []
+        self._pos_played = np.zeros(policy.num_arms)
+        self._pos_other = np.zeros(policy.num_arms)
+        self._max_k = 0
+        self._pending: list[tuple[int, int]] = []
 
     def select(self) -> int:
         return self.policy.select()
@@ -624,15 +649,18 @@ class _LossProbe:
     def update(self, feedback: Any) -> None:
         # Loss vectors come back in round order (possibly delayed): match them to the arm
         # played in their round.
-        self._pending.append(feedback.arm)
+        self._pending.append((feedback.arm, feedback.tokens_per_round))
+        self._max_k = feedback.max_k
         for loss in feedback.losses:
-            arm = self._pending.pop(0)
+            arm, positions = self._pending.pop(0)  # the round's path: accepted + 1 tokens
             played = np.zeros(self.num_arms, dtype=bool)
             played[arm] = True
             self._sum_played += np.where(played, loss, 0.0)
             self._n_played += played
+            self._pos_played += np.where(played, positions, 0)
             self._sum_other += np.where(played, 0.0, loss)
             self._n_other += ~played
+            self._pos_other += np.where(played, 0, positions)
         self.policy.update(feedback)
 
     def mean_loss_when_played(self, arm: int) -> float:
@@ -642,6 +670,15 @@ class _LossProbe:
     def mean_loss_when_not_played(self, arm: int) -> float:
         n = self._n_other[arm]
         return float(self._sum_other[arm] / n) if n else float("nan")
+
+    def loss_per_position_when_played(self, arm: int) -> float:
+        """(Sum of losses) x (max_k + 1) / path positions, over the rounds ``arm`` played."""
+        n = self._pos_played[arm]
+        return float(self._sum_played[arm] * (self._max_k + 1) / n) if n else float("nan")
+
+    def loss_per_position_when_not_played(self, arm: int) -> float:
+        n = self._pos_other[arm]
+        return float(self._sum_other[arm] * (self._max_k + 1) / n) if n else float("nan")
 
 
 # ----------------------------------------------------------------------------- (d)
