@@ -15,9 +15,10 @@ TESTS = Path(__file__).resolve().parents[1]
 if str(TESTS) not in sys.path:  # the launcher subprocess imports this module directly
     sys.path.insert(0, str(TESTS))
 
+from specmux.api import Pipeline  # noqa: E402
+
 from conftest import tiny_lm  # noqa: E402
 from helpers import save_tiny_model, tiny_tokenizer  # noqa: E402
-from specmux.api import Pipeline  # noqa: E402
 
 
 def tiny_models(seed: int = 0) -> tuple[Any, Any]:
