@@ -28,7 +28,7 @@ def _split(values: list[str] | None) -> tuple[str, ...] | None:
 def bench(
     prompts_per_domain: Annotated[
         int, typer.Option(help="Evaluation prompts per domain.")] = 2,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt at most.")] = 64,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt at most.")] = 56,
     policies: Annotated[
         list[str] | None,
         typer.Option(help="Learners to compare (repeatable or comma-separated). Default: "

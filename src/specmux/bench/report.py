@@ -109,6 +109,8 @@ class Row:
     cells: dict[str, Cell] = field(default_factory=dict)  # domain or OVERALL -> totals
     checked: int = 0  # queries compared with target-only
     mismatches: int = 0  # of those, outputs that differ (must be 0 under greedy)
+    near_ties: int = 0  # of those, divergences at a target near-tie (see runner._divergence)
+    divergences: list[dict[str, Any]] = field(default_factory=list)
     rounds: int = 0
     policy_ms: float | None = None  # learner select+update per round
     scoring_ms: float | None = None  # counterfactual scoring + drafter bookkeeping per round
@@ -222,7 +224,11 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
         row.cell(OVERALL).add(a)
         if a.get("lossless") is not None:
             row.checked += 1
-            row.mismatches += 0 if a["lossless"] else 1
+            if not a["lossless"]:
+                row.mismatches += 1
+                div = a.get("divergence") or {}
+                row.near_ties += 1 if div.get("near_tie") else 0
+                row.divergences.append({"question_id": a["question_id"], **div})
     for oracle, by in ((ORACLE_MAT, "mat"), (ORACLE_TIME, "time")):
         chosen = oracle_choices(answer_list, by)
         if not chosen:
@@ -324,7 +330,8 @@ def _lossless(summary: Summary, row: Row) -> str:
     if row.checked == 0:
         return "unchecked"
     if row.mismatches:
-        return f"**MISMATCH {row.mismatches}/{row.checked}**"
+        ties = f" ({row.near_ties} at near-ties)" if row.near_ties else ""
+        return f"**MISMATCH {row.mismatches}/{row.checked}**{ties}"
     return f"✓ {row.checked}/{row.checked}"
 
 
@@ -417,9 +424,23 @@ def render_markdown(summary: Summary) -> str:
               "speedup after each query's first target call (which carries the prefill); tok/s "
               "is overall output tokens per second.", ""]
     parts += [_markdown_table(*table_rows(summary)), ""]
-    mismatched = [r.label for r in summary.rows if r.mismatches]
+    mismatched = [r for r in summary.rows if r.mismatches]
     if mismatched:
-        parts += [f"**LOSSLESS CHECK FAILED** for: {', '.join(mismatched)}.", ""]
+        parts += [f"**LOSSLESS CHECK FAILED** for: {', '.join(r.label for r in mismatched)}. "
+                  "Where each output left target-only, with the target's logit gap between "
+                  "its own token and the method's, recomputed one token at a time (a gap within "
+                  "2 ulp of the logits' precision is a near-tie: rounding differs between a "
+                  "one-token step and a verification pass):", ""]
+        for r in mismatched:
+            for d in r.divergences:
+                gap = d.get("logit_gap")
+                detail = ("" if gap is None else f", logit gap {gap:.4f} = "
+                          f"{abs(gap) / d['ulp']:.1f} ulp"
+                          f"{' (near-tie)' if d.get('near_tie') else ' (NOT a near-tie)'}")
+                parts.append(f"- {r.label}, `{d['question_id']}`: token {d.get('index')}, "
+                             f"target-only {d.get('reference_token')} vs "
+                             f"{d.get('method_token')}{detail}")
+        parts.append("")
     header, body = overhead_rows(summary)
     if body:
         parts += ["## Learner overhead", "", _markdown_table(header, body), ""]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import os
 import platform
 import time
@@ -77,7 +78,7 @@ class BenchConfig:
     drafter_model: str = "embedded:qwen2.5-coder-0.5b"
     domains: tuple[str, ...] = DEFAULT_DOMAINS
     prompts_per_domain: int = 2
-    max_new_tokens: int = 64
+    max_new_tokens: int = 56
     policies: tuple[str, ...] = DEFAULT_POLICIES
     drafters: tuple[str, ...] | None = None
     num_speculative_tokens: int = 4
@@ -608,22 +609,46 @@ class BenchRunner:
             gc.unfreeze()
             torch.set_num_threads(threads)
 
+    def _divergence(self, query: Query, ref: list[int], mine: list[int]) -> dict[str, Any]:
+        """Where an output left the target-only reference, and how close the target's own
+        choice was there: the logit gap between the two tokens, recomputed one token at a
+        time as target-only decoding does, in units of the logits' precision (``ulp``).  A
+        gap within 2 ulp is a *near-tie*: the target's argmax there depends on rounding, which
+        differs between a one-token step and a (k+1)-token verification pass."""
+        i = next((j for j, (a, b) in enumerate(zip(ref, mine, strict=False)) if a != b),
+                 min(len(ref), len(mine)))
+        info: dict[str, Any] = {"index": i, "reference_token": ref[i] if i < len(ref) else None,
+                                "method_token": mine[i] if i < len(mine) else None,
+                                "logit_gap": None, "ulp": None, "near_tie": None}
+        if info["reference_token"] is None or info["method_token"] is None:
+            return info
+        context = [*query.prompt_ids, *ref[:i]]
+        self.target.reset()
+        if len(context) > 1:
+            self.target.logits(context[:-1], 1)
+        row = self.target.logits(context, 1)[0]
+        self.target.reset()
+        gap = float(row[info["reference_token"]] - row[info["method_token"]])
+        top = max(abs(float(row.max())), 1e-30)
+        ulp = torch.finfo(self.models.target.dtype).eps * 2.0 ** math.floor(math.log2(top))
+        info.update(logit_gap=gap, ulp=ulp, near_tie=abs(gap) <= 2 * ulp)
+        return info
+
     def _records(self, method: _Method, query: Query, run: _Run) -> Iterator[dict[str, Any]]:
         common = {"method": method.id, "question_id": query.question_id,
                   "category": query.category, "query_index": query.index}
         for r in run.rounds:
             yield {"type": "round", **common, **r}
         lossless: bool | None = None
+        divergence: dict[str, Any] | None = None
         if method.kind == "target":
             self.reference[query.index] = run.tokens
         elif not self.cfg.sampling and query.index in self.reference:
             lossless = run.tokens == self.reference[query.index]
             if not lossless:
-                ref = self.reference[query.index]
-                first = next((i for i, (a, b) in enumerate(zip(run.tokens, ref, strict=False))
-                              if a != b), min(len(run.tokens), len(ref)))
-                log.error("LOSSLESS VIOLATION: %s on %s differs from target-only at token %d",
-                          method.id, query.question_id, first)
+                divergence = self._divergence(query, self.reference[query.index], run.tokens)
+                log.error("LOSSLESS VIOLATION: %s on %s differs from target-only at token %d "
+                          "(%s)", method.id, query.question_id, divergence["index"], divergence)
         text = self.models.tokenizer.decode(run.tokens, skip_special_tokens=True)
         yield {
             "type": "answer", **common,
@@ -640,7 +665,7 @@ class BenchRunner:
             "new_tokens": len(run.tokens), "seconds": run.seconds,
             "num_target_calls": run.num_target_calls,
             "num_accepted_tokens": run.num_accepted_tokens,
-            "finish_reason": run.finish_reason, "lossless": lossless,
+            "finish_reason": run.finish_reason, "lossless": lossless, "divergence": divergence,
             "first_seconds": run.first_seconds, "first_tokens": run.first_tokens,
         }
 
