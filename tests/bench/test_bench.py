@@ -333,3 +333,13 @@ def test_divergence_and_loud_mismatch_report(models: BenchModels, bench_dir: Pat
     text = render_markdown(summarize(records))
     assert "**MISMATCH 1/6** (1 at near-ties)" in text
     assert "LOSSLESS CHECK FAILED" in text and "(near-tie)" in text
+
+
+def test_timing_outlier_is_flagged(bench_dir: Path) -> None:
+    records = read_trace(bench_dir)
+    slow = next(a for a in records if a["type"] == "answer" and a["method"] == TARGET_ONLY)
+    slow["seconds"] = slow["first_seconds"] + 50 * (slow["seconds"] - slow["first_seconds"])
+    summary = summarize(records)
+    assert (TARGET_ONLY, slow["question_id"]) in [(o["method"], o["question_id"])
+                                                 for o in summary.outliers]
+    assert "Timing outliers" in render_markdown(summary)

@@ -158,6 +158,10 @@ def bench(
         summary = write_report(trace, out)
     for table in render_rich(summary):
         console.print(table)
+    for o in summary.outliers:
+        console.print(f"[yellow]timing outlier: {o['method']} on {o['question_id']}: "
+                      f"{o['step_ms']:.0f} ms per target step (median {o['median_ms']:.0f} ms); "
+                      "the machine was busy[/]", highlight=False)
     bad = [r.label for r in summary.rows if r.mismatches]
     if bad:
         console.print(f"[bold red]LOSSLESS CHECK FAILED: {', '.join(bad)} differ from "

@@ -141,6 +141,7 @@ class Summary:
     domains: list[str]
     rows: list[Row]
     goals: list[Goal]
+    outliers: list[dict[str, Any]] = field(default_factory=list)
 
     def row(self, method: str) -> Row | None:
         return next((r for r in self.rows if r.method == method), None)
@@ -246,9 +247,45 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
     ordered = _order(list(rows.values()))
     for row in ordered:  # keep domain columns in stream order
         row.cells = {d: row.cells[d] for d in [*domains, OVERALL] if d in row.cells}
-    summary = Summary(meta, domains, ordered, [])
+    summary = Summary(meta, domains, ordered, [], timing_outliers(records))
     summary.goals = goals(summary)
     return summary
+
+
+def step_times(records: list[dict[str, Any]]) -> dict[tuple[str, int], float]:
+    """``(method, query_index) -> mean target step (s)`` after the first call: the target
+    verification time per round, or target-only's decode time per token."""
+    out: dict[tuple[str, int], float] = {}
+    for (method, q), rs in rounds_by_run(records).items():
+        steady = [r["verify_seconds"] for r in rs if r["round"] > 0]
+        if steady:
+            out[(method, q)] = sum(steady) / len(steady)
+    for a in answers(records):
+        if a["method"] == TARGET_ONLY and a.get("first_seconds") is not None:
+            n = int(a["new_tokens"]) - int(a["first_tokens"])
+            if n > 0:
+                out[(a["method"], int(a["query_index"]))] = (
+                    (float(a["seconds"]) - float(a["first_seconds"])) / n)
+    return out
+
+
+def timing_outliers(records: list[dict[str, Any]], factor: float = 2.0) -> list[dict[str, Any]]:
+    """Runs whose target step took over ``factor`` times the method's median over the
+    queries: the machine was busy with something else then (the target's step time does
+    not depend on the prompt enough to explain it), so that run's speedups are distorted."""
+    times = step_times(records)
+    per_method: dict[str, list[float]] = defaultdict(list)
+    for (method, _), t in times.items():
+        per_method[method].append(t)
+    qid = {int(a["query_index"]): a["question_id"] for a in answers(records)}
+    out = []
+    for (method, q), t in sorted(times.items(), key=lambda kv: kv[0][1]):
+        values = sorted(per_method[method])
+        median = values[len(values) // 2]
+        if len(values) >= 3 and t > factor * median:
+            out.append({"method": method, "question_id": qid.get(q, str(q)),
+                        "step_ms": 1e3 * t, "median_ms": 1e3 * median})
+    return out
 
 
 def _kind(method: str) -> str:
@@ -440,6 +477,14 @@ def render_markdown(summary: Summary) -> str:
                 parts.append(f"- {r.label}, `{d['question_id']}`: token {d.get('index')}, "
                              f"target-only {d.get('reference_token')} vs "
                              f"{d.get('method_token')}{detail}")
+        parts.append("")
+    if summary.outliers:
+        parts += ["**Timing outliers** (target step over twice the method's median; the "
+                  "machine was busy, so these runs' times, and the speedups built on them, "
+                  "are distorted):", ""]
+        parts += [f"- {label(o['method'], summary.meta)}, `{o['question_id']}`: "
+                  f"{o['step_ms']:.0f} ms per target step against a median of "
+                  f"{o['median_ms']:.0f} ms" for o in summary.outliers]
         parts.append("")
     header, body = overhead_rows(summary)
     if body:
