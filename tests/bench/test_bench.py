@@ -300,12 +300,16 @@ def test_bf16_lm_head_stride_fix_keeps_logits() -> None:
     from specmux.bench.runner import fix_lm_head_strides
 
     model = tiny_lm(3, hidden=32).to(torch.bfloat16)
-    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    seen: list[tuple[int, ...]] = []
     with torch.inference_mode():
-        before = model(input_ids=ids, logits_to_keep=1).logits
+        before = [model(input_ids=ids, logits_to_keep=m).logits for m in (1, 3)]
         assert fix_lm_head_strides(model)
-        after = model(input_ids=ids, logits_to_keep=1).logits
-    assert torch.equal(before, after)
+        model.get_output_embeddings().register_forward_pre_hook(
+            lambda _, args: seen.append(args[0].stride()))
+        after = [model(input_ids=ids, logits_to_keep=m).logits for m in (1, 3)]
+    assert all(torch.equal(b, a) for b, a in zip(before, after, strict=True))
+    assert seen == [(32, 32, 1), (96, 32, 1)]  # standard strides reach the lm_head
     assert not fix_lm_head_strides(tiny_lm(3, hidden=32))  # fp32: nothing to fix
 
 
