@@ -202,3 +202,19 @@ def test_closing_the_stream_early_still_delivers_delayed_feedback(
     steps.close()  # e.g. a client disconnected
     assert decoder.tracker.num_pending == 0
     assert decoder.stats.num_scored_rounds == 3  # every round's losses reached the learner
+
+
+def test_hedge_scoring_of_a_fully_accepted_lm_draft_costs_no_forward_pass(target_model) -> None:
+    """The played LM drafter's path scores come from the rows its draft already computed; the
+    bonus position of a fully accepted draft is not scored (no arm needs it)."""
+    prompt, fed = PROMPTS[0], {}
+    for policy in ("fixed", "hedge"):
+        drafter = HFDrafter(target_model, name="copy")  # the target itself: all accepted
+        decoder = SpeculativeDecoder(target_model, [drafter], policy, num_speculative_tokens=4)
+        result = decoder.generate(prompt, max_new_tokens=40)  # 8 rounds of 4 + bonus
+        assert all(s.num_accepted_tokens == s.num_draft_tokens for s in result.steps)
+        assert result.token_ids == autoregressive_generate(target_model, prompt, 40)
+        fed[policy] = (drafter.lm.num_forward_calls, drafter.lm.num_tokens_fed)
+        if policy == "hedge":
+            assert all(len(g) == 4 for s in result.steps for g in s.gammas.values())
+    assert fed["hedge"] == fed["fixed"]

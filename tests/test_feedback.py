@@ -89,3 +89,27 @@ def test_acceptance_loss_is_immediate() -> None:
     tracker = CounterfactualTracker([(0, 4), (1, 4)], loss="acceptance")
     (losses,) = tracker.add_round(np.array([[1.0, 0.0], [0.5, 0.0]]), np.ones((2, 2)))
     assert np.allclose(losses, [0.5 / 5, 2.0 / 5])  # summed over the path, scaled by max_k + 1
+
+
+def test_a_position_past_max_k_changes_no_released_loss() -> None:
+    """The engine does not score the bonus position of a path longer than max_k: whatever its
+    scores, the released losses are those of the path cut to max_k positions."""
+    rng = np.random.default_rng(5)
+    arms = [(d, k) for d in range(3) for k in (2, 4)]
+    for delayed in (True, False):
+        full, cut = (CounterfactualTracker(arms, "length", delayed) for _ in range(2))
+        out_full, out_cut = [], []
+        for _ in range(300):
+            n = int(rng.integers(1, 6))  # 1..max_k + 1 positions
+            gamma = rng.random((n, 3))
+            weight = (rng.random((n, 3)) < 0.7) * rng.random((n, 3))
+            out_full += full.add_round(gamma, weight)
+            out_cut += cut.add_round(gamma[:4], weight[:4])
+            if rng.random() < 0.05:
+                out_full += full.flush()
+                out_cut += cut.flush()
+        out_full += full.flush()
+        out_cut += cut.flush()
+        assert len(out_full) == len(out_cut) == 300
+        for a, b in zip(out_full, out_cut, strict=True):
+            np.testing.assert_array_equal(a, b)

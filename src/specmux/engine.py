@@ -275,12 +275,20 @@ class SpeculativeDecoder:
         sampling: SamplingParams,
         finished: bool,
     ) -> tuple[dict[str, tuple[float, ...]], tuple[np.ndarray, ...]]:
-        """Score every drafter along the verified ``path`` (no target call): gammas + losses."""
+        """Score every drafter along the verified ``path`` (no target call): gammas + losses.
+
+        With the ``"length"`` loss only the first ``max_k`` positions are scored.  A longer
+        path (a fully accepted ``max_k`` draft plus its bonus token) ends at a position no
+        arm's counterfactual reaches: every pending round started at or before this one and
+        looks ``max_k`` positions ahead.  Skipping it saves each LM drafter a forward pass
+        in most rounds of a good drafter.
+        """
         if not self.score_all:
             return {}, ()
-        dists = [d.distributions(context, path, sampling) for d in self.drafters]
+        scored = path if self.tracker.loss == "acceptance" else path[: self.max_k]
+        dists = [d.distributions(context, scored, sampling) for d in self.drafters]
         gamma, weight = position_scores(
-            torch.tensor(path, dtype=torch.long), target_probs[: len(path)], dists,
+            torch.tensor(scored, dtype=torch.long), target_probs[: len(scored)], dists,
             sampling.greedy,
         )
         resolved = self.tracker.add_round_tagged(gamma, weight, arm)
