@@ -552,17 +552,23 @@ class BenchRunner:
         return self._run_decoder(method, query)
 
     def warm_up(self) -> None:
-        """One short untimed generation per model (first calls allocate and are slow)."""
-        query = self.queries[0]
-        short = list(query.prompt_ids[-8:])
+        """Short untimed generations per model (first calls allocate and are slow).
+
+        The longest prompt of the stream is prefilled too: the first pass at a new, longer
+        shape is slow again, and would land in whichever method's timing meets it first.
+        """
+        longest = list(max(self.queries, key=lambda q: len(q.prompt_ids)).prompt_ids)
+        short = longest[-8:]
         k = self.cfg.num_speculative_tokens
         self._cold_start()
-        autoregressive_generate(self.target, short, 2, SamplingParams(), ())
-        self.target.logits(short + short[:k], k + 1)  # a verification-sized pass
+        for prompt in (longest, short):
+            autoregressive_generate(self.target, prompt, 2, SamplingParams(), ())
+            self.target.logits(prompt + prompt[:k], k + 1)  # a verification-sized pass
         lm = self.factory.shared.get(LM_DRAFTER)
         if isinstance(lm, HFDrafter):
-            lm.propose(short, 2, SamplingParams())
-            lm.lm.logits(short + short[:2], 3)
+            for prompt in (longest, short):
+                lm.propose(prompt, 2, SamplingParams())
+                lm.lm.logits(prompt + prompt[:2], 3)
         if self.cfg.hf_baseline and self.models.drafter is not None:
             self._run_hf(Query(-1, "warm-up", "warm-up", "", tuple(short), False), 4)
         self._cold_start()
