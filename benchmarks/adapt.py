@@ -311,19 +311,18 @@ def plot(runs: list[LearnerRun], out_dir: pathlib.Path, title: str, window: int,
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    w = 40
     for run in runs[1:]:
         if not run.kl:
             continue
         pos = np.array([r["positions"] for r in run.kl], float)
-        fz = np.array([r["frozen_kl"] for r in run.kl]) * pos
-        ad = np.array([r["adapted_kl"] for r in run.kl]) * pos
-        w = 40
-        x = np.cumsum(pos)
-        axes[0].plot(x, rolling(ad, w) / rolling(pos, w), label=run.name, color=color(run.name))
-        if run is runs[1]:
-            axes[0].plot(x, rolling(fz, w) / rolling(pos, w), label="frozen", color="black")
-    axes[0].set(title="prequential KL(p_target top-64 || q_drafter), rolling 40 rounds",
-                xlabel="verified positions seen")
+        diff = np.array([r["adapted_kl"] - r["frozen_kl"] for r in run.kl]) * pos
+        axes[0].plot(np.cumsum(pos), rolling(diff, w) / rolling(pos, w), label=run.name,
+                     color=color(run.name))
+    axes[0].axhline(0, color="black", lw=0.8, label="frozen")
+    axes[0].set(title=f"prequential KL(target || adapted) - KL(target || frozen), rolling {w} "
+                "rounds", xlabel="verified positions seen")
+    axes[0].title.set_fontsize(9)
     for run in runs[1:]:
         if run.weights:
             wts = np.array(run.weights)

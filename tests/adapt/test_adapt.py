@@ -290,6 +290,30 @@ def test_candidate_kl_matches_the_full_kl_of_the_frozen_drafter() -> None:
     assert float(candidate_kl(b.z0, b.tail, b.prob)) == pytest.approx(float(exact), rel=1e-4)
 
 
+def test_sampled_tail_tracks_the_exact_kl_of_an_adapted_head() -> None:
+    """Once the adapter moves non-candidate logits, the candidate-set loss needs the sampled
+    tail correction to stay close to the exact full-vocabulary KL."""
+    gen = torch.Generator().manual_seed(3)
+    n, hdim, vocab = 64, 8, 400
+    hidden = torch.randn(n, hdim, generator=gen)
+    base, target = 2 * torch.randn(n, vocab, generator=gen), 2 * torch.randn(n, vocab,
+                                                                             generator=gen)
+    head = make_head("ogd", hdim, vocab, rank=4)
+    with torch.no_grad():
+        head.adapter.b.copy_(2.0 * torch.randn(vocab, generator=gen))  # moves every token
+    buf = ReplayBuffer(capacity=n, hidden_size=hdim, top_k=16, drafter_top_m=16,
+                       tail_samples=256)
+    buf.add(hidden, base, target)
+    batch = buf.batch(0, n)
+    t_val, t_idx = target.topk(16, -1)
+    exact = head.dense_loss(base, hidden, t_idx, torch.softmax(t_val, -1))
+    sampled = head.loss(batch)
+    frozen_tail = head.loss(DistillBatch(batch.hidden, batch.idx, batch.z0, batch.tail,
+                                         batch.prob))
+    assert abs(sampled - exact) < 0.05 * exact, (sampled, exact)
+    assert abs(sampled - exact) < abs(frozen_tail - exact), (sampled, frozen_tail, exact)
+
+
 def test_replay_buffer_ring_and_batches() -> None:
     buf = ReplayBuffer(capacity=5, hidden_size=2, top_k=3, drafter_top_m=2)
     for i in range(7):

@@ -58,7 +58,7 @@ HEAD_KINDS: tuple[str, ...] = ("ogd", "opt", "ens")
 DEFAULT_LR = 0.1
 DEFAULT_ENSEMBLE_LRS: tuple[float, ...] = (0.0, 0.03, 0.1, 0.3)
 STATE_VERSION = 1
-BUFFER_FIELDS = ("hidden", "idx", "z0", "tail", "prob")
+BUFFER_FIELDS = ("hidden", "idx", "z0", "tail", "prob", "tail_idx")
 
 
 class AdaptiveLM(CachedLM):
@@ -314,6 +314,7 @@ class AdaptiveHFDrafter(HFDrafter):
             b = self.buffer
             state["buffer"] = {name: getattr(b, name).clone() for name in BUFFER_FIELDS}
             state["buffer"]["num_added"] = b.num_added
+            state["buffer"]["generator"] = b.generator.get_state()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -329,6 +330,7 @@ class AdaptiveHFDrafter(HFDrafter):
             for k in BUFFER_FIELDS:
                 getattr(b, k).copy_(s[k])
             b.num_added = int(s["num_added"])
+            b.generator.set_state(s["generator"])
             self._trained_upto = int(state["trained_upto"])
         else:  # without the buffer, nothing is pending
             self._trained_upto = self.buffer.num_added

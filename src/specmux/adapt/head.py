@@ -76,7 +76,9 @@ class AdaptedHead(AdaptiveHead):
 
     def batch_logprobs(self, batch: DistillBatch) -> torch.Tensor:
         logits = batch.z0 + self.adapter.delta_at(batch.hidden, batch.idx)
-        return candidate_logprobs(logits, batch.tail)
+        tail_delta = (None if batch.tail_idx is None
+                      else self.adapter.delta_at(batch.hidden, batch.tail_idx))
+        return candidate_logprobs(logits, batch.tail, tail_delta)
 
     def update(self, batch: DistillBatch) -> float:
         if self.learner.lr == 0:  # a frozen member: score only
