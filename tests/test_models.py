@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import logging
 import os
 import pathlib
 import socket
@@ -366,3 +368,31 @@ def test_embedded_qwen_pair_shares_vocab(monkeypatch: pytest.MonkeyPatch) -> Non
     assert ttok.get_vocab() == dtok.get_vocab()
     for text in ("def fib(n):\n    return n", "Hello, 世界 🤖", "<|im_start|>user\nhi<|im_end|>"):
         assert ttok.encode(text) == dtok.encode(text)
+
+
+def test_wrong_packed_gguf_hint_is_dropped_when_weights_are_dequantized() -> None:
+    """Without the ``kernels`` package transformers dequantizes GGUF weights, yet first warns
+    that they "stay quantized"; that line is dropped while loading, and nothing else is."""
+    from specmux.models import _quiet_dequantized_gguf
+
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    log = logging.getLogger("transformers.quantizers.quantizer_gguf")
+    handler = Collect(logging.WARNING)
+    log.addHandler(handler)
+    try:
+        with _quiet_dequantized_gguf():
+            log.warning("Loading a GGUF checkpoint with its weights packed is fastest")
+            log.warning("Dequantizing the whole model")
+        log.warning("Loading a GGUF checkpoint with its weights packed, outside")
+    finally:
+        log.removeHandler(handler)
+    dropped = importlib.util.find_spec("kernels") is None
+    assert seen == (["Dequantizing the whole model"] if dropped else [
+        "Loading a GGUF checkpoint with its weights packed is fastest",
+        "Dequantizing the whole model",
+    ]) + ["Loading a GGUF checkpoint with its weights packed, outside"]

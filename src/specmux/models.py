@@ -486,6 +486,32 @@ def _fast_gguf_names() -> Iterator[None]:
         gguf.get_tensor_name_map = original
 
 
+class _DropPackedGgufHint(logging.Filter):
+    """Drops transformers' "GGUF weights packed ... stay quantized" dtype warning.
+
+    It is logged before transformers finds that the ``kernels`` package is missing, and it
+    is wrong on that path: the weights are then dequantized to the requested dtype.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Loading a GGUF checkpoint with its weights")
+
+
+@contextlib.contextmanager
+def _quiet_dequantized_gguf() -> Iterator[None]:
+    """Silence that warning while loading, when ``kernels`` (packed GGUF) is unavailable."""
+    if importlib.util.find_spec("kernels") is not None:
+        yield
+        return
+    quantizer_log = logging.getLogger("transformers.quantizers.quantizer_gguf")
+    hint = _DropPackedGgufHint()
+    quantizer_log.addFilter(hint)
+    try:
+        yield
+    finally:
+        quantizer_log.removeFilter(hint)
+
+
 def _kwargs(src: _Source) -> dict[str, object]:
     kw: dict[str, object] = {"local_files_only": True}
     if src.gguf_file is not None:
@@ -568,7 +594,7 @@ def load_model(
     t0 = time.perf_counter()
     src = _resolve(spec, install=install)
     try:
-        with _offline(), _fast_gguf_names():
+        with _offline(), _fast_gguf_names(), _quiet_dequantized_gguf():
             model = AutoModelForCausalLM.from_pretrained(src.location, dtype=dtype, **_kwargs(src))
     except (OSError, ValueError, ImportError) as err:
         if src.gguf_file is None and not pathlib.Path(src.location).is_dir():
@@ -578,10 +604,11 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     log.info(
-        "loaded %s (%s, %.0fM params) in %.1fs",
+        "loaded %s (%s, %.0fM params, %s) in %.1fs",
         src.label,
         type(model).__name__,
         sum(p.numel() for p in model.parameters()) / 1e6,
+        str(model.dtype).removeprefix("torch."),
         time.perf_counter() - t0,
     )
     return model, tok
