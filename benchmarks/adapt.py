@@ -19,7 +19,7 @@ include the prompt prefills), and for later rounds ``k_r`` times the query's mea
 time per drafted token plus the query's mean measured verify time.
 
 Outputs: a JSON file with every number, PNG figures, and a printed summary table with
-DESIGN's net-gain rule ``τ1/τ0 > 1 + C_update / (S · (C_draft + C_verify))``.
+the net-gain rule of docs/DESIGN.md ``τ1/τ0 > 1 + C_update / (S · (C_draft + C_verify))``.
 """
 
 from __future__ import annotations
