@@ -382,8 +382,9 @@ def test_wrong_packed_gguf_hint_is_dropped_when_weights_are_dequantized() -> Non
             seen.append(record.getMessage())
 
     log = logging.getLogger("transformers.quantizers.quantizer_gguf")
-    handler = Collect(logging.WARNING)
+    handler, level = Collect(logging.WARNING), log.level
     log.addHandler(handler)
+    log.setLevel(logging.WARNING)  # other tests may quiet transformers' loggers
     try:
         with _quiet_dequantized_gguf():
             log.warning("Loading a GGUF checkpoint with its weights packed is fastest")
@@ -391,6 +392,7 @@ def test_wrong_packed_gguf_hint_is_dropped_when_weights_are_dequantized() -> Non
         log.warning("Loading a GGUF checkpoint with its weights packed, outside")
     finally:
         log.removeHandler(handler)
+        log.setLevel(level)
     dropped = importlib.util.find_spec("kernels") is None
     assert seen == (["Dequantizing the whole model"] if dropped else [
         "Loading a GGUF checkpoint with its weights packed is fastest",
