@@ -18,13 +18,14 @@ import typer
 from rich.console import Console
 
 from specmux.cli_options import (
-    POLICY_NAMES,
     DrafterOption,
     InstallOption,
     NumSpeculativeTokensOption,
     PolicyOption,
     SpeculativeConfigOption,
     TargetOption,
+    pipeline_from_options,
+    resolve_speculative_config,
 )
 from specmux.errors import SpecmuxError
 
@@ -86,30 +87,13 @@ def generate(
     """Generate text with speculative decoding and print it, then a one-line summary."""
     setup_logging(verbose)
     with user_errors():
-        from specmux.api import DEFAULT_DRAFTERS, Pipeline
-        from specmux.config import SpeculativeConfig, parse_speculative_config
         from specmux.types import SamplingParams
 
         if not prompt.strip():
             raise SpecmuxError("the prompt is empty")
-        cfg = (parse_speculative_config(speculative_config) if speculative_config
-               else SpeculativeConfig(num_speculative_tokens=max(num_speculative_tokens, 1)))
-        if not speculative_config and num_speculative_tokens < 1:
-            raise SpecmuxError(
-                f"--num-speculative-tokens must be >= 1, got {num_speculative_tokens}"
-            )
-        if (cfg.policy or policy) not in POLICY_NAMES:
-            raise SpecmuxError(f"unknown policy {cfg.policy or policy!r}; choose from "
-                               f"{', '.join(POLICY_NAMES)}")
+        cfg = resolve_speculative_config(speculative_config, num_speculative_tokens, policy)
         sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-        drafters = cfg.drafter_specs() or list(drafter or DEFAULT_DRAFTERS)
-        pipe = Pipeline(
-            target, drafters, cfg.policy or policy,
-            num_speculative_tokens=cfg.num_speculative_tokens,
-            prompt_lookup_max=cfg.prompt_lookup_max, prompt_lookup_min=cfg.prompt_lookup_min,
-            loss=cfg.loss, delayed_feedback=cfg.delayed_feedback,
-            reset_per_query=cfg.reset_per_query, seed=seed or 0, install=install,
-        )
+        pipe = pipeline_from_options(cfg, target, drafter, policy, seed=seed, install=install)
         out = pipe.generate(prompt, max_new_tokens=max_new_tokens, sampling=sampling, chat=chat)
     console.print(out.text, markup=False, highlight=False, soft_wrap=True)
     s = out.stats

@@ -15,6 +15,8 @@ from specmux.cli_options import (
     PolicyOption,
     SpeculativeConfigOption,
     TargetOption,
+    pipeline_from_options,
+    resolve_speculative_config,
 )
 
 log = logging.getLogger(__name__)
@@ -71,7 +73,7 @@ def serve(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /metrics)."""
-    from specmux.cli import POLICY_NAMES, user_errors
+    from specmux.cli import user_errors
     from specmux.errors import ConfigError
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
@@ -83,8 +85,6 @@ def serve(
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
     with user_errors():
-        from specmux.api import DEFAULT_DRAFTERS, Pipeline
-        from specmux.config import SpeculativeConfig, parse_speculative_config
         from specmux.server.app import create_app
         from specmux.server.app import serve as run_server
 
@@ -100,22 +100,11 @@ def serve(
             raise ConfigError(f"--max-prompt-tokens must be >= 1, got {max_prompt_tokens}")
         if not 0 <= port <= 65535:
             raise ConfigError(f"--port must be in [0, 65535], got {port}")
-        cfg = (parse_speculative_config(speculative_config) if speculative_config
-               else SpeculativeConfig(num_speculative_tokens=num_speculative_tokens))
-        if (cfg.policy or policy) not in POLICY_NAMES:
-            raise ConfigError(f"unknown policy {cfg.policy or policy!r}; choose from "
-                              f"{', '.join(POLICY_NAMES)}")
+        cfg = resolve_speculative_config(speculative_config, num_speculative_tokens, policy)
         if state_dir is not None and state_dir.exists() and not state_dir.is_dir():
             raise ConfigError(f"--state-dir {state_dir} is not a directory")
-        drafters = cfg.drafter_specs() or list(drafter or DEFAULT_DRAFTERS)
-        pipe = Pipeline(
-            target, drafters, cfg.policy or policy,
-            num_speculative_tokens=cfg.num_speculative_tokens,
-            prompt_lookup_max=cfg.prompt_lookup_max, prompt_lookup_min=cfg.prompt_lookup_min,
-            loss=cfg.loss, delayed_feedback=cfg.delayed_feedback,
-            reset_per_query=reset_per_query or cfg.reset_per_query, seed=seed,
-            install=install,
-        )
+        pipe = pipeline_from_options(cfg, target, drafter, policy, seed=seed, install=install,
+                                     reset_per_query=reset_per_query)
         app = create_app(
             pipe, model_name=served_model_name or target, state_dir=state_dir,
             max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
