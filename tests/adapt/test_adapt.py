@@ -4,7 +4,6 @@ the learners' update rules on toy problems, and state round-trips."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -34,14 +33,6 @@ from conftest import tiny_lm
 PROMPTS = [[1, 2, 3], [5, 9, 14, 2], [7, 7, 30], [11, 3, 20, 41, 8], [4, 44]]
 EVAL_PROMPTS = [[6, 1, 33], [19, 2, 12, 40]]
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny ops are dominated by thread wake-ups on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

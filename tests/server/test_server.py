@@ -20,7 +20,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import torch
 from prometheus_client.parser import text_string_to_metric_families
 from tiny_server import LiveServer, save_tiny_models, tiny_pipeline
 from typer.testing import CliRunner
@@ -36,14 +35,6 @@ LAUNCHER = Path(__file__).with_name("launch_tiny.py")
 
 # -- fixtures --------------------------------------------------------------------------------
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and the CPU is shared: restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
