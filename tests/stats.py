@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 Z_999 = 3.0902  # standard normal 0.999 quantile
 
@@ -44,3 +45,17 @@ def assert_distribution(counts: np.ndarray, probs: np.ndarray) -> None:
     stat, df = chi2_statistic(counts, probs)
     critical = chi2_critical(df)
     assert stat < critical, f"chi2={stat:.1f} with df={df} (critical {critical:.1f})"
+
+
+def target_first_two(target_model: torch.nn.Module, prompt: list[int], sampling) -> np.ndarray:
+    """Exact joint distribution [V, V] of the target's first two sampled tokens."""
+    from specmux.lm import CachedLM
+    from specmux.verify import process_logits
+
+    lm = CachedLM(target_model)
+    p1 = process_logits(lm.logits(prompt, 1), sampling)[0]
+    joint = np.zeros((lm.vocab_size, lm.vocab_size))
+    for x in torch.nonzero(p1).flatten().tolist():
+        p2 = process_logits(lm.logits([*prompt, x], 1), sampling)[0]
+        joint[x] = float(p1[x]) * p2.double().numpy()
+    return joint

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from specmux.drafters.hf import HFDrafter
 from specmux.drafters.ngram import NgramDrafter
@@ -16,7 +15,7 @@ from specmux.policies import POLICIES
 from specmux.types import SamplingParams
 
 from conftest import VOCAB, tiny_lm
-from stats import assert_distribution
+from stats import assert_distribution, target_first_two
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 1, 2, 3], [9, 9, 8, 7, 9, 9, 8], [30, 31, 32, 33, 34, 35, 36, 37]]
 
@@ -84,19 +83,6 @@ def test_good_drafter_is_accepted_and_learned(target_model, drafter_models) -> N
     assert 0 <= decoder.stats.regret < 0.1 * decoder.stats.num_scored_rounds
 
 
-def _target_first_two(target_model, prompt, sampling) -> np.ndarray:
-    """Exact joint distribution [V, V] of the target's first two sampled tokens."""
-    from specmux.verify import process_logits
-
-    lm = CachedLM(target_model)
-    p1 = process_logits(lm.logits(prompt, 1), sampling)[0]
-    joint = np.zeros((VOCAB, VOCAB))
-    for x in torch.nonzero(p1).flatten().tolist():
-        p2 = process_logits(lm.logits([*prompt, x], 1), sampling)[0]
-        joint[x] = float(p1[x]) * p2.double().numpy()
-    return joint
-
-
 @pytest.mark.parametrize(
     "sampling",
     [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=6, top_p=0.9)],
@@ -114,7 +100,7 @@ def test_sampling_matches_target_distribution(sampling, target_model, drafter_mo
         out = decoder.generate(prompt, max_new_tokens=2, sampling=s)
         counts[out.token_ids[0], out.token_ids[1]] += 1
     assert decoder.stats.num_accepted_tokens > 1000  # drafts were really accepted
-    joint = _target_first_two(target_model, prompt, sampling)
+    joint = target_first_two(target_model, prompt, sampling)
     assert_distribution(counts.sum(1), joint.sum(1))  # first token
     assert_distribution(counts.sum(0), joint.sum(0))  # second token
     assert_distribution(counts, joint)  # both together
