@@ -30,9 +30,10 @@ from transformers import PreTrainedModel
 from specmux.drafters.base import Drafter
 from specmux.errors import ConfigError, PromptError, TokenizerMismatchError
 from specmux.feedback import CounterfactualTracker, position_scores
-from specmux.lm import CachedLM
+from specmux.lm import as_target
 from specmux.metrics import SpecStats
 from specmux.policies import Arm, Policy, make_policy
+from specmux.target import Target
 from specmux.types import Draft, Feedback, SamplingParams, Step
 from specmux.verify import process_logits, sample, verify
 
@@ -68,10 +69,6 @@ def block_divergence(draft: Draft, target_probs: torch.Tensor, k: int) -> float 
     else:
         overlap = torch.minimum(p, draft.probs).sum(-1)
     return float(overlap.sum()) / k
-
-
-def _as_cached_lm(target: PreTrainedModel | CachedLM) -> CachedLM:
-    return target if isinstance(target, CachedLM) else CachedLM(target, name="target")
 
 
 def _generator(sampling: SamplingParams) -> torch.Generator:
@@ -112,7 +109,7 @@ class SpeculativeDecoder:
 
     def __init__(
         self,
-        target: PreTrainedModel | CachedLM,
+        target: PreTrainedModel | Target,
         drafters: Sequence[Drafter],
         policy: Policy | str = "hedge",
         *,
@@ -125,7 +122,7 @@ class SpeculativeDecoder:
         policy_kwargs: dict[str, Any] | None = None,
         seed: int = 0,
     ) -> None:
-        self.target = _as_cached_lm(target)
+        self.target: Target = as_target(target)
         if not drafters:
             raise ConfigError("at least one drafter is needed")
         names = [d.name for d in drafters]
@@ -322,7 +319,7 @@ _EMPTY = Draft(tokens=torch.zeros(0, dtype=torch.long))
 
 
 def autoregressive_generate(
-    target: PreTrainedModel | CachedLM,
+    target: PreTrainedModel | Target,
     prompt_ids: Sequence[int],
     max_new_tokens: int = 128,
     sampling: SamplingParams | None = None,
@@ -330,7 +327,7 @@ def autoregressive_generate(
 ) -> list[int]:
     """Target-only decoding, one token per forward pass (the baseline and the reference)."""
     sampling = sampling or SamplingParams()
-    lm = _as_cached_lm(target)
+    lm = as_target(target)
     _check_prompt(prompt_ids, lm.max_context, max_new_tokens)
     stop = frozenset(stop_token_ids)
     generator = _generator(sampling)
