@@ -38,7 +38,7 @@ from specmux.policies import Policy
 from specmux.selector import Outcome, Scores, Selector, make_arms
 from specmux.target import Target
 from specmux.types import Draft, SamplingParams, Step
-from specmux.verify import process_logits, sample, verify
+from specmux.verify import acceptance_probability, process_logits, sample, verify
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def block_divergence(draft: Draft, target_probs: torch.Tensor, k: int) -> float 
     if draft.probs is None:  # one-hot q: 1 - TV = p(x)
         overlap = p[torch.arange(n), draft.tokens]
     else:
-        overlap = torch.minimum(p, draft.probs).sum(-1)
+        overlap = acceptance_probability(p, draft.probs)  # [n]
     return float(overlap.sum()) / k
 
 

@@ -8,7 +8,7 @@ Data flow per round (OnlineSpec's "draft commits, feedback provides, draft adapt
    ``context + path[:j]``, which :class:`AdaptiveLM` kept from the forward passes it already
    ran (drafting or counterfactual scoring; a short catch-up pass otherwise), and stores the
    pair in a :class:`~specmux.adapt.buffer.ReplayBuffer`;
-3. every ``stride`` rounds it runs ``steps_per_update`` learner steps on a batch of the new
+3. every ``stride`` rounds it runs ``steps_per_update`` optimizer steps on a batch of the new
    positions plus replayed old ones, minimizing ``KL(p_target ‖ q_drafter)``
    (:mod:`specmux.adapt.head`), within ``update_budget_s`` seconds.
 
@@ -41,7 +41,7 @@ import torch
 from transformers import PreTrainedModel
 
 from specmux.adapt.adapter import LowRankHeadAdapter, distill_loss
-from specmux.adapt.base import Learner
+from specmux.adapt.base import OnlineOptimizer
 from specmux.adapt.buffer import ReplayBuffer
 from specmux.adapt.checkpoint import atomic_torch_save, torch_load
 from specmux.adapt.ensemble import EnsembleHead
@@ -55,7 +55,7 @@ from specmux.target import check_num_last, common_prefix_length, prefix_to_keep
 
 log = logging.getLogger(__name__)
 
-LEARNERS: dict[str, type[Learner]] = {"ogd": OGD, "opt": OptimisticOGD}
+OPTIMIZERS: dict[str, type[OnlineOptimizer]] = {"ogd": OGD, "opt": OptimisticOGD}
 HEAD_KINDS: tuple[str, ...] = ("ogd", "opt", "ens")
 DEFAULT_LR = 0.1
 DEFAULT_ENSEMBLE_LRS: tuple[float, ...] = (0.0, 0.03, 0.1, 0.3)
@@ -228,7 +228,7 @@ class AdaptiveHFDrafter(HFDrafter):
     """:class:`HFDrafter` + a trainable head fed by ``observe_target`` (module docstring).
 
     ``stride``: rounds between updates (S).  ``batch_size``: positions per update (the new
-    ones first, then replayed ones).  ``steps_per_update``: learner steps per update chunk,
+    ones first, then replayed ones).  ``steps_per_update``: optimizer steps per update chunk,
     stopped early once ``update_budget_s`` is spent.  ``learn=False`` freezes the adapter.
     ``update_seconds`` accumulates the wall clock of everything adaptation adds (buffering and
     updates); the engine counts it too, inside ``Step.learner_seconds``.  ``lm`` replaces the
@@ -393,14 +393,14 @@ def make_head(
     """``kind``: ``"ogd"`` | ``"opt"`` (one adapter, learning rate ``lr``) or ``"ens"`` (one
     copy per learning rate in ``lrs``, each trained by ``member`` = ogd | opt)."""
 
-    def single(learner: str, rate: float) -> AdaptedHead:
-        if learner not in LEARNERS:
-            raise ConfigError(f"unknown learner {learner!r}; known: {', '.join(LEARNERS)}")
+    def single(optimizer: str, rate: float) -> AdaptedHead:
+        if optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZERS)}")
         adapter = LowRankHeadAdapter(hidden_size, vocab_size, rank, bias=bias, train_a=train_a,
                                      seed=seed)
-        return AdaptedHead(adapter, LEARNERS[learner](rate, max_norm))
+        return AdaptedHead(adapter, OPTIMIZERS[optimizer](rate, max_norm))
 
-    if kind in LEARNERS:
+    if kind in OPTIMIZERS:
         return single(kind, lr)
     if kind == "ens":
         if not lrs:
