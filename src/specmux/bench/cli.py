@@ -100,13 +100,14 @@ def bench(
         TimeRemainingColumn,
     )
 
-    from specmux.cli import console, setup_logging, user_errors
+    from specmux.cli_common import console, setup_logging, user_errors
 
     setup_logging(verbose)
     started = time.perf_counter()
     with user_errors():
         from specmux.bench.datasets import load_domains
-        from specmux.bench.report import render_rich, write_report
+        from specmux.bench.output import write_report
+        from specmux.bench.report import render_rich
         from specmux.bench.runner import BenchConfig, BenchRunner, load_models, write_trace
 
         cfg = BenchConfig(
@@ -179,11 +180,12 @@ def report(
     plots: Annotated[bool, typer.Option(help="Also render the PNG plots.")] = True,
 ) -> None:
     """Re-render a benchmark's tables and plots from its trace, without re-running."""
-    from specmux.cli import console, setup_logging, user_errors
+    from specmux.cli_common import console, setup_logging, user_errors
 
     setup_logging(False)
     with user_errors():
-        from specmux.bench.report import render_rich, write_report
+        from specmux.bench.output import write_report
+        from specmux.bench.report import render_rich
         from specmux.bench.runner import read_trace
 
         records = read_trace(directory)
