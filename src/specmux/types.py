@@ -6,11 +6,13 @@ drafted tokens in a round.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from specmux.config import check_seed
 from specmux.errors import ConfigError
 
 
@@ -28,12 +30,13 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0.0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 <= self.temperature < math.inf:
+            raise ConfigError(f"temperature must be finite and >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        check_seed(self.seed)  # any 64-bit integer (taken modulo 2**64)
 
     @property
     def greedy(self) -> bool:
