@@ -12,6 +12,7 @@ just drafted (counterfactual feedback) gets them without another forward pass.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 
@@ -19,6 +20,14 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 log = logging.getLogger(__name__)
+
+
+def cache_kwarg(model: PreTrainedModel) -> str:
+    """The forward argument that takes the KV cache: ``cache`` (transformers >= 5.24), or
+    ``past_key_values`` (older; deprecated in 5.24, removed in 5.40).  The cache object is
+    updated in place, so callers keep their own reference instead of reading it back."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else (
+        "past_key_values")
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -43,6 +52,7 @@ class CachedLM:
         self.name = name
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+        self._cache_kw = cache_kwarg(model)
         self.num_forward_calls = 0
         self.num_tokens_fed = 0
         self.reset()
@@ -76,10 +86,9 @@ class CachedLM:
             self.cache.crop(keep - len(self.cached_ids))  # negative: tokens to remove
         new = torch.tensor([list(ids[keep:])], dtype=torch.long)  # [1, n - keep]
         out = self.model(
-            input_ids=new, past_key_values=self.cache, use_cache=True,
-            logits_to_keep=n - start + 1,
+            input_ids=new, use_cache=True, logits_to_keep=n - start + 1,
+            **{self._cache_kw: self.cache},  # updated in place
         )
-        self.cache = out.past_key_values
         self.cached_ids = list(ids)
         self.num_forward_calls += 1
         self.num_tokens_fed += int(new.shape[1])

@@ -102,10 +102,9 @@ class AdaptiveLM(CachedLM):
             self.cache.crop(keep - len(self.cached_ids))
         new = torch.tensor([list(ids[keep:])], dtype=torch.long)  # [1, n_new]
         out = self.model(
-            input_ids=new, past_key_values=self.cache, use_cache=True, logits_to_keep=num_last,
-            output_hidden_states=True,
+            input_ids=new, use_cache=True, logits_to_keep=num_last, output_hidden_states=True,
+            **{self._cache_kw: self.cache},  # updated in place
         )
-        self.cache = out.past_key_values
         self.cached_ids = list(ids)
         self.hidden = torch.cat([self.hidden[:keep], out.hidden_states[-1][0].float()])
         self.num_forward_calls += 1
