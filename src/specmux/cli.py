@@ -14,10 +14,10 @@ import sys
 from collections.abc import Iterator
 from typing import Annotated
 
-import typer
-from rich.console import Console
+try:  # typer, rich, torch & co. load here: a Ctrl-C now exits quietly, as later in main()
+    import typer
+    from rich.console import Console
 
-try:  # torch & co. load here: a Ctrl-C now exits quietly, as it does later (main)
     from specmux.cli_options import (
         DrafterOption,
         InstallOption,
