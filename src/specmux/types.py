@@ -15,10 +15,12 @@ import torch
 from specmux.config import check_seed
 from specmux.errors import ConfigError
 
+SAMPLING_EPS = 1e-5  # temperatures below this decode greedily
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How the next token is chosen. ``temperature == 0`` means greedy decoding.
+    """How the next token is chosen. ``temperature == 0`` (or below 1e-5) means greedy decoding.
 
     Temperature, top-k and top-p are applied to the target's and to every drafter's logits
     identically, before verification, exactly as plain sampling from the target would.
@@ -40,7 +42,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """``temperature < SAMPLING_EPS`` (as vLLM): smaller temperatures would overflow the
+        float32 logits / temperature; they select the argmax anyway."""
+        return self.temperature < SAMPLING_EPS
 
 
 @dataclass(frozen=True)
