@@ -15,6 +15,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from specmux.config import DEFAULT_DRAFTERS, DEFAULT_POLICY, DEFAULT_TARGET, SpeculativeConfig
 from specmux.drafters.base import Drafter
 from specmux.drafters.hf import HFDrafter
 from specmux.drafters.ngram import NgramDrafter
@@ -28,8 +29,11 @@ from specmux.types import SamplingParams, Step
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TARGET = "embedded:qwen2.5-coder-1.5b"
-DEFAULT_DRAFTERS = ("embedded:qwen2.5-coder-0.5b", "ngram")
+__all__ = ["DEFAULT_DRAFTERS", "DEFAULT_POLICY", "DEFAULT_TARGET", "Pipeline", "generate",
+           "make_drafter"]
+
+CONFIG_KEYS = ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "loss",
+               "delayed_feedback", "reset_per_query", "seed")
 
 DrafterSpec = str | Drafter | PreTrainedModel
 
@@ -66,7 +70,11 @@ def make_drafter(
     if spec.startswith("suffix:"):
         if tokenizer is None:
             raise ConfigError("a suffix drafter needs the target's tokenizer")
-        return SuffixDrafter.from_path(spec.removeprefix("suffix:"), tokenizer)
+        path = spec.removeprefix("suffix:")
+        if not path.strip():
+            raise ConfigError("drafter 'suffix:' needs a corpus path: suffix:PATH (a text or "
+                              ".jsonl file, or a directory of them)")
+        return SuffixDrafter.from_path(path, tokenizer)
     from specmux.models import load_model
 
     model, drafter_tokenizer = load_model(spec, install=install)
@@ -89,26 +97,77 @@ def encode_chat(
     return ids
 
 
+def _merge_config(config: SpeculativeConfig | None, policy: str | Policy | None,
+                  kwargs: dict[str, Any]) -> SpeculativeConfig:
+    """``config`` with the config keys found in ``kwargs`` (removed from it) and ``policy``."""
+    values = {k: kwargs.pop(k) for k in CONFIG_KEYS if k in kwargs}
+    if isinstance(values.get("num_speculative_tokens"), tuple):
+        values["num_speculative_tokens"] = list(values["num_speculative_tokens"])
+    if isinstance(policy, str):
+        values["policy"] = policy
+    if config is None:
+        return SpeculativeConfig.build(values)
+    if not values:
+        return config
+    return SpeculativeConfig.build({**config.model_dump(exclude_unset=True), **values})
+
+
+def _unique_corpus_names(pool: list[Drafter], specs: list[DrafterSpec]) -> None:
+    """Give corpus drafters from different paths with the same file name distinct names.
+
+    ``suffix:a/corpus.txt`` and ``suffix:b/corpus.txt`` become ``suffix:a/corpus`` and
+    ``suffix:b/corpus`` (the shortest distinguishing tail of their paths).  Identical specs
+    stay identical (the engine refuses them as duplicates).
+    """
+    from pathlib import PurePath
+
+    names = [d.name for d in pool]
+    for name in {n for n in names if names.count(n) > 1}:
+        group = [i for i, n in enumerate(names) if n == name
+                 and isinstance(specs[i], str) and str(specs[i]).startswith("suffix:")
+                 and isinstance(pool[i], SuffixDrafter)]
+        paths = {i: PurePath(str(specs[i]).removeprefix("suffix:")) for i in group}
+        if len({str(p) for p in paths.values()}) < len(group):
+            continue
+        depth = 1
+        while depth < 64:
+            depth += 1
+            tails = {i: "/".join((*p.parent.parts[-(depth - 1):], p.stem))
+                     for i, p in paths.items()}
+            if len(set(tails.values())) == len(group):
+                break
+        if len(set(tails.values())) < len(group):  # same stem, different extensions
+            tails = {i: str(p) for i, p in paths.items()}
+        for i in group:
+            pool[i].name = f"suffix:{tails[i]}"
+
+
 class Pipeline:
     """A loaded target, its tokenizer and a :class:`SpeculativeDecoder` over a drafter pool.
 
     It is long-lived: the learner keeps what it learned across calls (unless
     ``reset_per_query``), which is how it learns a workload.
+
+    The speculative options are one :class:`~specmux.config.SpeculativeConfig`: pass
+    ``config=``, or the same keys as keyword arguments (``num_speculative_tokens``,
+    ``prompt_lookup_max``, ``loss``, ``reset_per_query``, ``seed``...), which are validated
+    into one.  It is kept as ``self.config`` and handed unchanged to the decoder.
+    ``drafters`` and ``policy`` default to the config's, then to :data:`DEFAULT_DRAFTERS` and
+    :data:`DEFAULT_POLICY`; ``policy`` may also be a :class:`Policy` instance.
     """
 
     def __init__(
         self,
         target: str | PreTrainedModel = DEFAULT_TARGET,
-        drafters: Iterable[DrafterSpec] = DEFAULT_DRAFTERS,
-        policy: str | Policy = "hedge",
+        drafters: Iterable[DrafterSpec] | None = None,
+        policy: str | Policy | None = None,
         *,
+        config: SpeculativeConfig | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
-        num_speculative_tokens: int | Sequence[int] = 4,
-        prompt_lookup_max: int = 4,
-        prompt_lookup_min: int = 1,
         install: bool = False,
-        **decoder_kwargs: Any,
+        **kwargs: Any,
     ) -> None:
+        self.config = config = _merge_config(config, policy, kwargs)
         if isinstance(target, str):
             from specmux.models import load_model
 
@@ -118,20 +177,29 @@ class Pipeline:
         else:
             model, self.target_name = target, type(target).__name__
         self.tokenizer = tokenizer
+        specs = list(drafters) if drafters is not None else (
+            config.drafter_specs() or list(DEFAULT_DRAFTERS))
         pool = [
-            make_drafter(d, tokenizer, prompt_lookup_max=prompt_lookup_max,
-                         prompt_lookup_min=prompt_lookup_min, install=install)
-            for d in drafters
+            make_drafter(d, tokenizer, prompt_lookup_max=config.prompt_lookup_max,
+                         prompt_lookup_min=config.prompt_lookup_min, install=install)
+            for d in specs
         ]
+        _unique_corpus_names(pool, specs)
         eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(
             model, "generation_config") else None
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos_ids.append(tokenizer.eos_token_id)
-        decoder_kwargs.setdefault("eos_token_ids", eos_ids)
-        self.decoder = SpeculativeDecoder(
-            model, pool, policy, num_speculative_tokens=num_speculative_tokens, **decoder_kwargs
-        )
+        kwargs.setdefault("eos_token_ids", eos_ids)
+        self.decoder = SpeculativeDecoder.from_config(
+            model, pool, policy if isinstance(policy, Policy) else config.policy, config,
+            **kwargs)
+
+    @classmethod
+    def from_config(cls, target: str | PreTrainedModel, config: SpeculativeConfig,
+                    **kwargs: Any) -> Pipeline:
+        """A pipeline whose drafters, policy and options all come from ``config``."""
+        return cls(target, None, None, config=config, **kwargs)
 
     @property
     def target(self) -> Target:
@@ -197,8 +265,8 @@ class Pipeline:
 
 def generate(
     target: str | PreTrainedModel = DEFAULT_TARGET,
-    drafters: Iterable[DrafterSpec] = DEFAULT_DRAFTERS,
-    policy: str | Policy = "hedge",
+    drafters: Iterable[DrafterSpec] | None = None,
+    policy: str | Policy | None = None,
     prompt: str | Sequence[int] = "",
     *,
     max_new_tokens: int = 128,

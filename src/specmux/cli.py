@@ -9,23 +9,29 @@ from __future__ import annotations
 import sys
 from typing import Annotated
 
-import typer
+try:  # typer, rich, torch & co. load here: a Ctrl-C now exits quietly, as later in main()
+    import typer
 
-from specmux.bench import cli as bench_cli
-from specmux.cli_common import console, err_console, setup_logging, user_errors
-from specmux.cli_options import (
-    DrafterOption,
-    InstallOption,
-    NumSpeculativeTokensOption,
-    PolicyOption,
-    SpeculativeConfigOption,
-    TargetOption,
-    pipeline_from_options,
-    resolve_speculative_config,
-)
-from specmux.errors import SpecmuxError
-from specmux.server import cli as server_cli
-from specmux.sim import cli as sim_cli
+    from specmux.bench import cli as bench_cli
+    from specmux.cli_common import console, err_console, setup_logging, user_errors
+    from specmux.cli_options import (
+        DrafterOption,
+        InstallOption,
+        NumSpeculativeTokensOption,
+        PolicyOption,
+        SeedHelp,
+        SpeculativeConfigOption,
+        TargetOption,
+        pipeline_from_config,
+        speculative_config_from_options,
+    )
+    from specmux.config import DEFAULT_TARGET
+    from specmux.errors import SpecmuxError
+    from specmux.server import cli as server_cli
+    from specmux.sim import cli as sim_cli
+except KeyboardInterrupt:
+    sys.stderr.write("interrupted\n")
+    raise SystemExit(130) from None
 
 __all__ = ["app", "console", "err_console", "main", "setup_logging", "user_errors"]
 
@@ -41,15 +47,17 @@ app = typer.Typer(
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt text.")],
-    target: TargetOption = "embedded:qwen2.5-coder-1.5b",
+    target: TargetOption = DEFAULT_TARGET,
     drafter: DrafterOption = None,
-    policy: PolicyOption = "hedge",
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 128,
-    num_speculative_tokens: NumSpeculativeTokensOption = 4,
-    temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 samples.")] = 0.0,
+    policy: PolicyOption = None,
+    max_new_tokens: Annotated[int, typer.Option(
+        help="Tokens to generate at most (prompt + this must fit the target's context).")] = 128,
+    num_speculative_tokens: NumSpeculativeTokensOption = None,
+    temperature: Annotated[float, typer.Option(help="0 = greedy; > 0 (finite) samples.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass, in (0, 1].")] = 1.0,
     top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens; 0 = off.")] = 0,
-    seed: Annotated[int | None, typer.Option(help="Sampling and learner seed.")] = None,
+    seed: Annotated[int | None, typer.Option(
+        help=f"Sampling and learner seed: {SeedHelp}.")] = None,
     chat: Annotated[
         bool, typer.Option(help="Wrap the prompt in the target's chat template.")
     ] = False,
@@ -64,9 +72,13 @@ def generate(
 
         if not prompt.strip():
             raise SpecmuxError("the prompt is empty")
-        cfg = resolve_speculative_config(speculative_config, num_speculative_tokens, policy)
+        if max_new_tokens < 1:
+            raise SpecmuxError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
         sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-        pipe = pipeline_from_options(cfg, target, drafter, policy, seed=seed, install=install)
+        cfg = speculative_config_from_options(
+            speculative_config, drafter=drafter, policy=policy,
+            num_speculative_tokens=num_speculative_tokens, seed=seed)
+        pipe = pipeline_from_config(cfg, target, install=install)
         out = pipe.generate(prompt, max_new_tokens=max_new_tokens, sampling=sampling, chat=chat)
     console.print(out.text, markup=False, highlight=False, soft_wrap=True)
     s = out.stats
@@ -116,8 +128,12 @@ server_cli.register(app)  # serve
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point (Ctrl-C anywhere: one line, exit 130, no traceback)."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,11 @@
-"""Option types shared by the ``specmux`` commands (generate, serve, ...)."""
+"""Option types shared by the ``specmux`` commands (generate, serve, ...).
+
+The speculative options (``--drafter``, ``--policy``, ``-k``, ``--seed``,
+``--reset-per-query``) and ``--speculative-config`` become ONE
+:class:`~specmux.config.SpeculativeConfig` (:func:`speculative_config_from_options`), which
+the :class:`~specmux.api.Pipeline` and the engine then carry unchanged.  Their defaults live
+in :mod:`specmux.config`; ``None`` here means "not given".
+"""
 
 from __future__ import annotations
 
@@ -6,11 +13,22 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from specmux.config import (
+    DEFAULT_DRAFTERS,
+    DEFAULT_NUM_SPECULATIVE_TOKENS,
+    DEFAULT_POLICY,
+    SpeculativeConfig,
+)
+
 if TYPE_CHECKING:
     from specmux.api import Pipeline
-    from specmux.config import SpeculativeConfig
 
-POLICY_NAMES = ("fixed", "ucb", "exp3", "metasd", "hedge", "normalhedge")
+
+def _policy_names() -> str:
+    from specmux.policies import POLICIES
+
+    return ", ".join(POLICIES)
+
 
 TargetOption = Annotated[
     str, typer.Option(help="Target model: HF id, local dir, .gguf path or embedded:NAME.")
@@ -21,22 +39,31 @@ DrafterOption = Annotated[
         "--drafter", "-d",
         help="Drafter (repeatable): an HF id / local dir / .gguf / embedded:NAME (LM drafter "
         "sharing the target's tokenizer), 'ngram' (prompt lookup) or 'suffix:PATH' (corpus "
-        "drafter from a text/.jsonl file or directory). Default: embedded:qwen2.5-coder-0.5b "
-        "and ngram.",
+        "drafter from a text/.jsonl file or directory). Default: "
+        f"{' and '.join(DEFAULT_DRAFTERS)}.",
     ),
 ]
 PolicyOption = Annotated[
-    str, typer.Option(help=f"Learner picking the drafter per round: {', '.join(POLICY_NAMES)}.")
+    str | None,
+    typer.Option(help=f"Learner picking the drafter per round: {_policy_names()}. "
+                 f"Default: {DEFAULT_POLICY}.", show_default=False),
 ]
 NumSpeculativeTokensOption = Annotated[
-    int, typer.Option("--num-speculative-tokens", "-k", help="Tokens drafted per round (k).")
+    int | None,
+    typer.Option("--num-speculative-tokens", "-k",
+                 help=f"Tokens drafted per round (k >= 1, below the target's context). "
+                 f"Default: {DEFAULT_NUM_SPECULATIVE_TOKENS}.", show_default=False),
 ]
+SeedHelp = ("any 64-bit integer, signed or unsigned, taken modulo 2**64 (-1 and 2**64-1 are "
+            "the same seed)")
 SpeculativeConfigOption = Annotated[
     str | None,
     typer.Option(
-        help="JSON with vLLM keys (method, model, num_speculative_tokens, prompt_lookup_max, "
-        "prompt_lookup_min) and specmux keys (drafters, policy, loss, delayed_feedback, "
-        "reset_per_query). Overrides the options above.",
+        help="JSON with vLLM keys (method: ngram | draft_model | suffix | pool, model, "
+        "num_speculative_tokens, prompt_lookup_max, prompt_lookup_min) and specmux keys "
+        "(drafters, policy, loss, delayed_feedback, reset_per_query, seed). Checked "
+        "strictly (no strings for numbers, no unknown keys); its keys override the options "
+        "above. method 'suffix' takes the corpus path as 'model'.",
     ),
 ]
 InstallOption = Annotated[
@@ -44,35 +71,22 @@ InstallOption = Annotated[
 ]
 
 
-def resolve_speculative_config(
-    speculative_config: str | None, num_speculative_tokens: int, policy: str
+def speculative_config_from_options(
+    speculative_config: str | None, *, drafter: list[str] | None = None,
+    policy: str | None = None, num_speculative_tokens: int | None = None,
+    seed: int | None = None, reset_per_query: bool | None = None,
 ) -> SpeculativeConfig:
-    """The ``--speculative-config`` JSON, or a config from ``-k``; checks k and the policy."""
-    from specmux.config import SpeculativeConfig, parse_speculative_config
-    from specmux.errors import ConfigError
-
-    cfg = (parse_speculative_config(speculative_config) if speculative_config
-           else SpeculativeConfig(num_speculative_tokens=max(num_speculative_tokens, 1)))
-    if not speculative_config and num_speculative_tokens < 1:
-        raise ConfigError(f"--num-speculative-tokens must be >= 1, got {num_speculative_tokens}")
-    if (cfg.policy or policy) not in POLICY_NAMES:
-        raise ConfigError(f"unknown policy {cfg.policy or policy!r}; choose from "
-                          f"{', '.join(POLICY_NAMES)}")
-    return cfg
-
-
-def pipeline_from_options(
-    cfg: SpeculativeConfig, target: str, drafter: list[str] | None, policy: str, *,
-    seed: int | None, install: bool, reset_per_query: bool = False,
-) -> Pipeline:
-    """Load the :class:`~specmux.api.Pipeline` the options describe (config keys win)."""
-    from specmux.api import DEFAULT_DRAFTERS, Pipeline
-
-    drafters = cfg.drafter_specs() or list(drafter or DEFAULT_DRAFTERS)
-    return Pipeline(
-        target, drafters, cfg.policy or policy,
-        num_speculative_tokens=cfg.num_speculative_tokens,
-        prompt_lookup_max=cfg.prompt_lookup_max, prompt_lookup_min=cfg.prompt_lookup_min,
-        loss=cfg.loss, delayed_feedback=cfg.delayed_feedback,
-        reset_per_query=reset_per_query or cfg.reset_per_query, seed=seed or 0, install=install,
+    """The one config: ``--speculative-config`` over the options given (ConfigError, one line)."""
+    return SpeculativeConfig.from_cli(
+        speculative_config, drafters=list(drafter) if drafter else None, policy=policy,
+        num_speculative_tokens=num_speculative_tokens, seed=seed,
+        reset_per_query=reset_per_query or None,
     )
+
+
+def pipeline_from_config(cfg: SpeculativeConfig, target: str, *, install: bool) -> Pipeline:
+    """Load the :class:`~specmux.api.Pipeline` ``cfg`` describes (drafters default to
+    :data:`~specmux.config.DEFAULT_DRAFTERS`)."""
+    from specmux.api import Pipeline
+
+    return Pipeline.from_config(target, cfg, install=install)

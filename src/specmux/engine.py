@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from specmux.config import SpeculativeConfig, seed_entropy
 from specmux.drafters.base import Drafter
 from specmux.errors import ConfigError, PromptError, TokenizerMismatchError
 from specmux.feedback import position_scores
@@ -77,15 +78,17 @@ def block_divergence(draft: Draft, target_probs: torch.Tensor, k: int) -> float 
 def _generator(sampling: SamplingParams) -> torch.Generator:
     """The random stream of one query.
 
-    A user seed is first mixed by numpy's SeedSequence: torch's CPU generator seeded with
-    consecutive small integers (0, 1, 2, ...) gives measurably correlated first draws, which
-    a chi-square test over 10k seeded generations detects.
+    A user seed (any 64-bit integer, taken modulo 2**64: :func:`~specmux.config.seed_entropy`)
+    is first mixed by numpy's SeedSequence: torch's CPU generator seeded with consecutive
+    small integers (0, 1, 2, ...) gives measurably correlated first draws, which a chi-square
+    test over 10k seeded generations detects.
     """
     gen = torch.Generator()
     if sampling.seed is None:
         gen.seed()
     else:
-        mixed = np.random.SeedSequence(sampling.seed).generate_state(1, np.uint64)[0]
+        entropy = seed_entropy(sampling.seed)
+        mixed = np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]
         gen.manual_seed(int(mixed) & 0x7FFF_FFFF_FFFF_FFFF)
     return gen
 
@@ -99,6 +102,12 @@ def _check_prompt(prompt_ids: Sequence[int], max_context: int, max_new_tokens: i
         )
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if len(prompt_ids) + max_new_tokens > max_context:
+        raise PromptError(
+            f"the model's context is {max_context} tokens, but {len(prompt_ids)} prompt tokens "
+            f"+ {max_new_tokens} new tokens = {len(prompt_ids) + max_new_tokens}; shorten the "
+            f"prompt or ask for at most {max_context - len(prompt_ids)} new tokens"
+        )
 
 
 class SpeculativeDecoder:
@@ -134,12 +143,28 @@ class SpeculativeDecoder:
             delayed_feedback=delayed_feedback, reset_per_query=reset_per_query,
             score_all=score_all, policy_kwargs=policy_kwargs, seed=seed,
         )
+        k_max = self.selector.max_k
+        if k_max >= self.target.max_context:  # a round scores context + k + 1 positions
+            raise ConfigError(f"num_speculative_tokens {k_max} does not fit the target's "
+                              f"context of {self.target.max_context} tokens; use at most "
+                              f"{self.target.max_context - 2}")
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
 
     @property
     def stats(self) -> SpecStats:
         """Counters over every query served (the selector's: rounds, selections, regret)."""
         return self.selector.stats
+
+    @classmethod
+    def from_config(cls, target: PreTrainedModel | Target, drafters: Sequence[Drafter],
+                    policy: Policy | str, config: SpeculativeConfig,
+                    **kwargs: Any) -> SpeculativeDecoder:
+        """A decoder with the options of ``config`` (kept unchanged as ``self.config``)."""
+        decoder = cls(target, drafters, policy, num_speculative_tokens=config.ks,
+                      loss=config.loss, delayed_feedback=config.delayed_feedback,
+                      reset_per_query=config.reset_per_query, seed=config.seed, **kwargs)
+        decoder.config = config
+        return decoder
 
     def generate_steps(
         self,

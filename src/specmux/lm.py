@@ -13,6 +13,7 @@ just drafted (counterfactual feedback) gets them without another forward pass.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -25,6 +26,14 @@ from specmux.target import Target, check_num_last, common_prefix_length, prefix_
 log = logging.getLogger(__name__)
 
 __all__ = ["CachedLM", "as_target", "common_prefix_length"]
+
+
+def cache_kwarg(model: PreTrainedModel) -> str:
+    """The forward argument that takes the KV cache: ``cache`` (transformers >= 5.24), or
+    ``past_key_values`` (older; deprecated in 5.24, removed in 5.40).  The cache object is
+    updated in place, so callers keep their own reference instead of reading it back."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else (
+        "past_key_values")
 
 
 class CachedLM:
@@ -40,6 +49,7 @@ class CachedLM:
         self.name = name
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+        self._cache_kw = cache_kwarg(model)
         self.num_forward_calls = 0
         self.num_tokens_fed = 0
         self.reset()
@@ -84,8 +94,8 @@ class CachedLM:
         elif keep < len(self.cached_ids):
             self.cache.crop(keep - len(self.cached_ids))  # negative: tokens to remove
         new = torch.tensor([list(ids[keep:])], dtype=torch.long)  # [1, len(ids) - keep]
-        out = self.model(input_ids=new, past_key_values=self.cache, use_cache=True, **kwargs)
-        self.cache = out.past_key_values
+        out = self.model(input_ids=new, use_cache=True, **{self._cache_kw: self.cache},
+                         **kwargs)  # the cache is updated in place
         self.cached_ids = list(ids)
         self.num_forward_calls += 1
         self.num_tokens_fed += int(new.shape[1])

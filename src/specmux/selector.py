@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from specmux.config import seed_entropy
 from specmux.errors import ConfigError
 from specmux.feedback import CounterfactualTracker
 from specmux.metrics import SpecStats
@@ -124,8 +125,9 @@ class Selector:
 
     def start_query(self) -> None:
         """A query starts: forget everything in reset-per-query mode; empty the tracker."""
-        if self.reset_per_query:
+        if self.reset_per_query:  # a fresh learner: its random stream restarts too
             self.policy.reset()
+            self.policy.rng = np.random.default_rng(seed_entropy(self.policy.seed))
         self.tracker.reset()
         self._final = None
 

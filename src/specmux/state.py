@@ -116,8 +116,8 @@ def quarantine(path: str | os.PathLike[str], reason: str) -> Path | None:
 def load_json_or_quarantine(path: str | os.PathLike[str]) -> Any | None:
     """The JSON value stored at ``path``; ``None`` if there is no file.
 
-    A file that is unreadable, not UTF-8 or not valid JSON is reported (log warning) and
-    renamed aside with :func:`quarantine`, and ``None`` is returned: never fatal.
+    A file that is unreadable, not UTF-8, not valid JSON or nested too deeply is reported (log
+    warning) and renamed aside with :func:`quarantine`, and ``None`` is returned: never fatal.
     """
     path = Path(path)
     try:
@@ -134,4 +134,7 @@ def load_json_or_quarantine(path: str | os.PathLike[str]) -> Any | None:
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         quarantine(path, f"not valid JSON: {e}")
+        return None
+    except RecursionError:
+        quarantine(path, "JSON nested too deeply")
         return None

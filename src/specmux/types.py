@@ -6,17 +6,21 @@ drafted tokens in a round.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from specmux.config import check_seed
 from specmux.errors import ConfigError
+
+SAMPLING_EPS = 1e-5  # temperatures below this decode greedily
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How the next token is chosen. ``temperature == 0`` means greedy decoding.
+    """How the next token is chosen. ``temperature == 0`` (or below 1e-5) means greedy decoding.
 
     Temperature, top-k and top-p are applied to the target's and to every drafter's logits
     identically, before verification, exactly as plain sampling from the target would.
@@ -28,16 +32,19 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0.0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 <= self.temperature < math.inf:
+            raise ConfigError(f"temperature must be finite and >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        check_seed(self.seed)  # any 64-bit integer (taken modulo 2**64)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """``temperature < SAMPLING_EPS`` (as vLLM): smaller temperatures would overflow the
+        float32 logits / temperature; they select the argmax anyway."""
+        return self.temperature < SAMPLING_EPS
 
 
 @dataclass(frozen=True)

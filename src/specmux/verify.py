@@ -45,7 +45,8 @@ def process_logits(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tens
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [n, V]
         sorted_probs = torch.softmax(sorted_logits, dim=-1)
         mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # [n, V]
-        drop_sorted = mass_before >= sampling.top_p  # always keeps the top token
+        drop_sorted = mass_before >= sampling.top_p
+        drop_sorted[..., 0] = False  # always keep the top token (also for a top_p ~ 1e-300)
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return torch.softmax(logits, dim=-1)

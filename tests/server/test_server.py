@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tiny_server import LiveServer, save_tiny_models, tiny_pipeline
 from typer.testing import CliRunner
 
+import specmux
 from specmux.api import Pipeline
 from specmux.server import create_app
 from specmux.server.worker import STATE_FILE, LearnerStore
@@ -31,6 +32,7 @@ from specmux.server.worker import STATE_FILE, LearnerStore
 MODEL = "tiny"
 PROMPTS = ["def add(a, b):", "hello world", "x = (1 + 2) * 3", "abc abc abc"]
 LAUNCHER = Path(__file__).with_name("launch_tiny.py")
+SRC = str(Path(specmux.__file__).resolve().parents[1])  # this checkout's code, in subprocesses
 
 
 # -- fixtures --------------------------------------------------------------------------------
@@ -540,7 +542,8 @@ def test_bad_state_file_is_quarantined_not_fatal(tmp_path: Path, content: str,
 class ServerProcess:
     def __init__(self, workdir: Path, *args: str) -> None:
         self.log = workdir / f"server-{time.monotonic_ns()}.log"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+               "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
         with self.log.open("w") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, str(LAUNCHER), "--seed", "0", "--workdir", str(workdir), "--",

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from specmux.config import seed_entropy
 from specmux.errors import ConfigError
 from specmux.types import Feedback
 
@@ -54,7 +55,7 @@ class Policy(ABC):
             raise ConfigError(f"a policy needs at least one arm, got {num_arms}")
         self.num_arms = num_arms
         self.seed = seed
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(seed_entropy(seed))  # any 64-bit seed
         self.t = 0  # rounds seen since the last reset
         self.reset()
 
@@ -93,20 +94,78 @@ class Policy(ABC):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what ``state_dict`` returned; raises ConfigError if it does not fit."""
+        """Restore what ``state_dict`` returned; raises ConfigError if it does not fit.
+
+        Everything is checked before anything changes: the policy name and arm count, each
+        learned array's shape (that of this pool) and finiteness (``|x| <= MAX_STATE_VALUE``),
+        integer counters, the rng state, and the policy's own invariants
+        (:meth:`check_state`).  A rejected state leaves the policy as it was.
+        """
+        if not isinstance(state, dict):
+            raise ConfigError(f"policy state must be a JSON object, got {type(state).__name__}")
         if state.get("policy") != self.name or state.get("num_arms") != self.num_arms:
             raise ConfigError(
                 f"state is for policy {state.get('policy')!r} with {state.get('num_arms')} arms,"
                 f" not {self.name!r} with {self.num_arms}"
             )
-        self.t = int(state["t"])
-        if "rng" in state:
-            self.rng.bit_generator.state = state["rng"]
+        values = {"t": _state_int(state.get("t"), "t")}
         for key in self._state_keys:
-            current = getattr(self, key)
-            value = state[key]
-            setattr(self, key, np.asarray(value, dtype=float) if isinstance(current, np.ndarray)
-                    else type(current)(value))
+            if key not in state:
+                raise ConfigError(f"policy state lacks {key!r}")
+            values[key] = _state_value(getattr(self, key), state[key], key)
+        rng = None
+        if "rng" in state:
+            rng = np.random.default_rng()
+            try:
+                rng.bit_generator.state = state["rng"]
+            except Exception as e:  # noqa: BLE001 - numpy raises several types
+                raise ConfigError(f"policy state has a bad rng state: {e}") from None
+        self.check_state(values)
+        for key, value in values.items():
+            setattr(self, key, value)
+        if rng is not None:
+            self.rng = rng
+
+    def check_state(self, values: dict[str, Any]) -> None:
+        """Policy-specific checks of a state about to be loaded (ConfigError if unusable)."""
+        _ = values  # the generic checks of load_state_dict are enough here
+
+
+MAX_STATE_VALUE = 1e15  # learned sums and counts beyond this are not from a real run
+
+
+def _state_int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**53:
+        raise ConfigError(f"policy state {key!r} must be an integer in [0, 2**53], "
+                          f"got {str(value)[:40]}")
+    return value
+
+
+def _state_value(current: Any, value: Any, key: str) -> Any:
+    """``value`` checked against the shape and type of the attribute it replaces."""
+    if not isinstance(current, np.ndarray):
+        if isinstance(current, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"policy state {key!r} must be true or false")
+            return value
+        if isinstance(current, int):
+            return _state_int(value, key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(
+                value) or abs(value) > MAX_STATE_VALUE:
+            raise ConfigError(f"policy state {key!r} must be a finite number")
+        return type(current)(value)
+    try:
+        arr = np.asarray(value, dtype=float)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"policy state {key!r} must be a list of numbers") from None
+    if arr.shape != current.shape:
+        raise ConfigError(f"policy state {key!r} has shape {list(arr.shape)}, this pool needs "
+                          f"{list(current.shape)}")
+    flat = value if isinstance(value, list) else [value]
+    if (any(isinstance(v, bool) or not isinstance(v, int | float) for v in flat)
+            or not np.all(np.isfinite(arr)) or np.any(np.abs(arr) > MAX_STATE_VALUE)):
+        raise ConfigError(f"policy state {key!r} must hold finite numbers")
+    return arr
 
 
 def softmax_weights(cumulative_loss: np.ndarray, eta: float) -> np.ndarray:

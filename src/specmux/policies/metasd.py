@@ -28,7 +28,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -68,6 +68,14 @@ class MetaSDUCB(UCBSpec):
         self.window_arms = np.full(size, -1.0)  # [W] arm per slot of the ring, -1 = empty
         self.window_rewards = np.zeros(size)  # [W]
         self.window_pos = 0  # next slot to overwrite
+
+    def check_state(self, values: dict[str, Any]) -> None:
+        super().check_state(values)
+        arms, size = values["window_arms"], self.window or 0
+        if np.any((arms != np.floor(arms)) | (arms < -1) | (arms >= self.num_arms)):
+            raise ConfigError("metasd state 'window_arms' must hold arm indices or -1")
+        if not 0 <= values["window_pos"] < max(size, 1):
+            raise ConfigError(f"metasd state 'window_pos' must be in [0, {max(size, 1)})")
 
     def reward_of(self, feedback: Feedback) -> float:
         if self.reward == "efficiency":

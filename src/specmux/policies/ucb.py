@@ -26,7 +26,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -55,6 +55,10 @@ class UCBSpec(Policy):
         self.t = 0
         self.counts = np.zeros(self.num_arms)  # [num_arms] plays (possibly discounted)
         self.sums = np.zeros(self.num_arms)  # [num_arms] reward totals
+
+    def check_state(self, values: dict[str, Any]) -> None:
+        if np.any(values["counts"] < 0):
+            raise ConfigError("ucb state 'counts' must be >= 0")
 
     def reward_of(self, feedback: Feedback) -> float:
         """The reward in [0, 1] this policy learns from."""

@@ -7,5 +7,6 @@ See ``docs/SERVING.md``.
 """
 
 from specmux.server.app import APIError, ServerConfig, create_app, serve
+from specmux.server.run import bind, make_server
 
-__all__ = ["APIError", "ServerConfig", "create_app", "serve"]
+__all__ = ["APIError", "ServerConfig", "bind", "create_app", "make_server", "serve"]

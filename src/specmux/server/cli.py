@@ -13,11 +13,13 @@ from specmux.cli_options import (
     InstallOption,
     NumSpeculativeTokensOption,
     PolicyOption,
+    SeedHelp,
     SpeculativeConfigOption,
     TargetOption,
-    pipeline_from_options,
-    resolve_speculative_config,
+    pipeline_from_config,
+    speculative_config_from_options,
 )
+from specmux.config import DEFAULT_TARGET
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +30,9 @@ def register(app: typer.Typer) -> None:
 
 
 def serve(
-    target: TargetOption = "embedded:qwen2.5-coder-1.5b",
+    target: TargetOption = DEFAULT_TARGET,
     drafter: DrafterOption = None,
-    policy: PolicyOption = "hedge",
+    policy: PolicyOption = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port (0 = any free port, logged).")] = 8000,
     state_dir: Annotated[
@@ -38,7 +40,7 @@ def serve(
         typer.Option(help="Keep the learner state here: restored at start, saved "
                      "periodically and on shutdown. Default: in memory only."),
     ] = None,
-    num_speculative_tokens: NumSpeculativeTokensOption = 4,
+    num_speculative_tokens: NumSpeculativeTokensOption = None,
     max_queue: Annotated[
         int, typer.Option(help="Requests that may wait for the model; more get HTTP 429.")
     ] = 64,
@@ -65,16 +67,17 @@ def serve(
         str | None, typer.Option(help="Model name in the API (default: --target).")
     ] = None,
     speculative_config: SpeculativeConfigOption = None,
-    seed: Annotated[int, typer.Option(help="Learner seed.")] = 0,
+    seed: Annotated[int | None, typer.Option(
+        help=f"Learner seed (default 0): {SeedHelp}.", show_default=False)] = None,
     graceful_timeout: Annotated[
-        float, typer.Option(help="Seconds in-flight requests get to finish on shutdown.")
+        float, typer.Option(help="Seconds the running request gets to finish on shutdown "
+                            "(SIGTERM/Ctrl-C); queued ones get HTTP 503 at once.")
     ] = 10.0,
     install: InstallOption = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /metrics)."""
     from specmux.cli_common import user_errors
-    from specmux.errors import ConfigError
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -86,25 +89,21 @@ def serve(
         hf_logging.set_verbosity_error()
     with user_errors():
         from specmux.server.app import create_app
-        from specmux.server.app import serve as run_server
+        from specmux.server.run import bind
+        from specmux.server.run import serve as run_server
 
-        if num_speculative_tokens < 1:
-            raise ConfigError(
-                f"--num-speculative-tokens must be >= 1, got {num_speculative_tokens}")
-        for name, value in (("--max-queue", max_queue), ("--max-tokens-limit",
-                            max_tokens_limit), ("--max-body-bytes", max_body_bytes),
-                            ("--save-every", save_every)):
-            if value < 1:
-                raise ConfigError(f"{name} must be >= 1, got {value}")
-        if max_prompt_tokens is not None and max_prompt_tokens < 1:
-            raise ConfigError(f"--max-prompt-tokens must be >= 1, got {max_prompt_tokens}")
-        if not 0 <= port <= 65535:
-            raise ConfigError(f"--port must be in [0, 65535], got {port}")
-        cfg = resolve_speculative_config(speculative_config, num_speculative_tokens, policy)
-        if state_dir is not None and state_dir.exists() and not state_dir.is_dir():
-            raise ConfigError(f"--state-dir {state_dir} is not a directory")
-        pipe = pipeline_from_options(cfg, target, drafter, policy, seed=seed, install=install,
-                                     reset_per_query=reset_per_query)
+        check_limits(max_queue=max_queue, max_tokens_limit=max_tokens_limit,
+                     max_body_bytes=max_body_bytes, save_every=save_every,
+                     max_prompt_tokens=max_prompt_tokens, port=port,
+                     save_interval=save_interval, graceful_timeout=graceful_timeout)
+        cfg = speculative_config_from_options(
+            speculative_config, drafter=drafter, policy=policy,
+            num_speculative_tokens=num_speculative_tokens, seed=seed,
+            reset_per_query=reset_per_query)
+        if state_dir is not None:
+            check_state_dir(state_dir)
+        sock = bind(host, port)  # a port in use is found before the models load
+        pipe = pipeline_from_config(cfg, target, install=install)
         app = create_app(
             pipe, model_name=served_model_name or target, state_dir=state_dir,
             max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
@@ -112,4 +111,39 @@ def serve(
             save_every=save_every, save_interval=save_interval,
         )
     run_server(app, host=host, port=port, log_level="info" if verbose else "warning",
-               graceful_timeout=graceful_timeout, access_log=verbose)
+               graceful_timeout=graceful_timeout, access_log=verbose, sock=sock)
+
+
+def check_limits(*, port: int, max_prompt_tokens: int | None, save_interval: float,
+                 graceful_timeout: float, **at_least_one: int) -> None:
+    """ConfigError for an option value out of range (before anything loads)."""
+    from specmux.errors import ConfigError
+
+    for name, value in at_least_one.items():
+        if value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise ConfigError(f"--max-prompt-tokens must be >= 1, got {max_prompt_tokens}")
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be in [0, 65535], got {port}")
+    for name, secs in (("--save-interval", save_interval),
+                       ("--graceful-timeout", graceful_timeout)):
+        if not 0 <= secs < float("inf"):
+            raise ConfigError(f"{name} must be a finite number of seconds >= 0, got {secs}")
+
+
+def check_state_dir(state_dir: Path) -> None:
+    """The state directory exists (or can be created) and is writable, or ConfigError."""
+    import tempfile
+
+    from specmux.errors import ConfigError
+
+    if state_dir.exists() and not state_dir.is_dir():
+        raise ConfigError(f"--state-dir {state_dir} is not a directory")
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=state_dir, prefix=".specmux-write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--state-dir {state_dir} is not writable: "
+                          f"{e.strerror or e}") from None

@@ -10,10 +10,22 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # torch.Generator.manual_seed's range
+from specmux.config import SEED_MAX, SEED_MIN  # any 64-bit seed, taken modulo 2**64
+
 MAX_STOP_STRINGS = 16
+
+
+def _problem(kind: str, message: str) -> PydanticCustomError:
+    """A validation error whose message is shown as it is (no pydantic wording)."""
+    return PydanticCustomError(f"spec_{kind}", message)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -49,6 +61,19 @@ class SamplingRequest(_Request):
     stream_options: StreamOptions | None = None
     n: Annotated[int, Field(ge=1)] = 1
 
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _check_stop(cls, value: Any) -> Any:
+        if value is None or isinstance(value, str):
+            return value
+        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+            raise _problem("stop", f"must be a string or a list of up to {MAX_STOP_STRINGS} "
+                           f"strings, got {_short(value)}")
+        if len(value) > MAX_STOP_STRINGS:
+            raise _problem("stop", f"at most {MAX_STOP_STRINGS} stop strings are allowed, "
+                           f"got {len(value)}")
+        return value
+
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return tuple(dict.fromkeys(s for s in stops if s))
@@ -63,6 +88,20 @@ class CompletionRequest(SamplingRequest):
 
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _check_prompt(cls, value: Any) -> Any:
+        def ids(v: Any) -> bool:
+            return isinstance(v, list) and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in v)
+
+        ok = (isinstance(value, str) or ids(value) or (isinstance(value, list) and (
+            all(isinstance(p, str) for p in value) or all(ids(p) for p in value))))
+        if not ok:
+            raise _problem("prompt", "must be a string, a list of token ids, or a list "
+                           f"holding one of either, got {_short(value)}")
+        return value
     logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None
@@ -76,6 +115,23 @@ class TextPart(_Request):
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _check_content(cls, value: Any) -> Any:
+        if value is None or isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise _problem("content", "must be a string or a list of text parts "
+                           f"({{\"type\": \"text\", \"text\": ...}}), got {_short(value)}")
+        for part in value:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                what = f"type {kind!r}" if isinstance(kind, str) else _short(part)
+                raise _problem("content", f"content part {what} is not supported: this "
+                               "server takes text only ({\"type\": \"text\", \"text\": "
+                               "...})")
+        return value
 
     def text(self) -> str:
         if self.content is None:

@@ -97,8 +97,15 @@ class Job:
     started_at: float | None = None
     first_token_at: float | None = None
 
-    def cancel(self) -> None:
-        """Ask the worker to stop this generation (or skip it if it has not started)."""
+    error: BaseException | None = None  # why it was cancelled, if not by its client
+
+    def cancel(self, error: BaseException | None = None) -> None:
+        """Ask the worker to stop this generation (or skip it if it has not started).
+
+        With ``error`` (e.g. :class:`ShuttingDown`) the client gets that error instead of
+        a result with ``finish_reason="abort"``."""
+        if error is not None and not self.cancelled.is_set():
+            self.error = error
         self.cancelled.set()
 
     def emit(self, event: Event) -> None:
@@ -190,8 +197,10 @@ class LearnerStore:
             if state.get("arms") != self.arms:
                 raise ConfigError(f"it is for arms {state.get('arms')}, this server has "
                                   f"{self.arms}")
-            selector.load_state_dict(state["policy"])
-            requests = int(state.get("requests", 0))
+            requests = state.get("requests", 0)
+            if isinstance(requests, bool) or not isinstance(requests, int) or requests < 0:
+                raise ConfigError(f"'requests' must be a count, got {str(requests)[:40]}")
+            selector.load_state_dict(state["policy"])  # checks shapes, types, finiteness
         except Exception as e:  # noqa: BLE001 - any mismatch or damage: set aside, go on
             selector.load_state_dict(before)
             quarantine(self.path, f"{type(e).__name__}: {e}")
@@ -255,10 +264,28 @@ class Worker:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Refuse new work, fail queued jobs (503), cancel the running one, join, save."""
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def begin_shutdown(self, grace: float = 0.0) -> None:
+        """Refuse new work and fail the queued jobs (503) now; give the running job until
+        shortly before ``grace`` seconds are over, then end it with a 503 too.  Thread-safe;
+        called when the HTTP server starts shutting down."""
         with self._submit_lock:
             self._closing = True
+        self._fail_queued()
+        wait = max(0.0, grace - min(1.0, grace / 2))  # leave time to send the answer
+
+        def end_running() -> None:
+            time.sleep(wait)
+            current = self._current
+            if current is not None:
+                current.cancel(ShuttingDown("the server is shutting down"))
+
+        threading.Thread(target=end_running, name="specmux-shutdown", daemon=True).start()
+
+    def _fail_queued(self) -> None:
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -266,8 +293,14 @@ class Worker:
                 break
             if isinstance(job, Job):
                 job.emit(Failed(ShuttingDown("the server is shutting down")))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Refuse new work, fail queued jobs (503), cancel the running one, join, save."""
+        with self._submit_lock:
+            self._closing = True
+        self._fail_queued()
         if self._current is not None:
-            self._current.cancel()
+            self._current.cancel(ShuttingDown("the server is shutting down"))
         if self._thread is not None:
             self._queue.put(_STOP)
             self._thread.join(timeout)
@@ -331,6 +364,11 @@ class Worker:
             self.metrics.waiting.set(self._queue.qsize())
             if job.cancelled.is_set():  # the client left while it was queued
                 self.metrics.request_success.labels(finished_reason="abort").inc()
+                if job.error is not None:
+                    job.emit(Failed(job.error))
+                continue
+            if self._closing:  # queued before shutdown began, not yet failed
+                job.emit(Failed(ShuttingDown("the server is shutting down")))
                 continue
             self._current = job
             self.metrics.running.set(1)
@@ -394,6 +432,10 @@ class Worker:
         finally:
             steps.close()  # stop iterating: the decoder does no more rounds for this job
         done = time.perf_counter()
+        if finish == "abort" and job.error is not None:  # ended by the server, not the client
+            self.metrics.request_success.labels(finished_reason="abort").inc()
+            job.emit(Failed(job.error))
+            return
         if finish != "abort" and len(text) > len(emitted) and text.startswith(emitted):
             job.emit(Delta(text[len(emitted):]))
         self.metrics.request_success.labels(finished_reason=finish).inc()

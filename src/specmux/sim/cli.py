@@ -147,6 +147,7 @@ def simulate_command(
             progress.update(tasks[current["name"]], completed=jobs, description=description)
 
         with user_errors():
+            check_sizes(names, cfg)
             results = run_experiments(names, cfg, step=step, start=start)
         for name in tasks:
             task = progress.tasks[tasks[name]]
@@ -161,6 +162,48 @@ def simulate_command(
                       str(r.figure) if r.figure else "-")
     console.print(table)
     console.print(f"summary: {out / 'summary.md'}  rows: {out / 'results.jsonl'}")
+
+
+BYTES_PER_CELL = 32  # hit tables per (round x position x drafter): bool + int64 x 3 + int32
+
+
+def memory_bytes() -> int:
+    """Physical memory of this machine (bytes; 0 if unknown)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_sizes(names: list[str], cfg: object) -> None:
+    """Refuse, before any work, an --out that is a file and sizes whose simulated hit tables
+    (about ``32 bytes x rounds x (k + 1) x drafters`` per run) cannot fit in memory."""
+    from specmux.errors import ConfigError
+    from specmux.sim.experiments import SimConfig
+
+    assert isinstance(cfg, SimConfig)
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise ConfigError(f"--out {cfg.out} is a file; give a directory (it is created)")
+    if cfg.rounds is None and cfg.num_drafters is None and cfg.k <= 8:
+        return  # each experiment's own sizes (they fit a laptop)
+    have = memory_bytes()
+    for name in names:
+        rounds = cfg.rounds or DEFAULT_ROUNDS.get(name, 100_000)
+        k = 8 if name == "c" else cfg.k
+        drafters = cfg.num_drafters or DEFAULT_DRAFTERS.get(name, 64)
+        need = BYTES_PER_CELL * rounds * (k + 1) * drafters
+        if have and need > have:
+            raise ConfigError(
+                f"experiment {name}: {rounds} rounds x k={k} x {drafters} drafters needs "
+                f"about {need / 2**30:,.0f} GiB for the simulated rounds; this machine has "
+                f"{have / 2**30:,.0f} GiB: use fewer --rounds, a smaller --k or fewer "
+                "--num-drafters")
+
+
+DEFAULT_ROUNDS = {"a": 20_000, "b": 300_000, "c": 20_000, "d": 50_000, "run": 100_000}
+DEFAULT_DRAFTERS = {"a": 1024, "b": 8, "c": 8, "d": 8, "run": 64}
 
 
 def _reconstruct(experiment: str, rounds: int | None, seeds: int | None, out: Path,
