@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from specmux.drafters.base import Drafter
 from specmux.drafters.hf import HFDrafter
 from specmux.drafters.ngram import NgramDrafter
-from specmux.drafters.suffix import SuffixDrafter
+from specmux.drafters.suffix_tree import SuffixTreeDrafter
 from specmux.engine import GenerationResult, SpeculativeDecoder
 from specmux.errors import ConfigError, PromptError, TokenizerMismatchError
 from specmux.policies import Policy
@@ -51,8 +51,9 @@ def make_drafter(
     prompt_lookup_min: int = 1,
     install: bool = False,
 ) -> Drafter:
-    """A drafter from a spec: ``ngram``, ``suffix:PATH`` or a model (HF id, dir, .gguf,
-    ``embedded:NAME``), or an already-built :class:`Drafter` / HF model."""
+    """A drafter from a spec: ``ngram``, ``suffix`` (SuffixDecoding over the request and
+    earlier outputs), ``suffix:PATH`` (the same, seeded with a corpus) or a model (HF id,
+    dir, .gguf, ``embedded:NAME``), or an already-built :class:`Drafter` / HF model."""
     if isinstance(spec, Drafter):
         return spec
     if isinstance(spec, PreTrainedModel):
@@ -61,10 +62,12 @@ def make_drafter(
         raise ConfigError(f"unknown drafter {spec!r}")
     if spec == "ngram":
         return NgramDrafter(prompt_lookup_max, prompt_lookup_min)
+    if spec == "suffix":  # SuffixDecoding: the request + every earlier output
+        return SuffixTreeDrafter()
     if spec.startswith("suffix:"):
         if tokenizer is None:
             raise ConfigError("a suffix drafter needs the target's tokenizer")
-        return SuffixDrafter.from_path(spec.removeprefix("suffix:"), tokenizer)
+        return SuffixTreeDrafter.from_path(spec.removeprefix("suffix:"), tokenizer)
     from specmux.models import load_model
 
     model, drafter_tokenizer = load_model(spec, install=install)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from specmux.bench.datasets import synthetic_splits
+from specmux.bench.datasets import ALL_CATEGORIES, synthetic_splits
 from specmux.bench.plots import PLOTS, regret_curves
 from specmux.bench.report import (
     ORACLE_MAT,
@@ -63,7 +63,8 @@ def models() -> BenchModels:
 
 def _config(**kw) -> BenchConfig:
     base = dict(target="tiny-target", drafter_model="tiny-drafter", prompts_per_domain=2,
-                max_new_tokens=12, policies=POLICIES, dtype="float32")
+                max_new_tokens=12, policies=POLICIES, dtype="float32",
+                domains=("code", "math", "chat"))
     return BenchConfig(**{**base, **kw})
 
 
@@ -81,7 +82,7 @@ def test_trace_has_every_method_on_every_query(bench_dir: Path) -> None:
     records = read_trace(bench_dir)
     meta = records[0]
     assert meta["type"] == "meta" and meta["pool"] == [
-        "suffix:code", "suffix:math", "suffix:chat", "ngram", "lm"]
+        "suffix:code", "suffix:math", "suffix:chat", "suffix", "ngram", "lm"]
     methods = meta["methods"]
     assert methods[0] == TARGET_ONLY and HF_ASSISTED in methods
     assert {f"only:{d}" for d in meta["pool"]} <= set(methods)
@@ -265,7 +266,7 @@ def test_cli_bench_on_local_tiny_models(tmp_path: Path, models: BenchModels) -> 
     records = read_trace(out)
     assert records[0]["command"].startswith("specmux ")
     assert records[-1]["type"] == "end"
-    assert {q["category"] for q in records[0]["queries"]} == {"code", "math", "chat"}
+    assert [q["category"] for q in records[0]["queries"]] == list(ALL_CATEGORIES)
     assert all(a["lossless"] for a in records if a["type"] == "answer" and a["lossless"]
                is not None)
     assert json.loads((out / "trace.jsonl").read_text().splitlines()[0])["type"] == "meta"

@@ -318,7 +318,7 @@ class SuffixTreeDrafter(Drafter):
             for doc in docs:
                 self.corpus.add(doc)
         self.request = _RequestStore(anchors, max_positions)
-        self._prompt_len = 0
+        self._prompt: list[int] = []
         self._output: list[int] = []
 
     # ------------------------------------------------------------------ building
@@ -360,18 +360,21 @@ class SuffixTreeDrafter(Drafter):
     def start_query(self, prompt: Sequence[int]) -> None:
         self._finish_output()
         self.request.reset(prompt)
-        self._prompt_len = len(prompt)
-        if self.learn_online and self.index_prompts:
-            self.learned.add(prompt)
+        self._prompt = [int(t) for t in prompt] if self.index_prompts else []
+
+    def end_query(self) -> None:
+        """Index the current output now (it is also done when the next query starts)."""
+        self._finish_output()
 
     def observe(self, context: Sequence[int], committed: Sequence[int]) -> None:
         if self.learn_online and committed:
             self._output.extend(int(t) for t in committed)
 
     def _finish_output(self) -> None:
-        """Move the last request's output into the global learned store."""
+        """Move the last request's output (after its prompt, with ``index_prompts``) into
+        the global learned store."""
         if self._output:
-            self.learned.add(self._output)
+            self.learned.add(self._prompt + self._output)
         self._output = []
 
     # ------------------------------------------------------------------ drafting
