@@ -179,3 +179,22 @@ def test_sampling_matches_target_distribution(target_model) -> None:
     assert_distribution(counts.sum(1), joint.sum(1))
     assert_distribution(counts.sum(0), joint.sum(0))
     assert_distribution(counts, joint)
+
+
+def test_pipeline_suffix_learns_across_requests(target_model) -> None:
+    """A long-lived Pipeline (as the server holds one) keeps the suffix drafter's global
+    store across requests: a repeated request is drafted from its earlier output."""
+    from specmux import Pipeline
+    from specmux.config import parse_speculative_config
+
+    from helpers import tiny_tokenizer
+
+    assert parse_speculative_config('{"method": "suffix"}').drafter_specs() == ["suffix"]
+    pipe = Pipeline(target_model, ["suffix"], "fixed", tokenizer=tiny_tokenizer(),
+                    num_speculative_tokens=6)
+    first = pipe.generate("abc def", max_new_tokens=30)
+    pipe.generate("other words", max_new_tokens=30)
+    again = pipe.generate("abc def", max_new_tokens=30)
+    assert again.token_ids == first.token_ids
+    assert len(again.steps) < len(first.steps)
+    assert again.stats.num_accepted_tokens > first.stats.num_accepted_tokens

@@ -49,8 +49,8 @@ class SpeculativeConfig(BaseModel):
     def drafter_specs(self) -> list[str]:
         """The drafter pool this config names (empty: use the caller's drafters)."""
         specs = list(self.drafters or [])
-        if self.method == "ngram" and "ngram" not in specs:
-            specs.append("ngram")
+        if self.method in ("ngram", "suffix") and self.method not in specs:
+            specs.append(self.method)
         if self.model and self.model not in specs:
             specs.append(self.model)
         return specs
