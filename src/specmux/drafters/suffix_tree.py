@@ -111,16 +111,17 @@ class TokenStore:
 
     def _index(self, tokens: Sequence[int], first: int, begin: int = 1) -> None:
         """Index continuation positions ``begin..len(tokens)-1`` of a document at ``first``."""
-        index, cap = self.index, self.max_positions
-        for p in range(max(begin, 1), len(tokens)):
-            for n in self.anchors:
-                if n > p:
-                    continue
-                key = tuple(tokens[p - n : p])
+        index, cap, size = self.index, self.max_positions, len(tokens)
+        for n in self.anchors:
+            lo = max(begin, n)  # continuation positions lo..size-1, each after its n-gram
+            if lo >= size:
+                continue
+            keys = zip(*(tokens[lo - n + i : size - n + i] for i in range(n)), strict=True)
+            for p, key in enumerate(keys, first + lo):
                 positions = index.get(key)
                 if positions is None:
                     positions = index[key] = array("q")
-                positions.append(first + p)
+                positions.append(p)
                 if len(positions) > 2 * cap:
                     del positions[:-cap]
 
