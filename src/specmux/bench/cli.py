@@ -71,6 +71,9 @@ def bench(
     seed: Annotated[int, typer.Option(help="Data split, learner and sampling seed.")] = 0,
     no_hf_baseline: Annotated[
         bool, typer.Option("--no-hf-baseline", help="Skip HF assisted generation.")] = False,
+    single_drafters: Annotated[
+        bool, typer.Option(help="Also run each drafter alone (the oracle rows need them).")
+    ] = True,
     order: Annotated[
         str, typer.Option(help="Mixed stream order: interleave, blocks or shuffle.")
     ] = "interleave",
@@ -126,7 +129,8 @@ def bench(
             max_new_tokens=QUICK_TOKENS if quick else max_new_tokens,
             policies=_split(policies) or DEFAULT_POLICIES, drafters=_split(drafters),
             num_speculative_tokens=num_speculative_tokens, temperature=temperature, seed=seed,
-            hf_baseline=not no_hf_baseline, order=order, reset_per_query=reset_per_query,
+            hf_baseline=not no_hf_baseline, single_drafters=single_drafters, order=order,
+            reset_per_query=reset_per_query,
             max_corpus_chars=corpus_chars, dtype=dtype, threads=threads,
             prompts_file=str(prompts) if prompts is not None else None,
         )
