@@ -19,7 +19,7 @@ from specmux.config import DEFAULT_DRAFTERS, DEFAULT_POLICY, DEFAULT_TARGET, Spe
 from specmux.drafters.base import Drafter
 from specmux.drafters.hf import HFDrafter
 from specmux.drafters.ngram import NgramDrafter
-from specmux.drafters.suffix import SuffixDrafter
+from specmux.drafters.suffix_tree import SuffixTreeDrafter
 from specmux.engine import GenerationResult, SpeculativeDecoder
 from specmux.errors import ConfigError, PromptError, TokenizerMismatchError
 from specmux.policies import Policy
@@ -57,8 +57,9 @@ def make_drafter(
     prompt_lookup_min: int = 1,
     install: bool = False,
 ) -> Drafter:
-    """A drafter from a spec: ``ngram``, ``suffix:PATH`` or a model (HF id, dir, .gguf,
-    ``embedded:NAME``), or an already-built :class:`Drafter` / HF model."""
+    """A drafter from a spec: ``ngram``, ``suffix`` (SuffixDecoding over the request and
+    earlier outputs), ``suffix:PATH`` (the same, seeded with a corpus) or a model (HF id,
+    dir, .gguf, ``embedded:NAME``), or an already-built :class:`Drafter` / HF model."""
     if isinstance(spec, Drafter):
         return spec
     if isinstance(spec, PreTrainedModel):
@@ -67,14 +68,16 @@ def make_drafter(
         raise ConfigError(f"unknown drafter {spec!r}")
     if spec == "ngram":
         return NgramDrafter(prompt_lookup_max, prompt_lookup_min)
+    if spec == "suffix":  # SuffixDecoding: the request + every earlier output
+        return SuffixTreeDrafter()
     if spec.startswith("suffix:"):
         if tokenizer is None:
             raise ConfigError("a suffix drafter needs the target's tokenizer")
         path = spec.removeprefix("suffix:")
         if not path.strip():
             raise ConfigError("drafter 'suffix:' needs a corpus path: suffix:PATH (a text or "
-                              ".jsonl file, or a directory of them)")
-        return SuffixDrafter.from_path(path, tokenizer)
+                              ".jsonl file, or a directory of them), or plain 'suffix'")
+        return SuffixTreeDrafter.from_path(path, tokenizer)
     from specmux.models import load_model
 
     model, drafter_tokenizer = load_model(spec, install=install)
@@ -125,7 +128,7 @@ def _unique_corpus_names(pool: list[Drafter], specs: list[DrafterSpec]) -> None:
     for name in {n for n in names if names.count(n) > 1}:
         group = [i for i, n in enumerate(names) if n == name
                  and isinstance(specs[i], str) and str(specs[i]).startswith("suffix:")
-                 and isinstance(pool[i], SuffixDrafter)]
+                 and isinstance(pool[i], SuffixTreeDrafter)]
         paths = {i: PurePath(str(specs[i]).removeprefix("suffix:")) for i in group}
         if len({str(p) for p in paths.values()}) < len(group):
             continue

@@ -84,7 +84,8 @@ class SpeculativeConfig(BaseModel):
     """Speculative decoding options (frozen, validated once).
 
     vLLM keys: ``method`` (``ngram``, ``draft_model``, ``suffix``, ``pool``), ``model`` (the
-    drafter model for ``draft_model``; the corpus path for ``suffix``),
+    drafter model for ``draft_model``; for ``suffix`` an optional corpus path: without one,
+    SuffixDecoding drafts from the request and earlier outputs),
     ``num_speculative_tokens`` (k, or a list of k values: arms are every drafter x k),
     ``prompt_lookup_max`` and ``prompt_lookup_min``.  specmux adds ``drafters`` (a pool of
     drafter specs), ``policy`` (the learner), ``loss``, ``delayed_feedback``,
@@ -132,9 +133,8 @@ class SpeculativeConfig(BaseModel):
     def _check(self) -> SpeculativeConfig:
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError("prompt_lookup_min must be <= prompt_lookup_max")
-        if self.method in ("draft_model", "suffix") and not self.model:
-            what = "the corpus path" if self.method == "suffix" else "the drafter model"
-            raise ValueError(f"method {self.method!r} needs 'model' ({what})")
+        if self.method == "draft_model" and not self.model:
+            raise ValueError("method 'draft_model' needs 'model' (the drafter model)")
         if self.method == "ngram" and self.model:
             raise ValueError("method 'ngram' takes no 'model' (it drafts from the prompt)")
         if self.method == "pool" and not self.drafters:
@@ -157,8 +157,8 @@ class SpeculativeConfig(BaseModel):
         extra = None
         if self.method == "ngram":
             extra = "ngram"
-        elif self.method == "suffix" and self.model:
-            extra = f"suffix:{self.model}"
+        elif self.method == "suffix":
+            extra = f"suffix:{self.model}" if self.model else "suffix"
         elif self.model:
             extra = self.model
         if extra is not None and extra not in specs:

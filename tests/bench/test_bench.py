@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from specmux.bench.datasets import synthetic_splits
+from specmux.bench.datasets import ALL_CATEGORIES, synthetic_splits
 from specmux.bench.output import write_report
 from specmux.bench.plots import PLOTS, regret_curves
 from specmux.bench.report import (
@@ -63,7 +63,8 @@ def models() -> BenchModels:
 
 def _config(**kw) -> BenchConfig:
     base = dict(target="tiny-target", drafter_model="tiny-drafter", prompts_per_domain=2,
-                max_new_tokens=12, policies=POLICIES, dtype="float32")
+                max_new_tokens=12, policies=POLICIES, dtype="float32",
+                domains=("code", "math", "chat"))
     return BenchConfig(**{**base, **kw})
 
 
@@ -81,7 +82,7 @@ def test_trace_has_every_method_on_every_query(bench_dir: Path) -> None:
     records = read_trace(bench_dir)
     meta = records[0]
     assert meta["type"] == "meta" and meta["pool"] == [
-        "suffix:code", "suffix:math", "suffix:chat", "ngram", "lm"]
+        "suffix:code", "suffix:math", "suffix:chat", "suffix", "ngram", "lm"]
     methods = meta["methods"]
     assert methods[0] == TARGET_ONLY and HF_ASSISTED in methods
     assert {f"only:{d}" for d in meta["pool"]} <= set(methods)
@@ -265,7 +266,7 @@ def test_cli_bench_on_local_tiny_models(tmp_path: Path, models: BenchModels) -> 
     records = read_trace(out)
     assert records[0]["command"].startswith("specmux ")
     assert records[-1]["type"] == "end"
-    assert {q["category"] for q in records[0]["queries"]} == {"code", "math", "chat"}
+    assert [q["category"] for q in records[0]["queries"]] == list(ALL_CATEGORIES)
     assert all(a["lossless"] for a in records if a["type"] == "answer" and a["lossless"]
                is not None)
     assert json.loads((out / "trace.jsonl").read_text().splitlines()[0])["type"] == "meta"
@@ -339,3 +340,34 @@ def test_timing_outlier_is_flagged(bench_dir: Path) -> None:
     assert (TARGET_ONLY, slow["question_id"]) in [(o["method"], o["question_id"])
                                                  for o in summary.outliers]
     assert "Timing outliers" in render_markdown(summary)
+
+
+def test_all_categories_many_arms_report(models: BenchModels, tmp_path: Path) -> None:
+    """Seven categories and a ten-drafter pool: the wide table, MAT and regret per
+    category, the issue-12 goals and family-grouped plots."""
+    from specmux.bench.plots import drafter_colors, drafter_family, grouped_pool
+    from specmux.bench.report import regret_by_category
+
+    cfg = _config(domains=ALL_CATEGORIES, prompts_per_domain=1, max_new_tokens=8,
+                  policies=("hedge", "ucb"), hf_baseline=False)
+    assert len(cfg.pool_names()) == 10 and "suffix" in cfg.pool_names()
+    runner = BenchRunner(cfg, models, synthetic_splits(num_eval=1, corpus_size=4))
+    records = write_trace(runner.run(), tmp_path / "trace.jsonl")
+    summary = write_report(records, tmp_path)
+    text = (tmp_path / "results.md").read_text()
+    for needle in ["code_edit ×", "multiturn ×", "rag ×", "overall MAT", "## MAT per category",
+                   "## Regret per category", "share of the oracle's headroom",
+                   "suffix drafter alone: MAT on code_edit", "per-query oracle (time)"]:
+        assert needle in text, needle
+    assert "MISMATCH" not in text
+    regret = regret_by_category(records, ["hedge", "ucb"])
+    assert set(regret["hedge"]) <= set(ALL_CATEGORIES)
+    goal = next(g for g in summary.goals if g.name.startswith("per-query oracle (time)"))
+    assert goal.value is not None and goal.value >= 1.0 - 1e-9  # the oracle is per query best
+    for name in PLOTS:
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    pool = ["suffix:code", "lm", "suffix", "ngram", "suffix:math", "lm@8"]
+    assert grouped_pool(pool) == ["suffix:code", "suffix", "suffix:math", "lm", "lm@8", "ngram"]
+    assert drafter_family("lm@8") == "lm" and drafter_family("suffix:code") == "suffix"
+    colors = drafter_colors(pool)
+    assert len(set(colors.values())) == len(pool)

@@ -179,7 +179,7 @@ def test_6_same_corpus_file_name_in_two_folders(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("text", "match"), [
     ('{"num_speculative_tokens": "4"}', "num_speculative_tokens"),
     ('{"num_speculative_tokens": true}', "num_speculative_tokens"),
-    ('{"method": "suffix"}', "needs 'model'"),
+    ('{"method": "draft_model"}', "needs 'model'"),
     ('{"prompt_lookup_max": 2.0}', "prompt_lookup_max"),
     ('{"policy": "bandit"}', "unknown policy"),
     ('{"unknown": 1}', "unknown key"),
@@ -193,6 +193,8 @@ def test_7_speculative_config_is_strict(text: str, match: str) -> None:
 def test_7_suffix_method_takes_the_corpus_as_model() -> None:
     cfg = parse_speculative_config('{"method": "suffix", "model": "c.txt"}')
     assert cfg.drafter_specs() == ["suffix:c.txt"]
+    # without a corpus: SuffixDecoding over the request and earlier outputs (as in vLLM)
+    assert parse_speculative_config('{"method": "suffix"}').drafter_specs() == ["suffix"]
 
 
 def test_7_the_same_config_reaches_the_engine() -> None:

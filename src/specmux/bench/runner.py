@@ -33,6 +33,7 @@ import math
 import os
 import platform
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -44,11 +45,13 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from specmux.api import Pipeline
-from specmux.bench.datasets import ORDERS, DomainSplit, Example, mixed_stream
+from specmux.bench.datasets import ALL_CATEGORIES, ORDERS, DomainSplit, Example, mixed_stream
+from specmux.bench.prompts_file import PromptsFileInfo, example_at, iter_examples
 from specmux.drafters.base import Drafter
 from specmux.drafters.hf import HFDrafter
 from specmux.drafters.ngram import NgramDrafter
 from specmux.drafters.suffix import SuffixDrafter
+from specmux.drafters.suffix_tree import SuffixTreeDrafter
 from specmux.engine import SpeculativeDecoder, autoregressive_generate
 from specmux.errors import ConfigError
 from specmux.lm import CachedLM
@@ -62,16 +65,20 @@ TARGET_ONLY = "target-only"
 HF_ASSISTED = "hf-assisted"
 SINGLE_PREFIX = "only:"
 LM_DRAFTER = "lm"
+SUFFIX = "suffix"  # the SuffixDecoding drafter with no corpus (request + earlier outputs)
 DEFAULT_POLICIES: tuple[str, ...] = ("ucb", "exp3", "metasd", "hedge", "normalhedge")
-DEFAULT_DOMAINS: tuple[str, ...] = ("code", "math", "chat")
+DEFAULT_DOMAINS: tuple[str, ...] = ALL_CATEGORIES
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
 class BenchConfig:
-    """What :func:`run_bench` runs.  ``drafters`` names the pool: ``suffix:<domain>``,
+    """What :func:`run_bench` runs.  ``drafters`` names the pool: ``suffix:<domain>`` (a
+    SuffixDecoding drafter seeded with the domain's corpus), ``suffix`` (one with no corpus),
     ``ngram`` and ``lm`` (the drafter model); ``None`` = one corpus drafter per domain, plus
-    ``ngram`` and ``lm``."""
+    ``suffix``, ``ngram`` and ``lm`` (with ``prompts_file``: ``suffix``, ``ngram``, ``lm``).
+    ``prompts_file``: a JSONL workload (see :mod:`specmux.bench.prompts_file`) replacing
+    the built-in categories."""
 
     target: str = "embedded:qwen2.5-coder-1.5b"
     drafter_model: str = "embedded:qwen2.5-coder-0.5b"
@@ -90,6 +97,7 @@ class BenchConfig:
     max_corpus_chars: int = 2_000_000
     dtype: str = "bfloat16"  # both models; bf16 verifies k+1 tokens at ~1 step's cost here
     threads: int | None = None  # torch intra-op threads; None = torch's default
+    prompts_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.prompts_per_domain < 1:
@@ -106,8 +114,12 @@ class BenchConfig:
             raise ConfigError(f"unknown dtype {self.dtype!r}; known: {', '.join(DTYPES)}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
-        if not self.domains:
-            raise ConfigError("at least one domain is needed")
+        if not self.domains and self.prompts_file is None:
+            raise ConfigError("at least one category is needed")
+        unknown = [d for d in self.domains if d not in ALL_CATEGORIES]
+        if unknown and self.prompts_file is None:
+            raise ConfigError(f"unknown category {unknown[0]!r}; known: "
+                              f"{', '.join(ALL_CATEGORIES)}")
         if self.order not in ORDERS:
             raise ConfigError(f"unknown order {self.order!r}; known: {', '.join(ORDERS)}")
         bad = [p for p in self.policies if p not in POLICIES or p == "fixed"]
@@ -122,19 +134,25 @@ class BenchConfig:
         if len(set(names)) != len(names):
             raise ConfigError(f"duplicate drafters in {names}")
         for name in names:
-            if name in ("ngram", LM_DRAFTER):
+            if name in ("ngram", LM_DRAFTER, SUFFIX):
                 continue
             domain = name.removeprefix("suffix:")
-            if not name.startswith("suffix:") or domain not in self.domains:
+            if not name.startswith("suffix:") or domain not in self.corpus_domains:
                 raise ConfigError(
-                    f"unknown drafter {name!r}; choose from ngram, {LM_DRAFTER} and suffix:DOMAIN"
-                    f" for a benchmarked domain ({', '.join(self.domains)})"
+                    f"unknown drafter {name!r}; choose from {SUFFIX}, ngram, {LM_DRAFTER} and "
+                    f"suffix:CATEGORY for a benchmarked category "
+                    f"({', '.join(self.corpus_domains) or 'none with --prompts'})"
                 )
+
+    @property
+    def corpus_domains(self) -> tuple[str, ...]:
+        """Categories with a corpus (none for a prompts file)."""
+        return () if self.prompts_file is not None else tuple(self.domains)
 
     def pool_names(self) -> list[str]:
         if self.drafters is not None:
             return list(self.drafters)
-        return [f"suffix:{d}" for d in self.domains] + ["ngram", LM_DRAFTER]
+        return [f"suffix:{d}" for d in self.corpus_domains] + [SUFFIX, "ngram", LM_DRAFTER]
 
     @property
     def needs_drafter_model(self) -> bool:
@@ -217,9 +235,22 @@ def fix_lm_head_strides(model: PreTrainedModel) -> bool:
 
 def encode(tokenizer: PreTrainedTokenizerBase, example: Example) -> list[int]:
     """Token ids of an example: the chat template for chat examples (as
-    :meth:`specmux.api.Pipeline.encode` does it), raw text otherwise."""
+    :meth:`specmux.api.Pipeline.encode` does it), raw text otherwise; a conversation
+    (``messages``) goes through the chat template, or is joined as text without one."""
     chat = example.chat and bool(getattr(tokenizer, "chat_template", None))
+    if example.messages:
+        if chat:
+            from specmux.api import encode_chat
+
+            return encode_chat(tokenizer, [{"role": r, "content": c}
+                                           for r, c in example.messages])
+        text = "\n\n".join(f"{r}: {c}" for r, c in example.messages) + "\n\nassistant:"
+        return Pipeline.encode(SimpleNamespace(tokenizer=tokenizer), text)  # type: ignore[arg-type]
     return Pipeline.encode(SimpleNamespace(tokenizer=tokenizer), example.prompt, chat=chat)  # type: ignore[arg-type]
+
+
+def to_query(index: int, ex: Example, tokenizer: PreTrainedTokenizerBase) -> Query:
+    return Query(index, ex.id, ex.domain, ex.prompt, tuple(encode(tokenizer, ex)), ex.chat)
 
 
 def make_queries(
@@ -227,10 +258,7 @@ def make_queries(
 ) -> list[Query]:
     """The benchmark stream: every eval example of ``splits`` in ``order``, tokenized."""
     stream = mixed_stream(splits, order=order, seed=seed)
-    return [
-        Query(i, ex.id, ex.domain, ex.prompt, tuple(encode(tokenizer, ex)), ex.chat)
-        for i, ex in enumerate(stream)
-    ]
+    return [to_query(i, ex, tokenizer) for i, ex in enumerate(stream)]
 
 
 # ------------------------------------------------------------------------- drafter pool
@@ -254,10 +282,12 @@ class _ForkTable(dict):  # type: ignore[type-arg]
         return counts
 
 
-def fork_suffix(base: SuffixDrafter) -> SuffixDrafter:
+def fork_suffix(base: SuffixDrafter | SuffixTreeDrafter) -> Drafter:
     """A drafter that proposes exactly like ``base`` but learns online on its own: what it
     indexes never reaches ``base`` (one fork per method, so no method sees another's output).
     Eviction only counts the fork's own keys."""
+    if isinstance(base, SuffixTreeDrafter):
+        return base.fork()
     fork = SuffixDrafter(max_n=base.max_n, min_n=base.min_n, max_entries=base.max_entries,
                          learn_online=base.learn_online, name=base.name)
     fork.table = _ForkTable(base.table)
@@ -277,13 +307,16 @@ class DrafterFactory:
         drafter_model: PreTrainedModel | None,
     ) -> None:
         self.names = list(names)
-        self.suffix: dict[str, SuffixDrafter] = {}
+        self.suffix: dict[str, SuffixTreeDrafter] = {}
         self.shared: dict[str, Drafter] = {}
         for name in self.names:
-            if name.startswith("suffix:"):
+            if name == SUFFIX:
+                self.suffix[name] = SuffixTreeDrafter(name=SUFFIX)
+            elif name.startswith("suffix:"):
                 split = splits[name.removeprefix("suffix:")]
                 t0 = time.perf_counter()
-                self.suffix[name] = SuffixDrafter.from_texts(split.corpus, tokenizer, name=name)
+                self.suffix[name] = SuffixTreeDrafter.from_texts(split.corpus, tokenizer,
+                                                                 name=name)
                 log.info("%s: %d corpus tokens indexed in %.1f s", name,
                          self.suffix[name].num_indexed_tokens, time.perf_counter() - t0)
             elif name == "ngram":
@@ -351,16 +384,23 @@ class BenchRunner:
         cfg: BenchConfig,
         models: BenchModels,
         splits: dict[str, DomainSplit],
+        prompts: PromptsFileInfo | None = None,
     ) -> None:
-        missing = [d for d in cfg.domains if d not in splits]
-        if missing:
-            raise ConfigError(f"no data for domain {missing[0]!r}")
         self.cfg = cfg
         self.models = models
-        self.splits = {d: splits[d] for d in cfg.domains}
-        self.queries = make_queries(self.splits, models.tokenizer, cfg.order, cfg.seed)
-        if not self.queries:
-            raise ConfigError("the benchmark stream is empty")
+        self.prompts = prompts
+        # Built-in categories: the whole (small) stream, tokenized up front.  A prompts file
+        # is streamed instead: ``queries`` is None and :meth:`iter_queries` reads it lazily.
+        self.queries: list[Query] | None = None
+        self.splits: dict[str, DomainSplit] = {}
+        if prompts is None:
+            missing = [d for d in cfg.domains if d not in splits]
+            if missing:
+                raise ConfigError(f"no data for category {missing[0]!r}")
+            self.splits = {d: splits[d] for d in cfg.domains}
+            self.queries = make_queries(self.splits, models.tokenizer, cfg.order, cfg.seed)
+            if not self.queries:
+                raise ConfigError("the benchmark stream is empty")
         self.stop = _stop_ids(models)
         for model in (models.target, models.drafter):
             if model is not None and fix_lm_head_strides(model):
@@ -398,8 +438,31 @@ class BenchRunner:
         return methods
 
     @property
+    def num_queries(self) -> int:
+        if self.queries is not None:
+            return len(self.queries)
+        assert self.prompts is not None
+        return self.prompts.num_prompts
+
+    @property
     def num_runs(self) -> int:
-        return len(self.queries) * len(self.methods)
+        return self.num_queries * len(self.methods)
+
+    def iter_queries(self) -> Iterator[Query]:
+        """The stream, one query at a time (a prompts file is read as it goes)."""
+        if self.queries is not None:
+            yield from self.queries
+            return
+        assert self.prompts is not None
+        for i, ex in enumerate(iter_examples(self.prompts.path)):
+            yield to_query(i, ex, self.models.tokenizer)
+
+    def longest_prompt(self) -> list[int]:
+        if self.queries is not None:
+            return list(max(self.queries, key=lambda q: len(q.prompt_ids)).prompt_ids)
+        assert self.prompts is not None
+        ex = example_at(self.prompts.path, self.prompts.longest_line)
+        return list(to_query(-1, ex, self.models.tokenizer).prompt_ids)
 
     def sampling_for(self, query: Query) -> SamplingParams:
         if not self.cfg.sampling:
@@ -513,7 +576,7 @@ class BenchRunner:
         The longest prompt of the stream is prefilled too: the first pass at a new, longer
         shape is slow again, and would land in whichever method's timing meets it first.
         """
-        longest = list(max(self.queries, key=lambda q: len(q.prompt_ids)).prompt_ids)
+        longest = self.longest_prompt()
         short = longest[-8:]
         k = self.cfg.num_speculative_tokens
         self._cold_start()
@@ -543,7 +606,11 @@ class BenchRunner:
             "method_kinds": {m.id: m.kind for m in self.methods},
             "queries": [{"index": q.index, "question_id": q.question_id,
                          "category": q.category, "prompt_tokens": len(q.prompt_ids)}
-                        for q in self.queries],
+                        for q in self.queries or ()],
+            "num_queries": self.num_queries,
+            "categories": dict(self.prompts.categories) if self.prompts else dict(
+                Counter(q.category for q in self.queries or ())),
+            "prompts_file": str(self.prompts.path) if self.prompts else None,
             "corpus_tokens": self.factory.corpus_tokens(),
             "stop_token_ids": self.stop,
             "machine": {**machine_info(), "dtype": cfg.dtype},
@@ -562,12 +629,13 @@ class BenchRunner:
         gc.freeze()  # keep the big corpus tables out of the collector's timed passes
         try:
             yield self.meta()
-            for query in self.queries:
+            for query in self.iter_queries():
                 for method in self.methods:
                     if on_run is not None:
                         on_run(method.id, query)
                     run = self._run(method, query)
                     yield from self._records(method, query, run)
+                self.reference.pop(query.index, None)  # only needed within the query
         finally:
             gc.unfreeze()
             torch.set_num_threads(threads)

@@ -1,4 +1,8 @@
-"""Corpus (domain-expert) drafter: n-gram continuations from a text corpus, learned online.
+"""Corpus (domain-expert) n-gram drafter: continuations from a text corpus, learned online.
+
+The SuffixDecoding-style drafter (:mod:`specmux.drafters.suffix_tree`) supersedes it as the
+``suffix`` pool member (per-request and global stores, frequency-scored adaptive drafts);
+this one stays as a small, table-based baseline and for its RAM-budget knob.
 
 It indexes, for every ``n`` in ``[min_n, max_n]``, which token followed each ``n``-gram of
 its corpus, and proposes by repeatedly following the most frequent continuation of the
@@ -42,6 +46,31 @@ def entries_for_memory(max_memory_mb: float) -> int:
     249660
     """
     return max(1, int(max_memory_mb * 2**20) // BYTES_PER_ENTRY)
+
+
+def read_corpus(path: str | Path) -> list[str]:
+    """Texts of a corpus: a text file (one document), a ``.jsonl`` file (``"text"`` per line)
+    or a directory of such files; ConfigError if missing, malformed or empty."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"suffix corpus not found: {path}")
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    texts: list[str] = []
+    for file in files:
+        raw = file.read_text(encoding="utf-8", errors="replace")
+        if file.suffix == ".jsonl":
+            for n, line in enumerate(raw.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    texts.append(str(json.loads(line)["text"]))
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ConfigError(f"{file}:{n}: expected a JSON object with 'text'") from e
+        else:
+            texts.append(raw)
+    if not any(t.strip() for t in texts):
+        raise ConfigError(f"suffix corpus {path} holds no text")
+    return texts
 
 
 class SuffixDrafter(Drafter):
@@ -88,27 +117,8 @@ class SuffixDrafter(Drafter):
     def from_path(cls, path: str | Path, tokenizer: Any, **kwargs: Any) -> SuffixDrafter:
         """Build from a text file (one document), a ``.jsonl`` file (``"text"`` per line) or a
         directory of such files."""
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"suffix corpus not found: {path}")
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        texts: list[str] = []
-        for file in files:
-            raw = file.read_text(encoding="utf-8", errors="replace")
-            if file.suffix == ".jsonl":
-                for n, line in enumerate(raw.splitlines(), 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        texts.append(str(json.loads(line)["text"]))
-                    except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        raise ConfigError(f"{file}:{n}: expected a JSON object with 'text'") from e
-            else:
-                texts.append(raw)
-        if not any(t.strip() for t in texts):
-            raise ConfigError(f"suffix corpus {path} holds no text")
-        kwargs.setdefault("name", f"suffix:{path.stem}")
-        return cls.from_texts(texts, tokenizer, **kwargs)
+        kwargs.setdefault("name", f"suffix:{Path(path).stem}")
+        return cls.from_texts(read_corpus(path), tokenizer, **kwargs)
 
     @classmethod
     def from_texts(cls, texts: Iterable[str], tokenizer: Any, **kwargs: Any) -> SuffixDrafter:
