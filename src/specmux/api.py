@@ -91,7 +91,9 @@ class Pipeline:
     """A loaded target, its tokenizer and a :class:`SpeculativeDecoder` over a drafter pool.
 
     It is long-lived: the learner keeps what it learned across calls (unless
-    ``reset_per_query``), which is how it learns a workload.
+    ``reset_per_query``), which is how it learns a workload.  ``exact`` (default) puts the
+    target in exact mode (:mod:`specmux.exact`): its passes are batch-invariant, so greedy
+    output is bit-identical to target-only decoding in bfloat16 too.
     """
 
     def __init__(
@@ -105,6 +107,7 @@ class Pipeline:
         prompt_lookup_max: int = 4,
         prompt_lookup_min: int = 1,
         install: bool = False,
+        exact: bool = True,
         **decoder_kwargs: Any,
     ) -> None:
         if isinstance(target, str):
@@ -115,6 +118,10 @@ class Pipeline:
             self.target_name = target
         else:
             model, self.target_name = target, type(target).__name__
+        if isinstance(model, PreTrainedModel):
+            from specmux.exact import set_exact
+
+            set_exact(model, exact)
         self.tokenizer = tokenizer
         pool = [
             make_drafter(d, tokenizer, prompt_lookup_max=prompt_lookup_max,

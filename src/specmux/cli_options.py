@@ -36,7 +36,7 @@ SpeculativeConfigOption = Annotated[
     typer.Option(
         help="JSON with vLLM keys (method, model, num_speculative_tokens, prompt_lookup_max, "
         "prompt_lookup_min) and specmux keys (drafters, policy, loss, delayed_feedback, "
-        "reset_per_query). Overrides the options above.",
+        "reset_per_query, exact). Overrides the options above.",
     ),
 ]
 InstallOption = Annotated[
@@ -75,4 +75,5 @@ def pipeline_from_options(
         prompt_lookup_max=cfg.prompt_lookup_max, prompt_lookup_min=cfg.prompt_lookup_min,
         loss=cfg.loss, delayed_feedback=cfg.delayed_feedback,
         reset_per_query=reset_per_query or cfg.reset_per_query, seed=seed or 0, install=install,
+        exact=cfg.exact,
     )

@@ -20,7 +20,8 @@ class SpeculativeConfig(BaseModel):
 
     vLLM keys: ``method``, ``model``, ``num_speculative_tokens``, ``prompt_lookup_max``,
     ``prompt_lookup_min``.  specmux adds ``drafters`` (a pool of drafter specs), ``policy``
-    and its learner options.
+    and its learner options, and ``exact`` (batch-invariant target passes, see
+    :mod:`specmux.exact`: greedy output bit-identical to target-only in bf16 too).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -35,6 +36,7 @@ class SpeculativeConfig(BaseModel):
     loss: Literal["length", "acceptance"] = "length"
     delayed_feedback: bool = True
     reset_per_query: bool = False
+    exact: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> SpeculativeConfig:
