@@ -18,7 +18,8 @@ script compares, bitwise:
    all rows against the largest call;
 3. **end to end**: after the same prefill, k+1 one-token steps against one (k+1)-token pass:
    logit rows, the argmax and the KV cache each writes;
-4. **cost**: seconds of a one-token step and of a (k+1)-token pass (median of ``--repeats``).
+4. **cost**: seconds of a prefill, a one-token step and a (k+1)-token pass after it (median
+   of ``--repeats``).
 """
 
 from __future__ import annotations
@@ -192,6 +193,12 @@ def cost(model: PreTrainedModel, ids: list[int], k: int, repeats: int) -> dict[s
     cache = DynamicCache()
     model(input_ids=torch.tensor([ids[:-m]]), past_key_values=cache, use_cache=True)
     out = {}
+    times = []
+    for _ in range(max(repeats // 2, 1) + 1):
+        t0 = time.perf_counter()
+        model(input_ids=torch.tensor([ids[:-m]]), logits_to_keep=1)
+        times.append(time.perf_counter() - t0)
+    out[f"prefill_{len(ids) - m}"] = statistics.median(times[1:])
     for label, new in (("step_1", ids[-m:-m + 1]), (f"pass_{m}", ids[-m:])):
         times = []
         for _ in range(repeats + 1):
