@@ -211,9 +211,36 @@ def cost(model: PreTrainedModel, ids: list[int], k: int, repeats: int) -> dict[s
     return out
 
 
+# Qwen2.5-1.5B's linear shapes (out, in, bias): q, k/v, o, gate/up, down, lm_head.
+QWEN_1_5B_SHAPES = [(1536, 1536, True), (256, 1536, True), (1536, 1536, False),
+                    (8960, 1536, False), (1536, 8960, False), (151936, 1536, False)]
+
+
+@torch.inference_mode()
+def linear_shapes(dtype: torch.dtype, ms: list[int]) -> list[dict[str, Any]]:
+    """:func:`linear_per_m` on random weights of the real target's shapes (no model load)."""
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for n, kdim, bias in QWEN_1_5B_SHAPES:
+        lin = torch.nn.Linear(kdim, n, bias=bias).to(dtype)
+        torch.nn.init.normal_(lin.weight, std=0.02, generator=gen)
+        x = torch.randn(max(ms), kdim, generator=gen).to(dtype)
+        full = lin(x)
+        single = torch.cat([lin(x[i : i + 1]) for i in range(4)])
+        res = {"shape": f"{n}x{kdim}{'+b' if bias else ''}", "rows_vs_M1": {}, "rows_vs_Mmax": {}}
+        for mm in ms:
+            out = lin(x[:mm].contiguous())
+            res["rows_vs_M1"][mm] = bool(torch.equal(out[:4], single[:mm]))
+            res["rows_vs_Mmax"][mm] = bool(torch.equal(out, full[:mm]))
+        rows.append(res)
+        del lin
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="tiny", help="'tiny' or any specmux model spec")
+    ap.add_argument("--model", default="tiny", help="'tiny', 'shapes' (only the linear check, "
+                    "on random weights of Qwen2.5-1.5B's shapes) or any specmux model spec")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("-k", type=int, default=4, help="drafted tokens: passes of k+1 tokens")
     ap.add_argument("--prompt-tokens", type=int, default=120)
@@ -225,15 +252,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    if args.model == "tiny":
-        model = tiny_qwen2().to(dtype)
-        ids = torch.randint(0, model.config.vocab_size, (400,),
-                            generator=torch.Generator().manual_seed(0)).tolist()
-    else:
-        from specmux.models import load_model
-
-        model, tok = load_model(args.model, dtype=dtype)
-        ids = tok(TEXT)["input_ids"]
     ms = sorted({1, 2, 3, args.k + 1, 16, 64, 256})
     report: dict[str, Any] = {
         "command": " ".join(["python", *sys.argv]), "model": args.model, "dtype": args.dtype,
@@ -244,6 +262,18 @@ def main(argv: list[str] | None = None) -> int:
                     "cpu_capability": torch.backends.cpu.get_cpu_capability()},
         "modes": {},
     }
+    if args.model == "shapes":
+        report["linear_per_m"] = linear_shapes(dtype, ms)
+        return _finish(report, args.json)
+    if args.model == "tiny":
+        model = tiny_qwen2().to(dtype)
+        ids = torch.randint(0, model.config.vocab_size, (400,),
+                            generator=torch.Generator().manual_seed(0)).tolist()
+    else:
+        from specmux.models import load_model
+
+        model, tok = load_model(args.model, dtype=dtype)
+        ids = tok(TEXT)["input_ids"]
     cuts = [args.prompt_tokens + 17 * i for i in range(args.positions)]
     for mode in ("default", "exact"):
         set_exact(model, mode == "exact")
@@ -261,10 +291,14 @@ def main(argv: list[str] | None = None) -> int:
         }
     set_exact(model, False)
     report["linear_per_m"] = linear_per_m(model, ids, ms)
+    return _finish(report, args.json)
+
+
+def _finish(report: dict[str, Any], path: Path | None) -> int:
     _print(report)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1))
     return 0
 
 

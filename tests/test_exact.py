@@ -93,6 +93,13 @@ def test_set_exact_toggles_and_restores() -> None:
     assert on.shape == ref.shape
 
 
+def test_float32_models_are_left_alone() -> None:
+    model = tiny_qwen2(2).float()
+    assert set_exact(model) is model and not is_exact(model)
+    assert model.config._attn_implementation != "specmux_exact"
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
 @pytest.fixture(scope="module")
 def exact_pool() -> list:
     small = set_exact(tiny_qwen2(1, hidden=64, inter=256, layers=1))

@@ -21,6 +21,13 @@ Nondeterminism in LLM Inference", 2025), with the two changes this CPU needs:
 Embedding lookup, RMSNorm (a per-row fp32 reduction), rotary embeddings and the MLP's
 elementwise ops are row-wise already; the script checks them too.
 
+Exact mode covers **bfloat16** models.  In float32, torch runs linear layers on MKL's sgemm,
+whose rows round differently for M = 1, for some M up to 15 (9 does, 8 does not) and
+for M >= 16 (measured with ``benchmarks/batch_invariance.py --model shapes --dtype float32``);
+making them invariant would need every pass padded to one large fixed M, several times the
+cost of a float32 decode step.  A float32 model is left as it is (with a warning): there, a
+greedy output can leave target-only only at a near-tie within float32 rounding.
+
 Both changes are installed on the model object itself, so every user of the model gets
 them: :class:`~specmux.lm.CachedLM`, and Hugging Face ``generate`` (the assisted-generation
 baseline).  :func:`set_exact` toggles them; with exact mode off the model is untouched.
@@ -120,9 +127,15 @@ def set_exact(model: PreTrainedModel, on: bool = True) -> PreTrainedModel:
 
     On: every ``nn.Linear`` gets :func:`exact_linear_forward` and attention runs through
     :func:`exact_attention_forward`.  Off: both are removed again, so the model computes
-    exactly as loaded.  Idempotent.
+    exactly as loaded.  Idempotent.  Models other than bfloat16 are left unchanged (see the
+    module docstring); :func:`is_exact` tells whether it took effect.
     """
     if on == is_exact(model):
+        return model
+    if on and model.dtype != torch.bfloat16:
+        log.info("exact mode covers bfloat16 models; %s stays as it is (%s): greedy "
+                 "output may leave target-only at float rounding near-ties",
+                 type(model).__name__, str(model.dtype).removeprefix("torch."))
         return model
     if on:
         setattr(model, _PREVIOUS_ATTENTION, model.config._attn_implementation)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -329,18 +330,17 @@ def test_divergence_and_loud_mismatch_report(models: BenchModels, bench_dir: Pat
     info = runner._divergence(query, ref, [5, 6, 9, 8])
     assert info["index"] == 2 and info["reference_token"] == 7 and info["method_token"] == 9
     assert info["ulp"] > 0 and isinstance(info["near_tie"], bool)
-    assert info["exact"] and info["verdict"] == "mismatch"  # exact mode: no excuse
+    assert not info["exact"]  # exact mode covers bf16; this target is fp32
+    assert info["verdict"] == ("near-tie" if info["near_tie"] else "mismatch")
     # The logit gap is the target's own preference at that point, one token at a time.
     from specmux.lm import CachedLM
     row = CachedLM(models.target).logits([*query.prompt_ids, 5, 6], 1)[0]
     assert info["logit_gap"] == pytest.approx(float(row[7] - row[9]), abs=1e-4)
     assert runner._divergence(query, ref, ref[:2])["logit_gap"] is None  # stopped early
-    fast = BenchRunner(_config(prompts_per_domain=1, max_new_tokens=6, policies=(),
-                               hf_baseline=False, drafters=("ngram",), exact=False),
-                       models, synthetic_splits(num_eval=1, corpus_size=4))
-    loose = fast._divergence(query, ref, [5, 6, 9, 8])
-    assert not loose["exact"]
-    assert loose["verdict"] == ("near-tie" if loose["near_tie"] else "mismatch")
+    bf16 = BenchModels(copy.deepcopy(models.target).to(torch.bfloat16), models.tokenizer)
+    strict = BenchRunner(cfg, bf16, synthetic_splits(num_eval=1, corpus_size=4))
+    info_bf16 = strict._divergence(query, ref, [5, 6, 9, 8])
+    assert info_bf16["exact"] and info_bf16["verdict"] == "mismatch"  # exact mode: no excuse
     # Three verdicts in the table: identical, a near-tie flip outside exact mode, a mismatch.
     records = read_trace(bench_dir)
     hedge = [a for a in records if a["type"] == "answer" and a["method"] == "hedge"]
@@ -364,6 +364,8 @@ def test_exact_cost_runs_fast_twins(models: BenchModels, tmp_path: Path) -> None
 
     cfg = _config(prompts_per_domain=1, max_new_tokens=6, policies=("hedge",),
                   hf_baseline=False, drafters=("ngram", "lm"), exact_cost=True)
+    models = BenchModels(copy.deepcopy(models.target).to(torch.bfloat16), models.tokenizer,
+                         models.drafter)
     runner = BenchRunner(cfg, models, synthetic_splits(num_eval=1, corpus_size=4))
     ids = [m.id for m in runner.methods]
     assert ids[:2] == [TARGET_ONLY, "fast:target-only"] and "fast:only:lm" in ids
