@@ -135,3 +135,18 @@ def test_bf16_greedy_single_drafters_in_exact_mode(exact_target, exact_pool, exa
                                  num_speculative_tokens=6)
     for p in PROMPTS:
         assert decoder.generate(p, 48).token_ids == exact_references[tuple(p)], p
+
+
+def test_hf_assisted_generation_is_identical_in_exact_mode(exact_target, exact_pool,
+                                                           exact_references) -> None:
+    """Exact mode lives on the model, so Hugging Face's own assisted generation (the bench's
+    external baseline) is bit-exact too."""
+    assistant = exact_pool[1].lm.model
+    for p in PROMPTS:
+        ids = torch.tensor([p])
+        with torch.inference_mode():
+            out = exact_target.generate(ids, attention_mask=torch.ones_like(ids),
+                                        assistant_model=assistant, max_new_tokens=48,
+                                        do_sample=False, temperature=None, top_p=None,
+                                        top_k=None, pad_token_id=0, eos_token_id=None)
+        assert out[0, len(p):].tolist() == exact_references[tuple(p)], p

@@ -65,14 +65,20 @@ def exact_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor
     return out[:1].reshape(*x.shape[:-1], out.shape[-1])
 
 
-def _row_mask(mask: torch.Tensor | None, j: int, length: int) -> torch.Tensor | None:
-    """Row ``j`` of an attention mask cut to ``length`` keys, [b, 1|H, 1, length]; ``None``
-    when it masks nothing (then the row runs exactly like an unmasked decode step)."""
+def _masks_only_the_future(mask: torch.Tensor | None, q: int, kv: int) -> bool:
+    """Whether ``mask`` [b, 1|H, q, kv] (bool, or additive float) lets each row ``j`` see all
+    of its first ``kv - q + j + 1`` keys: then every row runs unmasked over exactly those
+    keys, as a one-token step does (the plain causal mask of a cached pass, or no mask)."""
     if mask is None:
-        return None
-    row = mask[:, :, j : j + 1, :length]
-    allowed = bool(row.all()) if row.dtype == torch.bool else bool((row == 0).all())
-    return None if allowed else row
+        return True
+    allowed = mask if mask.dtype == torch.bool else mask == 0
+    past = torch.arange(kv)[None, :] <= torch.arange(kv - q, kv)[:, None]  # [q, kv]
+    return bool((allowed[..., -q:, :] | ~past).all())
+
+
+def _row_mask(mask: torch.Tensor, j: int, length: int) -> torch.Tensor:
+    """Row ``j`` of an attention mask cut to ``length`` keys, [b, 1|H, 1, length]."""
+    return mask[:, :, j : j + 1, :length]
 
 
 def exact_attention_forward(
@@ -97,12 +103,14 @@ def exact_attention_forward(
     kv_heads, kv = key.shape[1], key.shape[2]
     rep = heads // kv_heads
     out = query.new_empty(b, q, heads, d)
+    if _masks_only_the_future(attention_mask, q, kv):
+        attention_mask = None  # padding-free batch: each row sees exactly its own past
     for j in range(q):
         length = kv - q + j + 1
         # [b, Hkv, rep, d]: the query heads of each key/value head, as transformers packs a
         # single decode query (pack_gqa) so SDPA needs no repeat_kv.
         qj = query[:, :, j, :].reshape(b, kv_heads, rep, d)
-        mask = _row_mask(attention_mask, j, length)
+        mask = None if attention_mask is None else _row_mask(attention_mask, j, length)
         if mask is not None and mask.shape[1] == heads:
             mask = mask.reshape(b, kv_heads, rep, length)
         oj = F.scaled_dot_product_attention(
