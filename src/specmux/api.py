@@ -157,6 +157,9 @@ class Pipeline:
     into one.  It is kept as ``self.config`` and handed unchanged to the decoder.
     ``drafters`` and ``policy`` default to the config's, then to :data:`DEFAULT_DRAFTERS` and
     :data:`DEFAULT_POLICY`; ``policy`` may also be a :class:`Policy` instance.
+    ``exact`` (default true) puts the target in exact mode (:mod:`specmux.exact`): its passes
+    are batch-invariant, so greedy output is bit-identical to target-only decoding in
+    bfloat16 too.
     """
 
     def __init__(
@@ -179,6 +182,10 @@ class Pipeline:
             self.target_name = target
         else:
             model, self.target_name = target, type(target).__name__
+        if isinstance(model, PreTrainedModel):
+            from specmux.exact import set_exact
+
+            set_exact(model, config.exact)
         self.tokenizer = tokenizer
         specs = list(drafters) if drafters is not None else (
             config.drafter_specs() or list(DEFAULT_DRAFTERS))

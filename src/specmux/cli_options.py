@@ -61,7 +61,7 @@ SpeculativeConfigOption = Annotated[
     typer.Option(
         help="JSON with vLLM keys (method: ngram | draft_model | suffix | pool, model, "
         "num_speculative_tokens, prompt_lookup_max, prompt_lookup_min) and specmux keys "
-        "(drafters, policy, loss, delayed_feedback, reset_per_query, seed). Checked "
+        "(drafters, policy, loss, delayed_feedback, reset_per_query, seed, exact). Checked "
         "strictly (no strings for numbers, no unknown keys); its keys override the options "
         "above. method 'suffix' takes the corpus path as 'model'.",
     ),

@@ -89,7 +89,8 @@ class SpeculativeConfig(BaseModel):
     ``num_speculative_tokens`` (k, or a list of k values: arms are every drafter x k),
     ``prompt_lookup_max`` and ``prompt_lookup_min``.  specmux adds ``drafters`` (a pool of
     drafter specs), ``policy`` (the learner), ``loss``, ``delayed_feedback``,
-    ``reset_per_query`` and ``seed`` (the learner's seed).
+    ``reset_per_query``, ``seed`` (the learner's seed) and ``exact`` (batch-invariant target
+    passes, see :mod:`specmux.exact`: greedy output bit-identical to target-only in bf16 too).
     """
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
@@ -108,6 +109,7 @@ class SpeculativeConfig(BaseModel):
     delayed_feedback: bool = True
     reset_per_query: bool = False
     seed: Seed = 0
+    exact: bool = True
 
     @field_validator("num_speculative_tokens", mode="before")
     @classmethod

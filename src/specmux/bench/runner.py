@@ -7,7 +7,12 @@ Methods, all greedy at batch 1 by default (``temperature > 0`` samples instead):
 * ``hf-assisted``: Hugging Face's own ``model.generate(assistant_model=...)`` with its
   default settings (the external baseline);
 * one run per policy (``ucb``, ``exp3``, ``metasd``, ``hedge``, ``normalhedge``) over the
-  whole pool.
+  whole pool;
+* with ``exact_cost``, ``fast:target-only`` and ``fast:only:lm``: the same runs with exact
+  mode off (today's bf16 path), so exact mode's cost is measured in the same run.
+
+In exact mode (:mod:`specmux.exact`, the default) the target computes every position
+bitwise alike in one-token and verification passes, so any greedy mismatch is a real one.
 
 Every model is loaded once; the target and the LM drafter each sit behind one
 :class:`~specmux.lm.CachedLM` shared by all methods.  The loop is *query-major*: for each
@@ -54,6 +59,7 @@ from specmux.drafters.suffix import SuffixDrafter
 from specmux.drafters.suffix_tree import SuffixTreeDrafter
 from specmux.engine import SpeculativeDecoder, autoregressive_generate
 from specmux.errors import ConfigError
+from specmux.exact import is_exact, set_exact
 from specmux.lm import CachedLM
 from specmux.policies import POLICIES
 from specmux.types import SamplingParams
@@ -64,6 +70,8 @@ TRACE_VERSION = 1
 TARGET_ONLY = "target-only"
 HF_ASSISTED = "hf-assisted"
 SINGLE_PREFIX = "only:"
+FAST_PREFIX = "fast:"  # a method run with exact mode off (exact_cost)
+NEAR_TIE_ULP = 2.0  # top-two logit gap (in ulp) that rounding alone can flip, outside exact mode
 LM_DRAFTER = "lm"
 SUFFIX = "suffix"  # the SuffixDecoding drafter with no corpus (request + earlier outputs)
 DEFAULT_POLICIES: tuple[str, ...] = ("ucb", "exp3", "metasd", "hedge", "normalhedge")
@@ -98,6 +106,8 @@ class BenchConfig:
     dtype: str = "bfloat16"  # both models; bf16 verifies k+1 tokens at ~1 step's cost here
     threads: int | None = None  # torch intra-op threads; None = torch's default
     prompts_file: str | None = None
+    exact: bool = True  # batch-invariant target passes (specmux.exact): greedy is bit-exact
+    exact_cost: bool = False  # also run target-only and only:lm with exact mode off
 
     def __post_init__(self) -> None:
         if self.prompts_per_domain < 1:
@@ -112,6 +122,9 @@ class BenchConfig:
             raise ConfigError(f"--temperature must be >= 0, got {self.temperature}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}; known: {', '.join(DTYPES)}")
+        if self.exact_cost and not self.exact:
+            raise ConfigError("--exact-cost compares exact mode with the fast path; it needs "
+                              "--exact")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
         if not self.domains and self.prompts_file is None:
@@ -349,6 +362,7 @@ class _Method:
     id: str  # trace key: target-only, only:<drafter>, hf-assisted, or a policy name
     kind: str  # target | single | hf | policy
     decoder: SpeculativeDecoder | None = None
+    exact: bool = True  # exact mode on the target for this method's runs
 
 
 @dataclass
@@ -406,35 +420,42 @@ class BenchRunner:
             if model is not None and fix_lm_head_strides(model):
                 log.info("bf16 lm_head stride workaround installed on %s",
                          type(model).__name__)
+        set_exact(models.target, cfg.exact)  # only the target's passes decide losslessness
         self.target = CachedLM(models.target, name="target")
         self.factory = DrafterFactory(cfg.pool_names(), self.splits, models.tokenizer,
                                       models.drafter)
         self.methods = self._methods()
-        self.reference: dict[int, list[int]] = {}  # query index -> target-only output
+        # (exact mode, query index) -> target-only output in that mode
+        self.reference: dict[tuple[bool, int], list[int]] = {}
         self._hf_calls = 0
 
     def _methods(self) -> list[_Method]:
         cfg = self.cfg
-        methods = [_Method(TARGET_ONLY, "target")]
+        twins = cfg.exact and cfg.exact_cost
+        methods = [_Method(TARGET_ONLY, "target", exact=cfg.exact)]
+        if twins:
+            methods.append(_Method(FAST_PREFIX + TARGET_ONLY, "target", exact=False))
         if cfg.single_drafters:
             for name in cfg.pool_names():
-                decoder = SpeculativeDecoder(
-                    self.target, self.factory.pool([name]), "fixed",
-                    num_speculative_tokens=cfg.num_speculative_tokens, eos_token_ids=self.stop,
-                    seed=cfg.seed,
-                )
-                methods.append(_Method(SINGLE_PREFIX + name, "single", decoder))
+                for exact in (cfg.exact, False) if twins and name == LM_DRAFTER else (cfg.exact,):
+                    decoder = SpeculativeDecoder(
+                        self.target, self.factory.pool([name]), "fixed",
+                        num_speculative_tokens=cfg.num_speculative_tokens,
+                        eos_token_ids=self.stop, seed=cfg.seed,
+                    )
+                    prefix = SINGLE_PREFIX if exact == cfg.exact else FAST_PREFIX + SINGLE_PREFIX
+                    methods.append(_Method(prefix + name, "single", decoder, exact=exact))
         if cfg.hf_baseline:
             if self.models.drafter is None:
                 raise ConfigError("the HF assisted-generation baseline needs a drafter model")
-            methods.append(_Method(HF_ASSISTED, "hf"))
+            methods.append(_Method(HF_ASSISTED, "hf", exact=cfg.exact))
         for name in cfg.policies:
             decoder = SpeculativeDecoder(
                 self.target, self.factory.pool(), name,
                 num_speculative_tokens=cfg.num_speculative_tokens, eos_token_ids=self.stop,
                 reset_per_query=cfg.reset_per_query, seed=cfg.seed,
             )
-            methods.append(_Method(name, "policy", decoder))
+            methods.append(_Method(name, "policy", decoder, exact=cfg.exact))
         return methods
 
     @property
@@ -564,6 +585,7 @@ class BenchRunner:
         return _Run(tokens, seconds, calls, max(len(tokens) - calls, 0), finish)
 
     def _run(self, method: _Method, query: Query) -> _Run:
+        set_exact(self.models.target, method.exact)  # no-op unless exact_cost twins run
         if method.kind == "target":
             return self._run_target_only(query)
         if method.kind == "hf":
@@ -579,10 +601,13 @@ class BenchRunner:
         longest = self.longest_prompt()
         short = longest[-8:]
         k = self.cfg.num_speculative_tokens
-        self._cold_start()
-        for prompt in (longest, short):
-            autoregressive_generate(self.target, prompt, 2, SamplingParams(), ())
-            self.target.logits(prompt + prompt[:k], k + 1)  # a verification-sized pass
+        for exact in dict.fromkeys(m.exact for m in self.methods):
+            set_exact(self.models.target, exact)
+            self._cold_start()
+            for prompt in (longest, short):
+                autoregressive_generate(self.target, prompt, 2, SamplingParams(), ())
+                self.target.logits(prompt + prompt[:k], k + 1)  # a verification-sized pass
+        set_exact(self.models.target, self.cfg.exact)
         lm = self.factory.shared.get(LM_DRAFTER)
         if isinstance(lm, HFDrafter):
             for prompt in (longest, short):
@@ -644,13 +669,19 @@ class BenchRunner:
         """Where an output left the target-only reference, and how close the target's own
         choice was there: the logit gap between the two tokens, recomputed one token at a
         time as target-only decoding does, in units of the logits' precision (``ulp``).  A
-        gap within 2 ulp is a *near-tie*: the target's argmax there depends on rounding, which
-        differs between a one-token step and a (k+1)-token verification pass."""
+        gap within :data:`NEAR_TIE_ULP` is a *near-tie*: outside exact mode the target's
+        argmax there depends on rounding, which differs between a one-token step and a
+        (k+1)-token verification pass.
+
+        ``verdict``: ``"near-tie"`` (a rounding flip outside exact mode: expected, reported)
+        or ``"mismatch"`` (a gap above the rounding, or any difference in exact mode, where
+        every pass computes a position bitwise alike: a bug)."""
         i = next((j for j, (a, b) in enumerate(zip(ref, mine, strict=False)) if a != b),
                  min(len(ref), len(mine)))
         info: dict[str, Any] = {"index": i, "reference_token": ref[i] if i < len(ref) else None,
                                 "method_token": mine[i] if i < len(mine) else None,
-                                "logit_gap": None, "ulp": None, "near_tie": None}
+                                "logit_gap": None, "ulp": None, "near_tie": None,
+                                "exact": is_exact(self.models.target), "verdict": "mismatch"}
         if info["reference_token"] is None or info["method_token"] is None:
             return info
         context = [*query.prompt_ids, *ref[:i]]
@@ -662,7 +693,9 @@ class BenchRunner:
         gap = float(row[info["reference_token"]] - row[info["method_token"]])
         top = max(abs(float(row.max())), 1e-30)
         ulp = torch.finfo(self.models.target.dtype).eps * 2.0 ** math.floor(math.log2(top))
-        info.update(logit_gap=gap, ulp=ulp, near_tie=abs(gap) <= 2 * ulp)
+        near_tie = abs(gap) <= NEAR_TIE_ULP * ulp
+        info.update(logit_gap=gap, ulp=ulp, near_tie=near_tie,
+                    verdict="near-tie" if near_tie and not info["exact"] else "mismatch")
         return info
 
     def _records(self, method: _Method, query: Query, run: _Run) -> Iterator[dict[str, Any]]:
@@ -672,18 +705,21 @@ class BenchRunner:
             yield {"type": "round", **common, **r}
         lossless: bool | None = None
         divergence: dict[str, Any] | None = None
+        ref_key = (method.exact, query.index)
         if method.kind == "target":
-            self.reference[query.index] = run.tokens
-        elif not self.cfg.sampling and query.index in self.reference:
-            lossless = run.tokens == self.reference[query.index]
+            self.reference[ref_key] = run.tokens
+        elif not self.cfg.sampling and ref_key in self.reference:
+            lossless = run.tokens == self.reference[ref_key]
             if not lossless:
-                divergence = self._divergence(query, self.reference[query.index], run.tokens)
-                log.error("LOSSLESS VIOLATION: %s on %s differs from target-only at token %d "
-                          "(%s)", method.id, query.question_id, divergence["index"], divergence)
+                divergence = self._divergence(query, self.reference[ref_key], run.tokens)
+                level = logging.WARNING if divergence["verdict"] == "near-tie" else logging.ERROR
+                log.log(level, "LOSSLESS %s: %s on %s differs from target-only at token %d "
+                        "(%s)", divergence["verdict"].upper(), method.id, query.question_id,
+                        divergence["index"], divergence)
         text = self.models.tokenizer.decode(run.tokens, skip_special_tokens=True)
         yield {
             "type": "answer", **common,
-            "model_id": self.models.target_name, "kind": method.kind,
+            "model_id": self.models.target_name, "kind": method.kind, "exact": method.exact,
             "answer_id": f"{method.id}/{query.index}",
             "choices": [{
                 "index": 0, "turns": [text], "new_tokens": [len(run.tokens)],
