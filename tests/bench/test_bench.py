@@ -255,7 +255,7 @@ def test_cli_bench_on_local_tiny_models(tmp_path: Path, models: BenchModels,
                                         monkeypatch) -> None:
     """The real command on local model directories and the real (shipped) datasets; a real
     mismatch (injected into the report) makes it exit 1."""
-    import specmux.bench.report as report_mod
+    import specmux.bench.output as report_mod
 
     write = report_mod.write_report
 

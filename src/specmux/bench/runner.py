@@ -660,7 +660,8 @@ class BenchRunner:
                         on_run(method.id, query)
                     run = self._run(method, query)
                     yield from self._records(method, query, run)
-                self.reference.pop(query.index, None)  # only needed within the query
+                for exact in (True, False):  # only needed within the query
+                    self.reference.pop((exact, query.index), None)
         finally:
             gc.unfreeze()
             torch.set_num_threads(threads)
