@@ -27,16 +27,20 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from specmux.costmodel import CostModel
 from specmux.drafters.base import Drafter
 from specmux.errors import ConfigError, PromptError, TokenizerMismatchError
 from specmux.feedback import CounterfactualTracker, position_scores
 from specmux.lm import CachedLM
 from specmux.metrics import SpecStats
 from specmux.policies import Arm, Policy, make_policy
-from specmux.types import Draft, Feedback, SamplingParams, Step
+from specmux.scoring import ScoringPlan
+from specmux.types import Draft, Feedback, PathDistributions, SamplingParams, Step
 from specmux.verify import process_logits, sample, verify
 
 log = logging.getLogger(__name__)
+
+NO_DRAFT = "none"  # the drafter name of the no-speculation arm (k = 0)
 
 
 @dataclass
@@ -104,7 +108,12 @@ def _check_prompt(prompt_ids: Sequence[int], max_context: int, max_new_tokens: i
 class SpeculativeDecoder:
     """A target model accelerated by a pool of drafters chosen by an online learner.
 
-    ``num_speculative_tokens`` may be one ``k`` or several; arms are all (drafter, k) pairs.
+    ``num_speculative_tokens`` may be one ``k`` or several; arms are all (drafter, k) pairs
+    for ``k >= 1``, and ``0`` in the list adds one *no-speculation* arm (``none@k=0``: one
+    target step, one token).  ``loss="time"`` makes full-information learners optimize
+    tokens per second with the online :class:`~specmux.costmodel.CostModel`;
+    ``score_rate < 1`` scores expensive drafters on that share of rounds only
+    (:mod:`specmux.scoring`).
     ``score_all`` (default: the policy is full-information) runs every drafter along each
     verified path for counterfactual losses.  ``reset_per_query`` makes the learner start
     afresh on every query; otherwise it keeps learning across queries.
@@ -124,6 +133,8 @@ class SpeculativeDecoder:
         eos_token_ids: Iterable[int] = (),
         policy_kwargs: dict[str, Any] | None = None,
         seed: int = 0,
+        cost_model: CostModel | None = None,
+        score_rate: float = 1.0,
     ) -> None:
         self.target = _as_cached_lm(target)
         if not drafters:
@@ -140,12 +151,20 @@ class SpeculativeDecoder:
         ks = [num_speculative_tokens] if isinstance(num_speculative_tokens, int) else list(
             num_speculative_tokens
         )
-        if not ks or any(int(k) < 1 for k in ks):
-            raise ConfigError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
+        if not ks or any(int(k) < 0 for k in ks) or max(int(k) for k in ks) < 1:
+            raise ConfigError(
+                f"num_speculative_tokens must be >= 1 (0 only next to a k >= 1 in a list), "
+                f"got {num_speculative_tokens}")
+        if len(set(int(k) for k in ks)) != len(ks):
+            raise ConfigError(f"num_speculative_tokens has duplicates: {num_speculative_tokens}")
         self.drafters = list(drafters)
-        self.arms = [Arm(d.name, int(k)) for d in self.drafters for k in ks]
-        self.arm_drafter = [i for i in range(len(self.drafters)) for _ in ks]
-        self.max_k = max(int(k) for k in ks)
+        spec_ks = [int(k) for k in ks if int(k) > 0]
+        self.arms = [Arm(d.name, k) for d in self.drafters for k in spec_ks]
+        self.arm_drafter = [i for i in range(len(self.drafters)) for _ in spec_ks]
+        if 0 in ks:  # no speculation: one target step, one token
+            self.arms.append(Arm(NO_DRAFT, 0))
+            self.arm_drafter.append(0)
+        self.max_k = max(spec_ks)
         if isinstance(policy, str):
             policy = make_policy(policy, len(self.arms), seed=seed, **(policy_kwargs or {}))
         if policy.num_arms != len(self.arms):
@@ -158,6 +177,11 @@ class SpeculativeDecoder:
         self.score_all = policy.full_information if score_all is None else score_all
         if policy.full_information and not self.score_all:
             raise ConfigError(f"policy {policy.name!r} needs score_all=True")
+        if not 0.0 < score_rate <= 1.0:
+            raise ConfigError(f"score_rate must be in (0, 1], got {score_rate}")
+        self.cost_model = cost_model or CostModel()
+        self.scoring = ScoringPlan([d.name for d in self.drafters], score_rate, seed=seed)
+        self._arm_specs = [(arm.drafter, arm.k) for arm in self.arms]
         self.reset_per_query = reset_per_query
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.stats = SpecStats()
@@ -215,11 +239,12 @@ class SpeculativeDecoder:
         """One round: select, propose, score, verify, learn; extends ``context`` in place."""
         t0 = time.perf_counter()
         a = self.policy.select()
-        arm, drafter = self.arms[a], self.drafters[self.arm_drafter[a]]
+        arm = self.arms[a]
+        drafter = self.drafters[self.arm_drafter[a]] if arm.k else None
         room = self.target.max_context - len(context) - 1
         k = max(0, min(arm.k, remaining - 1, room))
         t1 = time.perf_counter()
-        draft = drafter.propose(context, k, sampling, generator) if k else _EMPTY
+        draft = drafter.propose(context, k, sampling, generator) if k and drafter else _EMPTY
         if len(draft) > k:
             draft = Draft(draft.tokens[:k], None if draft.probs is None else draft.probs[:k])
         t2 = time.perf_counter()
@@ -227,6 +252,9 @@ class SpeculativeDecoder:
         logits = self.target.logits(context + draft.tokens.tolist(), len(draft) + 1)
         verdict, target_probs = verify(draft, logits, sampling, generator)
         t3 = time.perf_counter()
+        if drafter is not None and len(draft):
+            self.cost_model.observe_draft(drafter.name, len(draft), t2 - t1)
+        self.cost_model.observe_verify(len(draft) + 1, len(context), t3 - t2)
 
         committed = verdict.tokens.tolist()
         finish_reason = None
@@ -256,8 +284,9 @@ class SpeculativeDecoder:
             d.observe(context, committed)
         context.extend(committed)
         t4 = time.perf_counter()
+        self.cost_model.observe_round(len(committed), t4 - t0)
         step = Step(
-            round=round_index, drafter=drafter.name, arm=a, k=k,
+            round=round_index, drafter=drafter.name if drafter else NO_DRAFT, arm=a, k=k,
             num_draft_tokens=len(draft), num_accepted_tokens=verdict.num_accepted_tokens,
             tokens=tuple(committed), seconds=t4 - t0, draft_seconds=t2 - t1,
             verify_seconds=t3 - t2, learner_seconds=(t1 - t0) + (t4 - t3),
@@ -286,17 +315,34 @@ class SpeculativeDecoder:
         if not self.score_all:
             return {}, ()
         scored = path if self.tracker.loss == "acceptance" else path[: self.max_k]
-        dists = [d.distributions(context, scored, sampling) for d in self.drafters]
+        model = self.cost_model
+        played = self.arm_drafter[arm] if self.arms[arm].k else None
+        run, factors = self.scoring.decide(played, model, len(context), self.tracker.needs)
+        dists: list[PathDistributions | None] = []
+        for i, d in enumerate(self.drafters):
+            if not run[i]:
+                dists.append(None)
+                continue
+            t0 = time.perf_counter()
+            dists.append(d.distributions(context, scored, sampling))
+            if i != played:  # the played drafter's rows are reused from its draft
+                model.observe_score(d.name, time.perf_counter() - t0)
         gamma, weight = position_scores(
             torch.tensor(scored, dtype=torch.long), target_probs[: len(scored)], dists,
             sampling.greedy,
         )
-        resolved = self.tracker.add_round_tagged(gamma, weight, arm)
+        costs, rho = None, 0.0
+        if self.tracker.loss == "time":
+            costs = model.round_seconds(self._arm_specs, len(context))  # [num_arms]
+            rho = model.throughput()
+        resolved = self.tracker.add_round_tagged(gamma, weight, arm, costs=costs, rho=rho,
+                                                 factors=factors)
         if finished:
             resolved += self.tracker.flush_tagged()
         for tag, losses in resolved:
             self.stats.record_losses(tag, losses)
-        gammas = {d.name: tuple(float(g) for g in gamma[:, i]) for i, d in enumerate(self.drafters)}
+        gammas = {d.name: tuple(float(g) for g in gamma[:, i])
+                  for i, d in enumerate(self.drafters) if run[i]}
         return gammas, tuple(losses for _, losses in resolved)
 
     def generate(
