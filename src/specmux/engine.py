@@ -277,6 +277,7 @@ class SpeculativeDecoder:
                 arm=a, k=arm.k, max_k=self.max_k, num_draft_tokens=len(draft),
                 num_accepted_tokens=verdict.num_accepted_tokens,
                 divergence=block_divergence(draft, target_probs, k), losses=losses,
+                seconds=t3 - t0,
             )
         )
         for d in self.drafters:
