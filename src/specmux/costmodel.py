@@ -164,18 +164,14 @@ class CostModel:
     def round_seconds(self, arms: Sequence[tuple[str, int]], context: int) -> np.ndarray:
         """Modelled seconds of one round per arm ``(drafter, k)``: drafting + verification.
 
-        [num_arms]; an arm whose drafter was never timed gets the cheapest timed drafter's
-        cost (optimistic, so that Hedge does not rule it out before it is measured).
+        [num_arms]; a drafter never timed drafts for free (optimistic: a learner then
+        tries it, and the first proposal measures it).
         """
-        known = [self.draft_seconds(d, k) for d, k in arms]
-        fallback = {k: min((c for (_, kk), c in zip(arms, known, strict=True)
-                            if kk == k and not math.isnan(c)), default=0.0)
-                    for _, k in arms}
         out = np.empty(len(arms))
-        for i, ((_, k), draft) in enumerate(zip(arms, known, strict=True)):
+        for i, (drafter, k) in enumerate(arms):
+            draft = self.draft_seconds(drafter, k)
             verify = self.verify_seconds(k + 1, context)
-            out[i] = (fallback[k] if math.isnan(draft) else draft) + (
-                0.0 if math.isnan(verify) else verify)
+            out[i] = (0.0 if math.isnan(draft) else draft) + (0.0 if math.isnan(verify) else verify)
         return out
 
     def snapshot(self, max_positions: int = 9, context: int = 256) -> dict[str, Any]:

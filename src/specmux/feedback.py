@@ -217,7 +217,7 @@ class CounterfactualTracker:
         """Whether a pending round still needs ``drafter`` scored on the next path: it was
         scored at that round (``factors > 0``) and may still be accepted further."""
         for pending in self._pending:
-            if pending.factors is not None and pending.factors[drafter] > 0:
+            if pending.factors is None or pending.factors[drafter] > 0:
                 assert self._weight is not None
                 lo = pending.start - self._offset
                 if np.prod(self._weight[lo:self._len, drafter]) > 0:
@@ -275,8 +275,9 @@ class CounterfactualTracker:
     def _losses(self, gamma: np.ndarray, weight: np.ndarray, meta: _Pending) -> np.ndarray:
         """Loss vector [num_arms] from the scores along one round's (possibly longer) path."""
         factors = meta.factors
-        if factors is not None:  # unscored drafters' nan columns never reach a loss
-            gamma, weight = np.nan_to_num(gamma), np.nan_to_num(weight)
+        # Positions a drafter was not run on are nan: past a drafter's first certain miss
+        # (weight 0) they do not count, and a factor-0 drafter's arms use the baseline.
+        gamma, weight = np.nan_to_num(gamma), np.nan_to_num(weight)
         if self.loss == "acceptance":
             per_drafter = (1.0 - gamma).sum(axis=0) / (self.max_k + 1)  # [N]
             losses = per_drafter[self.drafter_of_arm]
@@ -293,11 +294,10 @@ class CounterfactualTracker:
         f = factors[self.drafter_of_arm]  # [num_arms]
         base = np.divide(self._base_sum, self._base_w, out=np.zeros_like(self._base_sum),
                          where=self._base_w > 0)
-        exact = f == 1.0
         self._base_sum *= self._decay
         self._base_w *= self._decay
-        self._base_sum[exact] += losses[exact]
-        self._base_w[exact] += 1.0
+        self._base_sum[f > 0] += losses[f > 0]
+        self._base_w[f > 0] += 1.0
         return base + f * (losses - base)
 
     def tokens(self, gamma: np.ndarray, weight: np.ndarray) -> np.ndarray:
