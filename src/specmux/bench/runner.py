@@ -6,8 +6,12 @@ Methods, all greedy at batch 1 by default (``temperature > 0`` samples instead):
 * ``only:<drafter>``: each drafter of the pool alone (a ``fixed`` policy over a pool of one);
 * ``hf-assisted``: Hugging Face's own ``model.generate(assistant_model=...)`` with its
   default settings (the external baseline);
-* one run per policy (``ucb``, ``exp3``, ``metasd``, ``hedge``, ``normalhedge``) over the
-  whole pool.
+* one run per policy (``ucb``, ``exp3``, ``metasd``, ``hedge``, ``normalhedge``,
+  ``banditspec``) over the whole pool; ``NAME:LOSS`` picks a full-information learner's
+  loss (``hedge:length``; default ``BenchConfig.loss``).
+
+Arms are drafter x k over ``k_choices`` (``0`` adds the no-speculation arm); each drafter
+alone runs at every ``single_ks`` (``only:lm@2``: the fixed (drafter, k) baselines).
 
 Every model is loaded once; the target and the LM drafter each sit behind one
 :class:`~specmux.lm.CachedLM` shared by all methods.  The loop is *query-major*: for each
@@ -52,6 +56,7 @@ from specmux.drafters.ngram import NgramDrafter
 from specmux.drafters.suffix import SuffixDrafter
 from specmux.engine import SpeculativeDecoder, autoregressive_generate
 from specmux.errors import ConfigError
+from specmux.feedback import LOSSES
 from specmux.lm import CachedLM
 from specmux.policies import POLICIES, Policy, make_policy
 from specmux.types import Feedback, SamplingParams
@@ -63,7 +68,8 @@ TARGET_ONLY = "target-only"
 HF_ASSISTED = "hf-assisted"
 SINGLE_PREFIX = "only:"
 LM_DRAFTER = "lm"
-DEFAULT_POLICIES: tuple[str, ...] = ("ucb", "exp3", "metasd", "hedge", "normalhedge")
+DEFAULT_POLICIES: tuple[str, ...] = ("ucb", "exp3", "metasd", "hedge", "normalhedge",
+                                     "banditspec")
 DEFAULT_DOMAINS: tuple[str, ...] = ("code", "math", "chat")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -82,6 +88,10 @@ class BenchConfig:
     policies: tuple[str, ...] = DEFAULT_POLICIES
     drafters: tuple[str, ...] | None = None
     num_speculative_tokens: int = 4
+    k_choices: tuple[int, ...] | None = None  # learners' k set; None: (num_speculative_tokens,)
+    single_ks: tuple[int, ...] | None = None  # k of the single-drafter runs; None: k_choices
+    loss: str = "length"  # full-information learners' loss unless NAME:LOSS says otherwise
+    score_rate: float = 1.0  # share of rounds an expensive drafter is scored when not played
     temperature: float = 0.0
     seed: int = 0
     hf_baseline: bool = True
@@ -111,10 +121,21 @@ class BenchConfig:
             raise ConfigError("at least one domain is needed")
         if self.order not in ORDERS:
             raise ConfigError(f"unknown order {self.order!r}; known: {', '.join(ORDERS)}")
-        bad = [p for p in self.policies if p not in POLICIES or p == "fixed"]
+        bad = [p for p in self.policies
+               if p.partition(":")[0] not in POLICIES or p.startswith("fixed")]
         if bad:
             known = ", ".join(p for p in sorted(POLICIES) if p != "fixed")
             raise ConfigError(f"unknown policy {bad[0]!r}; known: {known}")
+        losses = {self.loss, *(p.partition(":")[2] for p in self.policies if ":" in p)}
+        if not losses <= set(LOSSES):
+            raise ConfigError(f"unknown loss in {sorted(losses)}; known: {', '.join(LOSSES)}")
+        ks = self.learner_ks()
+        if any(k < 0 for k in ks) or max(ks) < 1 or len(set(ks)) != len(ks):
+            raise ConfigError(f"--num-speculative-tokens: bad k set {list(ks)}")
+        if any(k < 1 for k in self.single_k_list()):
+            raise ConfigError("single-drafter k must be >= 1")
+        if not 0.0 < self.score_rate <= 1.0:
+            raise ConfigError(f"--score-rate must be in (0, 1], got {self.score_rate}")
         if len(set(self.policies)) != len(self.policies):
             raise ConfigError(f"duplicate policies in {list(self.policies)}")
         names = self.pool_names()
@@ -131,6 +152,14 @@ class BenchConfig:
                     f"unknown drafter {name!r}; choose from ngram, {LM_DRAFTER} and suffix:DOMAIN"
                     f" for a benchmarked domain ({', '.join(self.domains)})"
                 )
+
+    def learner_ks(self) -> tuple[int, ...]:
+        return tuple(self.k_choices) if self.k_choices else (self.num_speculative_tokens,)
+
+    def single_k_list(self) -> tuple[int, ...]:
+        if self.single_ks:
+            return tuple(self.single_ks)
+        return tuple(k for k in self.learner_ks() if k > 0)
 
     def pool_names(self) -> list[str]:
         if self.drafters is not None:
@@ -375,6 +404,7 @@ class _Run:
     # the method does not expose it (HF assisted generation).
     first_seconds: float | None = None
     first_tokens: int | None = None
+    cost_model: dict[str, Any] | None = None  # the learner's cost model after the run
 
 
 def _stop_ids(models: BenchModels) -> list[int]:
@@ -420,26 +450,32 @@ class BenchRunner:
         cfg = self.cfg
         methods = [_Method(TARGET_ONLY, "target")]
         if cfg.single_drafters:
+            single_ks = cfg.single_k_list()
             for name in cfg.pool_names():
-                decoder = SpeculativeDecoder(
-                    self.target, self.factory.pool([name]), "fixed",
-                    num_speculative_tokens=cfg.num_speculative_tokens, eos_token_ids=self.stop,
-                    seed=cfg.seed,
-                )
-                methods.append(_Method(SINGLE_PREFIX + name, "single", decoder))
+                for k in single_ks:
+                    decoder = SpeculativeDecoder(
+                        self.target, self.factory.pool([name]), "fixed",
+                        num_speculative_tokens=k, eos_token_ids=self.stop, seed=cfg.seed,
+                    )
+                    suffix = f"@{k}" if len(single_ks) > 1 else ""
+                    methods.append(_Method(SINGLE_PREFIX + name + suffix, "single", decoder))
         if cfg.hf_baseline:
             if self.models.drafter is None:
                 raise ConfigError("the HF assisted-generation baseline needs a drafter model")
             methods.append(_Method(HF_ASSISTED, "hf"))
-        pool_size = len(cfg.pool_names())
-        for name in cfg.policies:
-            policy = TimedPolicy(make_policy(name, pool_size, seed=cfg.seed))
+        ks = cfg.learner_ks()
+        num_arms = len(cfg.pool_names()) * sum(k > 0 for k in ks) + (0 in ks)
+        for spec in cfg.policies:
+            name, _, loss = spec.partition(":")
+            policy = TimedPolicy(make_policy(name, num_arms, seed=cfg.seed))
             decoder = SpeculativeDecoder(
                 self.target, self.factory.pool(), policy,
-                num_speculative_tokens=cfg.num_speculative_tokens, eos_token_ids=self.stop,
+                num_speculative_tokens=list(ks), eos_token_ids=self.stop,
                 reset_per_query=cfg.reset_per_query, seed=cfg.seed,
+                loss=(loss or cfg.loss) if policy.full_information else "length",
+                score_rate=cfg.score_rate,
             )
-            methods.append(_Method(name, "policy", decoder, policy))
+            methods.append(_Method(spec, "policy", decoder, policy))
         return methods
 
     @property
@@ -498,15 +534,19 @@ class BenchRunner:
                 "learner_seconds": step.learner_seconds,
                 "policy_seconds": policy_now - policy_before,
                 "gammas": {k: list(v) for k, v in step.gammas.items()},
+                "scored": sorted(step.gammas),
             })
             policy_before = policy_now
             tokens.extend(step.tokens)
             accepted += step.num_accepted_tokens
             finish = step.finish_reason or "length"
         seconds = time.perf_counter() - t0
+        cost = method.decoder.cost_model.snapshot(max_positions=max(self.cfg.learner_ks()) + 1,
+                                                  context=len(query.prompt_ids) + len(tokens))
         return _Run(tokens, seconds, len(rounds), accepted,
                     finish, rounds,
-                    first_seconds=rounds[0]["seconds"], first_tokens=rounds[0]["new_tokens"])
+                    first_seconds=rounds[0]["seconds"], first_tokens=rounds[0]["new_tokens"],
+                    cost_model=cost if method.kind == "policy" else None)
 
     def _count_hf_call(self, *_: Any) -> None:
         self._hf_calls += 1
@@ -559,7 +599,7 @@ class BenchRunner:
         """
         longest = list(max(self.queries, key=lambda q: len(q.prompt_ids)).prompt_ids)
         short = longest[-8:]
-        k = self.cfg.num_speculative_tokens
+        k = max(self.cfg.learner_ks() + self.cfg.single_k_list())
         self._cold_start()
         for prompt in (longest, short):
             autoregressive_generate(self.target, prompt, 2, SamplingParams(), ())
@@ -674,6 +714,7 @@ class BenchRunner:
             "num_accepted_tokens": run.num_accepted_tokens,
             "finish_reason": run.finish_reason, "lossless": lossless, "divergence": divergence,
             "first_seconds": run.first_seconds, "first_tokens": run.first_tokens,
+            "cost_model": run.cost_model,
         }
 
 
