@@ -35,8 +35,13 @@ Losses, each in [0, 1]:
 * ``"time"``: Dinkelbach's loss for tokens per *second*.  With ``T_a = E[A_a] + 1`` the
   tokens arm ``a`` would have committed, ``c_a`` its modelled round seconds
   (:class:`specmux.costmodel.CostModel`) and ``rho`` the running throughput (tokens/s),
-  the gain ``T_a - rho * c_a`` is maximized, normalized to [0, 1] per round as
-  ``(max_k + 1 - T_a + rho * c_a) / (max_k + rho * max_b c_b)``.  Throughput is a ratio of
+  the gain ``g_a = T_a - rho * c_a`` is maximized.  The loss is
+  ``1/2 + (m - g_a) / (2 D)``: ``m`` is the round's mean gain over the arms scored exactly
+  (a per-round shift, which exponential weights ignore), ``D`` the largest ``|g_a - m|``
+  seen so far (a scale that only grows, fixed after the first rounds, so the objective
+  is not reweighted; the worst-case bound ``max_k + rho * max c`` would shrink the loss
+  differences tenfold and slow Hedge down as much).  Losses lie in [0, 1] except in a
+  round that raises ``D``, by the raise.  Throughput is a ratio of
   expectations, ``sum T / sum c``; an arm beats ``rho`` exactly when its gain is positive,
   and as ``rho`` follows the learner's own throughput, the arm with the largest gain is
   the one with the best long-run tokens/second (Dinkelbach 1967).  The no-speculation arm
@@ -162,6 +167,7 @@ class CounterfactualTracker:
         self._decay = 0.5 ** (1.0 / baseline_half_life)
         self._base_sum = np.zeros(len(self.k_of_arm))
         self._base_w = np.zeros(len(self.k_of_arm))
+        self.time_scale = 0.0  # D of the "time" loss: largest |gain - mean gain| seen
         # Arms grouped by k once: (k, arm mask, drafter of each selected arm).
         self._groups = [
             (int(k), sel, self.drafter_of_arm[sel])
@@ -286,9 +292,7 @@ class CounterfactualTracker:
             if self.loss == "length":
                 losses = 1.0 - tokens / (self.max_k + 1)
             else:
-                assert meta.costs is not None
-                charge = meta.rho * meta.costs  # [num_arms] seconds in tokens
-                losses = (self.max_k + 1 - tokens + charge) / (self.max_k + charge.max())
+                losses = self._time_losses(tokens, meta)
         if factors is None:
             return losses
         f = factors[self.drafter_of_arm]  # [num_arms]
@@ -299,6 +303,23 @@ class CounterfactualTracker:
         self._base_sum[f > 0] += losses[f > 0]
         self._base_w[f > 0] += 1.0
         return base + f * (losses - base)
+
+    def _time_losses(self, tokens: np.ndarray, meta: _Pending) -> np.ndarray:
+        """Dinkelbach's gain ``T - rho * c`` per arm, shifted and scaled (module docstring)."""
+        assert meta.costs is not None
+        gain = tokens - meta.rho * meta.costs  # [num_arms], in tokens
+        exact = (np.ones(len(gain), dtype=bool) if meta.factors is None
+                 else meta.factors[self.drafter_of_arm] == 1.0)
+        if not exact.any():
+            exact[:] = True
+        mean = float(gain[exact].mean())
+        spread = float(np.abs(gain[exact] - mean).max())
+        seen = None if meta.factors is None else meta.factors[self.drafter_of_arm] > 0
+        if seen is not None and seen.any():  # scored by a coin: known exactly too
+            spread = max(spread, float(np.abs(gain[seen] - mean).max()))
+        scale = self.time_scale if self.time_scale > 0 else max(spread, 1e-9)
+        self.time_scale = max(self.time_scale, spread)
+        return 0.5 + (mean - gain) / (2.0 * scale)
 
     def tokens(self, gamma: np.ndarray, weight: np.ndarray) -> np.ndarray:
         """Expected tokens per round ``E[min(A, k)] + 1`` of every arm [num_arms]."""
