@@ -73,6 +73,6 @@ def pipeline_from_options(
         target, drafters, cfg.policy or policy,
         num_speculative_tokens=cfg.num_speculative_tokens,
         prompt_lookup_max=cfg.prompt_lookup_max, prompt_lookup_min=cfg.prompt_lookup_min,
-        loss=cfg.loss, delayed_feedback=cfg.delayed_feedback,
+        loss=cfg.loss, delayed_feedback=cfg.delayed_feedback, score_rate=cfg.score_rate,
         reset_per_query=reset_per_query or cfg.reset_per_query, seed=seed or 0, install=install,
     )

@@ -10,7 +10,15 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 
 from specmux.errors import ConfigError
 
@@ -27,12 +35,16 @@ class SpeculativeConfig(BaseModel):
 
     method: Literal["ngram", "draft_model", "suffix", "pool"] | None = None
     model: str | None = Field(None, description="drafter model (HF id, dir, .gguf, embedded:)")
-    num_speculative_tokens: PositiveInt | list[PositiveInt] = 4
+    # One k, or the learners' k set (arms drafter x k); 0 in a list: the no-speculation arm.
+    num_speculative_tokens: PositiveInt | list[NonNegativeInt] = 4
     prompt_lookup_max: PositiveInt = 4
     prompt_lookup_min: PositiveInt = 1
     drafters: list[str] | None = None
     policy: str | None = None
-    loss: Literal["length", "acceptance"] = "length"
+    loss: Literal["length", "acceptance", "time"] = "length"
+    score_rate: float = Field(1.0, gt=0.0, le=1.0,
+                              description="share of rounds an expensive drafter not played is "
+                              "scored counterfactually (importance-weighted)")
     delayed_feedback: bool = True
     reset_per_query: bool = False
 
@@ -40,8 +52,9 @@ class SpeculativeConfig(BaseModel):
     def _check(self) -> SpeculativeConfig:
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError("prompt_lookup_min must be <= prompt_lookup_max")
-        if isinstance(self.num_speculative_tokens, list) and not self.num_speculative_tokens:
-            raise ValueError("num_speculative_tokens must not be an empty list")
+        ks = self.num_speculative_tokens
+        if isinstance(ks, list) and (not ks or max(ks) < 1 or len(set(ks)) != len(ks)):
+            raise ValueError("num_speculative_tokens must list distinct k with one >= 1")
         if self.method == "draft_model" and not self.model:
             raise ValueError("method 'draft_model' needs 'model'")
         return self

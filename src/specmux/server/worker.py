@@ -315,6 +315,7 @@ class Worker:
     def refresh_learner_gauges(self) -> None:
         probs = self.pipeline.decoder.policy.probabilities()
         self.metrics.set_learner_weights(self.arm_names, [float(p) for p in probs])
+        self.metrics.set_cost_model(self.pipeline.decoder.cost_model.snapshot())
 
     # -- the thread -------------------------------------------------------------------------
 
