@@ -106,7 +106,7 @@ def play(spec: str, alpha: np.ndarray, cost: np.ndarray, rounds: int, seed: int,
 
 def experiment_e(cfg: Any, step: Callable[[str, int], None]) -> Any:
     """(e) Time regret of full-information vs bandit learners over drafter x k."""
-    from specmux.sim.experiments import ExperimentResult, _save, loglog_slope
+    from specmux.sim.experiments import ExperimentResult, _save, fit_line, loglog_slope
 
     rounds = cfg.rounds or cfg.pick(4000, 1000)
     seeds = cfg.seeds or cfg.pick(3, 1)
@@ -128,8 +128,9 @@ def experiment_e(cfg: Any, step: Callable[[str, int], None]) -> Any:
     final = {(s, n): float(np.mean([r["final"] for r in rows
                                     if r["policy"] == s and r["num_drafters"] == n]))
              for s in specs for n in sizes}
-    fits = {s: {"slope_vs_N": loglog_slope(np.array(sizes, float),
-                                            np.array([max(final[s, n], 1e-9) for n in sizes])),
+    xs = np.array(sizes, float)
+    fits = {s: {"slope_vs_N": loglog_slope(xs, np.array([final[s, n] for n in sizes])),
+                "fit_vs_lnN": fit_line(np.log(xs), np.array([final[s, n] for n in sizes])),
                 "regret_by_N": {n: final[s, n] for n in sizes}} for s in specs}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for s in specs:
@@ -137,19 +138,21 @@ def experiment_e(cfg: Any, step: Callable[[str, int], None]) -> Any:
         mid = sizes[len(sizes) // 2]
         curves = [r["regret"] for r in rows if r["policy"] == s and r["num_drafters"] == mid]
         ax2.plot(marks, np.mean(curves, axis=0), label=s)
-    ax1.set(xscale="log", yscale="symlog", xlabel="drafters N (arms 4N + 1)",
+    ax1.set_xscale("log", base=2)
+    ax1.set(yscale="log", xlabel="drafters N (arms 4N + 1)",
             ylabel=f"time regret after {rounds} rounds (target steps)")
-    ax2.set(xscale="log", yscale="symlog", xlabel="rounds",
+    ax2.set(xscale="log", yscale="log", xlabel="rounds",
             ylabel=f"time regret, N = {sizes[len(sizes) // 2]}")
     ax1.legend(fontsize=7)
     fig.suptitle("(e) time regret over drafter x k (MAT-optimal != time-optimal arm)")
     figure = _save(fig, Path(cfg.out) / "e_time_regret.png")
-    header = "| learner | " + " | ".join(f"N={n}" for n in sizes) + " | slope vs N |"
-    lines = [header, "|---" * (len(sizes) + 2) + "|"]
+    header = ("| learner | " + " | ".join(f"N={n}" for n in sizes)
+              + " | log-log slope vs N | a + b ln N: b (R²) |")
+    lines = [header, "|---" * (len(sizes) + 3) + "|"]
     for s in specs:
-        slope = fits[s]["slope_vs_N"]
+        slope, (_, b, r2) = fits[s]["slope_vs_N"], fits[s]["fit_vs_lnN"]
         lines.append(f"| {s} | " + " | ".join(f"{final[s, n]:.1f}" for n in sizes)
-                     + f" | {'–' if slope is None else f'{slope:.2f}'} |")
+                     + f" | {'–' if slope is None else f'{slope:.2f}'} | {b:.1f} ({r2:.2f}) |")
     fav = {s: [r["favourite"] for r in rows if r["policy"] == s and r["num_drafters"] == sizes[-1]]
            for s in specs}
     lines += ["", f"Most played arm at N = {sizes[-1]} (drafter@k; the time-optimal arm is "
