@@ -61,6 +61,7 @@ def test_cost_model_adapts_to_load_and_context() -> None:
         model.observe_round(3, 0.3)
     assert math.isclose(model.throughput(), 10.0)
     model.observe_draft("lm", 2, 0.1)
+    assert math.isclose(model.draft_seconds("lm", 6), 0.3)  # one k seen: proportional
     model.observe_draft("lm", 4, 0.2)
     costs = model.round_seconds([("lm", 4), ("ngram", 4), (NO_DRAFT, 0)], 200)
     assert costs[0] > costs[1] > costs[2] > 0  # an unmeasured drafter drafts for free

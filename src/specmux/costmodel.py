@@ -10,7 +10,8 @@ when it gets busier and the context when it gets longer.
   interpolated linearly between its measured neighbours; past the largest one, extrapolated
   with the slope of a line through the per-``n`` predictions (``>= 0``), flat with one point.
 * **Drafting**, ``draft_seconds(drafter, k)``: decayed least squares ``a + b * k`` over the
-  rounds the drafter proposed ``k`` tokens (a model-free drafter fits ~0).
+  rounds the drafter proposed ``k`` tokens (a model-free drafter fits ~0); while only one
+  ``k`` has been measured, proportional to ``k``.
 * **Counterfactual scoring**, ``score_seconds(drafter)``: the decayed mean of the seconds
   the drafter's run along a verified path took (for an LM drafter one forward pass, which
   also catches its KV cache up: see :mod:`specmux.feedback`).
@@ -42,12 +43,17 @@ class DecayedLine:
     """Weighted least squares ``y = a + b x`` with exponentially decaying weights.
 
     Each observation multiplies the past weights by ``decay``.  With too little spread in
-    ``x`` (or one point) the fit is the weighted mean (``b = 0``); ``min_slope`` clamps ``b``.
+    ``x`` (or one point) the fit is the weighted mean (``b = 0``), or with
+    ``proportional=True`` the line through the origin (``a = 0``, ``b = mean y / mean x``:
+    drafting ``k`` tokens autoregressively costs about ``k`` times one);
+    ``min_slope`` clamps ``b``.
     """
 
-    def __init__(self, decay: float, min_slope: float | None = None) -> None:
+    def __init__(self, decay: float, min_slope: float | None = None,
+                 proportional: bool = False) -> None:
         self.decay = decay
         self.min_slope = min_slope
+        self.proportional = proportional
         self.w = self.wx = self.wxx = self.wy = self.wxy = 0.0
         self.count = 0
 
@@ -66,9 +72,12 @@ class DecayedLine:
             return math.nan, math.nan
         mx, my = self.wx / self.w, self.wy / self.w
         var = self.wxx / self.w - mx * mx
-        b = 0.0
         if var > 1e-9 * max(1.0, mx * mx):
             b = (self.wxy / self.w - mx * my) / var
+        elif self.proportional and mx > 0:
+            return 0.0, my / mx
+        else:
+            b = 0.0
         if self.min_slope is not None:
             b = max(b, self.min_slope)
         return my - b * mx, b
@@ -108,7 +117,8 @@ class CostModel:
         """``drafter`` proposed ``k`` tokens (``k >= 1``) in ``seconds``."""
         line = self.draft.get(drafter)
         if line is None:
-            line = self.draft[drafter] = DecayedLine(self.decay, min_slope=0.0)
+            line = self.draft[drafter] = DecayedLine(self.decay, min_slope=0.0,
+                                                     proportional=True)
         line.observe(float(k), float(seconds))
 
     def observe_score(self, drafter: str, seconds: float) -> None:
