@@ -123,7 +123,7 @@ def test_greedy_identical_with_k_choices_time_loss_and_subsampled_scoring(
         target_model, pool(drafter_models), policy, num_speculative_tokens=KS,
         loss="time" if full_info else "length", score_rate=0.3, seed=1,
     )
-    assert len(decoder.arms) == 3 * 6 + 1 and decoder.arms[-1].k == 0
+    assert len(decoder.selector.arms) == 3 * 6 + 1 and decoder.selector.arms[-1].k == 0
     for prompt in PROMPTS:
         out = decoder.generate(prompt, max_new_tokens=40)
         assert out.token_ids == autoregressive_generate(target_model, prompt, 40)
@@ -134,7 +134,7 @@ def test_greedy_identical_with_k_choices_time_loss_and_subsampled_scoring(
 def test_no_speculation_arm_is_plain_decoding(target_model, drafter_models) -> None:
     decoder = SpeculativeDecoder(target_model, pool(drafter_models), "fixed",
                                  num_speculative_tokens=[0, 4], policy_kwargs={"arm": 3})
-    assert decoder.arms[3].drafter == NO_DRAFT
+    assert decoder.selector.arms[3].drafter == NO_DRAFT
     out = decoder.generate(PROMPTS[0], 12)
     assert out.token_ids == autoregressive_generate(target_model, PROMPTS[0], 12)
     assert len(out.steps) == 12 and all(s.k == 0 and s.drafter == NO_DRAFT for s in out.steps)
@@ -156,7 +156,7 @@ def test_subsampled_scoring_saves_lm_forward_passes(target_model, drafter_models
         decoder = SpeculativeDecoder(target_model, drafters, "fixed", num_speculative_tokens=3,
                                      score_all=True, score_rate=rate,
                                      policy_kwargs={"arm": 2})  # ngram plays
-        decoder.scoring.expensive_fraction = 0.0  # every timed LM scoring run is "expensive"
+        decoder.selector.scoring.expensive_fraction = 0.0  # every timed LM run is "expensive"
         out = decoder.generate(PROMPTS[0], 40)
         assert out.token_ids == autoregressive_generate(target_model, PROMPTS[0], 40)
         calls[rate] = drafters[1].lm.num_forward_calls

@@ -38,7 +38,8 @@ def test_bench_over_drafter_x_k(models: BenchModels, tmp_path) -> None:
     assert {"only:ngram@1", "only:ngram@3", "only:lm@1", "only:lm@3"} <= set(ids)
     assert {"hedge", "hedge:length", "normalhedge", "banditspec"} <= set(ids)
     hedge = next(m for m in runner.methods if m.id == "hedge").decoder
-    assert hedge is not None and hedge.tracker.loss == "time" and len(hedge.arms) == 5
+    assert hedge is not None and hedge.selector.tracker.loss == "time"
+    assert len(hedge.selector.arms) == 5
     records = write_trace(runner.run(), tmp_path / "trace.jsonl")
     answers = [r for r in records if r["type"] == "answer"]
     assert all(a["lossless"] for a in answers if a["lossless"] is not None)
