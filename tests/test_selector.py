@@ -75,7 +75,11 @@ def test_state_round_trip_and_reset_per_query() -> None:
 
 def test_bad_arms() -> None:
     with pytest.raises(ConfigError, match=">= 1"):
-        make_arms(["a"], [0, 2])
+        make_arms(["a"], [0])  # 0 (no speculation) only next to a k >= 1
+    with pytest.raises(ConfigError, match=">= 1"):
+        make_arms(["a"], [-1, 2])
+    with pytest.raises(ConfigError, match="k = 0"):
+        Selector([Arm("a", 0), Arm("a", 2)], "hedge")  # k = 0 is the 'none' arm's alone
     with pytest.raises(ConfigError, match="at least one"):
         Selector([], "hedge")
     with pytest.raises(ConfigError, match="unknown drafters"):

@@ -55,6 +55,7 @@ MAX_NGRAM = 64  # prompt_lookup_max bound (longer n-grams never match in practic
 
 Seed = Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)]
 K = Annotated[int, Field(ge=1)]
+K0 = Annotated[int, Field(ge=0)]  # in a k list, 0 is the no-speculation arm
 NonEmpty = Annotated[str, Field(min_length=1)]
 
 
@@ -99,13 +100,17 @@ class SpeculativeConfig(BaseModel):
     model: NonEmpty | None = Field(
         None, description="drafter model (HF id, dir, .gguf, embedded:NAME); the corpus "
         "path for method 'suffix'")
-    num_speculative_tokens: K | Annotated[list[K], Field(min_length=1)] = (
+    # One k, or the learners' k set (arms drafter x k); 0 in a list: the no-speculation arm.
+    num_speculative_tokens: K | Annotated[list[K0], Field(min_length=1)] = (
         DEFAULT_NUM_SPECULATIVE_TOKENS)
     prompt_lookup_max: Annotated[int, Field(ge=1, le=MAX_NGRAM)] = 4
     prompt_lookup_min: Annotated[int, Field(ge=1, le=MAX_NGRAM)] = 1
     drafters: Annotated[list[NonEmpty], Field(min_length=1)] | None = None
     policy: str = DEFAULT_POLICY
-    loss: Literal["length", "acceptance"] = "length"
+    loss: Literal["length", "acceptance", "time"] = "length"
+    score_rate: float = Field(1.0, gt=0.0, le=1.0,
+                              description="share of rounds an expensive drafter not played is "
+                              "scored counterfactually (importance-weighted)")
     delayed_feedback: bool = True
     reset_per_query: bool = False
     seed: Seed = 0
@@ -118,7 +123,7 @@ class SpeculativeConfig(BaseModel):
             return isinstance(v, int) and not isinstance(v, bool)
 
         if not (is_int(value) or isinstance(value, list) and all(is_int(v) for v in value)):
-            raise ValueError(f"must be an integer >= 1 or a non-empty list of them, got "
+            raise ValueError(f"must be an integer >= 1 or a non-empty list of integers >= 0, got "
                              f"{repr(value)[:40]}")
         return value
 
@@ -135,6 +140,9 @@ class SpeculativeConfig(BaseModel):
     def _check(self) -> SpeculativeConfig:
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError("prompt_lookup_min must be <= prompt_lookup_max")
+        ks = self.num_speculative_tokens
+        if isinstance(ks, list) and (not ks or max(ks) < 1 or len(set(ks)) != len(ks)):
+            raise ValueError("num_speculative_tokens must list distinct k with one >= 1")
         if self.method == "draft_model" and not self.model:
             raise ValueError("method 'draft_model' needs 'model' (the drafter model)")
         if self.method == "ngram" and self.model:

@@ -30,15 +30,16 @@ import torch
 from transformers import PreTrainedModel
 
 from specmux.config import SpeculativeConfig, seed_entropy
+from specmux.costmodel import CostModel
 from specmux.drafters.base import Drafter
 from specmux.errors import ConfigError, PromptError, TokenizerMismatchError
 from specmux.feedback import position_scores
 from specmux.lm import as_target
 from specmux.metrics import SpecStats
 from specmux.policies import Policy
-from specmux.selector import Outcome, Scores, Selector, make_arms
+from specmux.selector import NO_DRAFT, Outcome, Scores, Selector, make_arms
 from specmux.target import Target
-from specmux.types import Draft, SamplingParams, Step
+from specmux.types import Draft, PathDistributions, SamplingParams, Step
 from specmux.verify import acceptance_probability, process_logits, sample, verify
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,13 @@ class SpeculativeDecoder:
     (default: the policy is full-information) runs every drafter along each verified path
     for counterfactual losses.  ``reset_per_query`` makes the learner start afresh on every
     query; otherwise it keeps learning across queries.
+
+    A ``0`` in a list of ``num_speculative_tokens`` adds the no-speculation arm
+    (``none@k=0``: one target step, one token).  The engine feeds the selector's
+    :class:`~specmux.costmodel.CostModel` with measured drafting, verification, scoring and
+    round times; ``loss="time"`` makes full-information learners optimize tokens per
+    second with it, and ``score_rate < 1`` runs expensive drafters along the path on that
+    share of rounds only (:mod:`specmux.scoring`).
     """
 
     def __init__(
@@ -134,6 +142,8 @@ class SpeculativeDecoder:
         eos_token_ids: Iterable[int] = (),
         policy_kwargs: dict[str, Any] | None = None,
         seed: int = 0,
+        cost_model: CostModel | None = None,
+        score_rate: float = 1.0,
     ) -> None:
         self.target: Target = as_target(target)
         self.drafters = _check_drafters(drafters, self.target.vocab_size)
@@ -142,6 +152,7 @@ class SpeculativeDecoder:
             make_arms(names, num_speculative_tokens), policy, drafter_names=names, loss=loss,
             delayed_feedback=delayed_feedback, reset_per_query=reset_per_query,
             score_all=score_all, policy_kwargs=policy_kwargs, seed=seed,
+            cost_model=cost_model, score_rate=score_rate,
         )
         k_max = self.selector.max_k
         if k_max >= self.target.max_context:  # a round scores context + k + 1 positions
@@ -149,6 +160,11 @@ class SpeculativeDecoder:
                               f"context of {self.target.max_context} tokens; use at most "
                               f"{self.target.max_context - 2}")
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+
+    @property
+    def cost_model(self) -> CostModel:
+        """The selector's online cost model (measured timings)."""
+        return self.selector.cost_model
 
     @property
     def stats(self) -> SpecStats:
@@ -162,7 +178,8 @@ class SpeculativeDecoder:
         """A decoder with the options of ``config`` (kept unchanged as ``self.config``)."""
         decoder = cls(target, drafters, policy, num_speculative_tokens=config.ks,
                       loss=config.loss, delayed_feedback=config.delayed_feedback,
-                      reset_per_query=config.reset_per_query, seed=config.seed, **kwargs)
+                      reset_per_query=config.reset_per_query, seed=config.seed,
+                      score_rate=config.score_rate, **kwargs)
         decoder.config = config
         return decoder
 
@@ -211,30 +228,36 @@ class SpeculativeDecoder:
         """One round: select, propose, score, verify, commit, observe; extends ``context``."""
         t0 = time.perf_counter()
         a = self.selector.select()
-        drafter = self.drafters[self.selector.arm_drafter[a]]
+        arm = self.selector.arms[a]
+        drafter = self.drafters[self.selector.arm_drafter[a]] if arm.k else None
         room = self.target.max_context - len(context) - 1
-        k = max(0, min(self.selector.arms[a].k, remaining - 1, room))
+        k = max(0, min(arm.k, remaining - 1, room))
         t1 = time.perf_counter()
-        draft = _propose(drafter, context, k, sampling, generator)
+        draft = _propose(drafter, context, k, sampling, generator) if drafter else _EMPTY
         t2 = time.perf_counter()
         # One target pass over context + draft: [k+1, V] logits.
         logits = self.target.logits(context + draft.tokens.tolist(), len(draft) + 1)
         verdict, target_probs = verify(draft, logits, sampling, generator)
         t3 = time.perf_counter()
+        model = self.selector.cost_model
+        if drafter is not None and len(draft):
+            model.observe_draft(drafter.name, len(draft), t2 - t1)
+        model.observe_verify(len(draft) + 1, len(context), t3 - t2)
         committed, finish_reason = self._commit(verdict.tokens.tolist(), context, remaining,
                                                 stop)
-        scores = self._scores(context, committed, target_probs, sampling)
+        scores, factors = self._scores(a, context, committed, target_probs, sampling)
         self.selector.observe(Outcome(
             a, len(draft), verdict.num_accepted_tokens, block_divergence(draft, target_probs, k),
-            finished=finish_reason is not None,
-        ), scores)
+            finished=finish_reason is not None, seconds=t3 - t0, context=len(context),
+        ), scores, factors)
         for d in self.drafters:
             d.observe_target(context, committed, logits[: len(committed)])
             d.observe(context, committed)
         context.extend(committed)
         t4 = time.perf_counter()
+        model.observe_round(len(committed), t4 - t0)
         step = Step(
-            round=round_index, drafter=drafter.name, arm=a, k=k,
+            round=round_index, drafter=drafter.name if drafter else NO_DRAFT, arm=a, k=k,
             num_draft_tokens=len(draft), num_accepted_tokens=verdict.num_accepted_tokens,
             tokens=tuple(committed), seconds=t4 - t0, draft_seconds=t2 - t1,
             verify_seconds=t3 - t2, learner_seconds=(t1 - t0) + (t4 - t3),
@@ -259,11 +282,13 @@ class SpeculativeDecoder:
         return committed, None
 
     def _scores(
-        self, context: list[int], path: list[int], target_probs: torch.Tensor,
+        self, arm: int, context: list[int], path: list[int], target_probs: torch.Tensor,
         sampling: SamplingParams,
-    ) -> Scores | None:
+    ) -> tuple[Scores | None, np.ndarray | None]:
         """Every drafter's ``(gamma, w)`` [n, N] along the verified ``path`` (no target
-        call), when the selector needs them.
+        call), when the selector needs them, and the drafters' importance factors: a
+        drafter the selector's plan skips this round has ``nan`` columns.  Each drafter's
+        scoring run is timed into the cost model (the played one's rows are reused).
 
         With the ``"length"`` loss only the first ``max_k`` positions are scored.  A longer
         path (a fully accepted ``max_k`` draft plus its bonus token) ends at a position no
@@ -271,21 +296,34 @@ class SpeculativeDecoder:
         looks ``max_k`` positions ahead.  Skipping it saves each LM drafter a forward pass
         in most rounds of a good drafter.
         """
-        if not self.selector.needs_scores:
-            return None
-        max_k = self.selector.max_k
-        scored = path if self.selector.tracker.loss == "acceptance" else path[:max_k]
-        dists = [d.distributions(context, scored, sampling) for d in self.drafters]
-        return position_scores(
+        selector = self.selector
+        if not selector.needs_scores:
+            return None, None
+        scored = path if selector.tracker.loss == "acceptance" else path[: selector.max_k]
+        run, factors = selector.plan_scoring(arm, len(context))
+        played = selector.arm_drafter[arm] if selector.arms[arm].k else None
+        dists: list[PathDistributions | None] = []
+        for i, d in enumerate(self.drafters):
+            if not run[i]:
+                dists.append(None)
+                continue
+            t0 = time.perf_counter()
+            dists.append(d.distributions(context, scored, sampling))
+            if i != played:  # the played drafter's rows come from its draft
+                selector.cost_model.observe_score(d.name, time.perf_counter() - t0)
+        scores = position_scores(
             torch.tensor(scored, dtype=torch.long), target_probs[: len(scored)], dists,
             sampling.greedy,
         )
+        return scores, factors
 
     def _gammas(self, scores: Scores | None) -> dict[str, tuple[float, ...]]:
+        """Per drafter run this round, its gamma along the path (skipped ones left out)."""
         if scores is None:
             return {}
         gamma = scores[0]
-        return {d.name: tuple(float(g) for g in gamma[:, i]) for i, d in enumerate(self.drafters)}
+        return {d.name: tuple(float(g) for g in gamma[:, i])
+                for i, d in enumerate(self.drafters) if not np.isnan(gamma[:, i]).any()}
 
     def generate(
         self,

@@ -31,6 +31,32 @@ Losses, each in [0, 1]:
   every position belongs to exactly one round, so summed losses add up to the per-token
   rejection probabilities over the whole output, whereas a per-round mean would overweight
   the position where the *played* drafter was rejected (each round's path ends there).
+
+* ``"time"``: Dinkelbach's loss for tokens per *second*.  With ``T_a = E[A_a] + 1`` the
+  tokens arm ``a`` would have committed, ``c_a`` its modelled round seconds
+  (:class:`specmux.costmodel.CostModel`) and ``rho`` the running throughput (tokens/s),
+  the gain ``g_a = T_a - rho * c_a`` is maximized.  The loss is
+  ``1/2 + (m - g_a) / (2 D)``: ``m`` is the round's mean gain over the arms scored exactly
+  (a per-round shift, which exponential weights ignore), ``D`` the largest ``|g_a - m|``
+  seen so far (a scale that only grows, fixed after the first rounds, so the objective
+  is not reweighted; the worst-case bound ``max_k + rho * max c`` would shrink the loss
+  differences tenfold and slow Hedge down as much).  Losses lie in [0, 1] except in a
+  round that raises ``D``, by the raise.  Throughput is a ratio of
+  expectations, ``sum T / sum c``; an arm beats ``rho`` exactly when its gain is positive,
+  and as ``rho`` follows the learner's own throughput, the arm with the largest gain is
+  the one with the best long-run tokens/second (Dinkelbach 1967).  The no-speculation arm
+  (``k = 0``) has ``T = 1``.  Both terms come from the same verified path, so the loss is
+  exact under greedy decoding and unbiased under sampling, like ``"length"``.
+
+**Cheap counterfactuals (sub-sampled scoring).**  Running an LM drafter along the path
+costs a forward pass.  The caller may skip a drafter ``i`` in a round and pass a per-drafter
+importance ``factors[i]``: ``1`` (scored exactly, e.g. the drafter was played and its rows
+are reused), ``1/pi`` (scored because a coin of probability ``pi`` came up) or ``0`` (not
+scored: its column is ``nan``).  The loss of each arm of drafter ``i`` is then
+``b_a + factors[i] * (loss_a - b_a)``, with ``b_a`` a baseline (decayed mean of the arm's
+exactly scored losses, known before the round): unbiased, because the coin is independent
+of the path.  While a round with ``factors[i] > 0`` is pending, :meth:`needs` tells the
+caller to keep scoring ``i`` so that its window gets complete.
 """
 
 from __future__ import annotations
@@ -45,20 +71,21 @@ import torch
 from specmux.types import PathDistributions
 from specmux.verify import acceptance_probability
 
-LOSSES = ("length", "acceptance")
+LOSSES = ("length", "acceptance", "time")
 
 
 def position_scores(
     path: torch.Tensor,
     target_probs: torch.Tensor,
-    dists: Sequence[PathDistributions],
+    dists: Sequence[PathDistributions | None],
     greedy: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Score every drafter along a verified path.
 
     ``path`` [n] realized tokens; ``target_probs`` [n, V] processed p along it; ``dists`` one
-    :class:`PathDistributions` per drafter (each [n] / [n, V]).  Returns ``gamma`` and ``w``,
-    both [n, N] float64.
+    :class:`PathDistributions` per drafter (each [n] / [n, V]), or ``None`` for a drafter
+    not scored this round (its columns are ``nan``).  Returns ``gamma`` and ``w``, both
+    [n, N] float64.
     """
     n = int(path.shape[0])
     gamma = np.zeros((n, len(dists)))
@@ -68,7 +95,9 @@ def position_scores(
     target_ids = target_probs.argmax(dim=-1)  # [n]
     rows = torch.arange(n)
     for i, dist in enumerate(dists):
-        if greedy:
+        if dist is None:
+            gamma[:, i] = weight[:, i] = np.nan
+        elif greedy:
             guess = dist.tokens if dist.probs is None else dist.probs.argmax(dim=-1)  # [n]
             hit = (guess == target_ids).double().numpy()
             gamma[:, i] = hit
@@ -111,6 +140,9 @@ def expected_accepted(gamma: np.ndarray, weight: np.ndarray, k: int) -> np.ndarr
 class _Pending:
     start: int  # index of the round's first path position in the query's position log
     tag: int  # caller's label for the round (the engine passes the arm it played)
+    costs: np.ndarray | None = None  # [num_arms] modelled seconds ("time" loss)
+    rho: float = 0.0  # throughput (tokens/s) when the round was played ("time" loss)
+    factors: np.ndarray | None = None  # [N] importance of each drafter's scores (None: all 1)
 
 
 class CounterfactualTracker:
@@ -122,15 +154,21 @@ class CounterfactualTracker:
     """
 
     def __init__(
-        self, arms: Sequence[tuple[int, int]], loss: str = "length", delayed: bool = True
+        self, arms: Sequence[tuple[int, int]], loss: str = "length", delayed: bool = True,
+        baseline_half_life: float = 32.0,
     ) -> None:
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         self.drafter_of_arm = np.array([d for d, _ in arms], dtype=int)
         self.k_of_arm = np.array([k for _, k in arms], dtype=int)
-        self.max_k = int(self.k_of_arm.max())
+        self.max_k = max(int(self.k_of_arm.max()), 1)
         self.loss = loss
         self.delayed = delayed
+        # Per-arm baselines for sub-sampled scoring: decayed sums of exact losses / counts.
+        self._decay = 0.5 ** (1.0 / baseline_half_life)
+        self._base_sum = np.zeros(len(self.k_of_arm))
+        self._base_w = np.zeros(len(self.k_of_arm))
+        self.time_scale = 0.0  # D of the "time" loss: largest |gain - mean gain| seen
         # Arms grouped by k once: (k, arm mask, drafter of each selected arm).
         self._groups = [
             (int(k), sel, self.drafter_of_arm[sel])
@@ -157,21 +195,41 @@ class CounterfactualTracker:
         return [losses for _, losses in self.flush_tagged()]
 
     def add_round_tagged(
-        self, gamma: np.ndarray, weight: np.ndarray, tag: int
+        self, gamma: np.ndarray, weight: np.ndarray, tag: int, *,
+        costs: np.ndarray | None = None, rho: float = 0.0, factors: np.ndarray | None = None,
     ) -> list[tuple[int, np.ndarray]]:
-        """As :meth:`add_round`, pairing each released loss vector with its round's ``tag``."""
+        """As :meth:`add_round`, pairing each released loss vector with its round's ``tag``.
+
+        ``costs`` [num_arms] (modelled round seconds) and ``rho`` (tokens/s) are needed by
+        the ``"time"`` loss; ``factors`` [N] are the drafters' scoring importances (see the
+        module docstring; ``None``: every drafter scored exactly).
+        """
+        if self.loss == "time" and costs is None:
+            raise ValueError("the 'time' loss needs the arms' modelled costs")
+        meta = _Pending(-1, tag, costs, float(rho) if np.isfinite(rho) else 0.0, factors)
         if self.loss == "acceptance" or not self.delayed:
-            return [(tag, self._losses(gamma, weight))] if gamma.shape[0] else []
+            return [(tag, self._losses(gamma, weight, meta))] if gamma.shape[0] else []
         n = gamma.shape[0]
         if self._gamma is None or self._len + n > self._gamma.shape[0]:
             self._grow(self._len + n, gamma.shape[1])
         assert self._gamma is not None and self._weight is not None
         self._gamma[self._len : self._len + n] = gamma
         self._weight[self._len : self._len + n] = weight
-        start = self._offset + self._len
+        meta.start = self._offset + self._len
         self._len += n
-        self._pending.append(_Pending(start, tag))
+        self._pending.append(meta)
         return self._release(final=False)
+
+    def needs(self, drafter: int) -> bool:
+        """Whether a pending round still needs ``drafter`` scored on the next path: it was
+        scored at that round (``factors > 0``) and may still be accepted further."""
+        for pending in self._pending:
+            if pending.factors is None or pending.factors[drafter] > 0:
+                assert self._weight is not None
+                lo = pending.start - self._offset
+                if np.prod(self._weight[lo:self._len, drafter]) > 0:
+                    return True
+        return False
 
     def flush_tagged(self) -> list[tuple[int, np.ndarray]]:
         """As :meth:`flush`, with tags."""
@@ -205,9 +263,10 @@ class CounterfactualTracker:
                 dead = hi > lo and not np.any(np.prod(self._weight[lo:hi], axis=0) > 0)
                 if not dead:
                     break
-            tag = pending.popleft().tag
+            meta = pending.popleft()
             if hi > lo:
-                out.append((tag, self._losses(self._gamma[lo:hi], self._weight[lo:hi])))
+                out.append((meta.tag,
+                            self._losses(self._gamma[lo:hi], self._weight[lo:hi], meta)))
         # Drop positions no pending round needs any more.
         keep_from = pending[0].start if pending else end
         drop = keep_from - self._offset
@@ -220,17 +279,52 @@ class CounterfactualTracker:
             self._offset += drop
         return out
 
-    def _losses(self, gamma: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    def _losses(self, gamma: np.ndarray, weight: np.ndarray, meta: _Pending) -> np.ndarray:
         """Loss vector [num_arms] from the scores along one round's (possibly longer) path."""
+        factors = meta.factors
+        # Positions a drafter was not run on are nan: past a drafter's first certain miss
+        # (weight 0) they do not count, and a factor-0 drafter's arms use the baseline.
+        gamma, weight = np.nan_to_num(gamma), np.nan_to_num(weight)
         if self.loss == "acceptance":
             per_drafter = (1.0 - gamma).sum(axis=0) / (self.max_k + 1)  # [N]
-            return per_drafter[self.drafter_of_arm]
-        if len(self._groups) == 1:  # one k for every arm: no scatter needed
-            k, _, drafters = self._groups[0]
-            mean_accepted = expected_accepted(gamma, weight, k)  # [N]
-            return 1.0 - (mean_accepted[drafters] + 1.0) / (self.max_k + 1)
-        losses = np.empty(len(self.k_of_arm))
+            losses = per_drafter[self.drafter_of_arm]
+        else:
+            tokens = self.tokens(gamma, weight)  # [num_arms] E[A] + 1
+            if self.loss == "length":
+                losses = 1.0 - tokens / (self.max_k + 1)
+            else:
+                losses = self._time_losses(tokens, meta)
+        if factors is None:
+            return losses
+        f = factors[self.drafter_of_arm]  # [num_arms]
+        base = np.divide(self._base_sum, self._base_w, out=np.zeros_like(self._base_sum),
+                         where=self._base_w > 0)
+        self._base_sum *= self._decay
+        self._base_w *= self._decay
+        self._base_sum[f > 0] += losses[f > 0]
+        self._base_w[f > 0] += 1.0
+        return base + f * (losses - base)
+
+    def _time_losses(self, tokens: np.ndarray, meta: _Pending) -> np.ndarray:
+        """Dinkelbach's gain ``T - rho * c`` per arm, shifted and scaled (module docstring)."""
+        assert meta.costs is not None
+        gain = tokens - meta.rho * meta.costs  # [num_arms], in tokens
+        exact = (np.ones(len(gain), dtype=bool) if meta.factors is None
+                 else meta.factors[self.drafter_of_arm] == 1.0)
+        if not exact.any():
+            exact[:] = True
+        mean = float(gain[exact].mean())
+        spread = float(np.abs(gain[exact] - mean).max())
+        seen = None if meta.factors is None else meta.factors[self.drafter_of_arm] > 0
+        if seen is not None and seen.any():  # scored by a coin: known exactly too
+            spread = max(spread, float(np.abs(gain[seen] - mean).max()))
+        scale = self.time_scale if self.time_scale > 0 else max(spread, 1e-9)
+        self.time_scale = max(self.time_scale, spread)
+        return 0.5 + (mean - gain) / (2.0 * scale)
+
+    def tokens(self, gamma: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        """Expected tokens per round ``E[min(A, k)] + 1`` of every arm [num_arms]."""
+        out = np.empty(len(self.k_of_arm))
         for k, sel, drafters in self._groups:
-            mean_accepted = expected_accepted(gamma, weight, k)  # [N]
-            losses[sel] = 1.0 - (mean_accepted[drafters] + 1.0) / (self.max_k + 1)
-        return losses
+            out[sel] = expected_accepted(gamma, weight, k)[drafters] + 1.0
+        return out

@@ -32,13 +32,16 @@ from typing import Any
 import numpy as np
 
 from specmux.config import seed_entropy
+from specmux.costmodel import CostModel
 from specmux.errors import ConfigError
 from specmux.feedback import CounterfactualTracker
 from specmux.metrics import SpecStats
 from specmux.policies import Arm, Policy, make_policy
+from specmux.scoring import ScoringPlan
 from specmux.types import Feedback
 
 Scores = tuple[np.ndarray, np.ndarray]  # gamma, w: [n, N] along a round's verified path
+NO_DRAFT = "none"  # the drafter name of the no-speculation arm (k = 0)
 
 
 @dataclass(frozen=True)
@@ -50,18 +53,26 @@ class Outcome:
     num_accepted_tokens: int
     divergence: float | None = None  # MetaSD block reward, when the caller computes it
     finished: bool = False  # the query ends with this round
+    seconds: float | None = None  # wall clock of select + draft + verify (BanditSpec's reward)
+    context: int = 0  # tokens before the round (the cost model's context term)
 
 
 def make_arms(drafter_names: Sequence[str], ks: int | Sequence[int]) -> list[Arm]:
-    """Every drafter with every ``k``, drafter-major; ConfigError unless each ``k >= 1``.
+    """Every drafter with every ``k >= 1``, drafter-major; a ``0`` in ``ks`` adds the
+    no-speculation arm ``none@k=0`` last (one target step, one token).  ConfigError on a
+    negative or repeated ``k``, or without any ``k >= 1``.
 
-    >>> [str(a) for a in make_arms(["lm", "ngram"], [2, 4])]
-    ['lm@k=2', 'lm@k=4', 'ngram@k=2', 'ngram@k=4']
+    >>> [str(a) for a in make_arms(["lm", "ngram"], [0, 2, 4])]
+    ['lm@k=2', 'lm@k=4', 'ngram@k=2', 'ngram@k=4', 'none@k=0']
     """
-    values = [ks] if isinstance(ks, int) else list(ks)
-    if not values or any(int(k) < 1 for k in values):
-        raise ConfigError(f"num_speculative_tokens must be >= 1, got {ks}")
-    return [Arm(name, int(k)) for name in drafter_names for k in values]
+    values = [int(ks)] if isinstance(ks, int) else [int(k) for k in ks]
+    if not values or min(values) < 0 or max(values) < 1:
+        raise ConfigError(
+            f"num_speculative_tokens must be >= 1 (0 only next to a k >= 1 in a list), got {ks}")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"num_speculative_tokens has duplicates: {ks}")
+    arms = [Arm(name, k) for name in drafter_names for k in values if k > 0]
+    return arms + [Arm(NO_DRAFT, 0)] if 0 in values else arms
 
 
 class Selector:
@@ -74,6 +85,11 @@ class Selector:
     full-information) asks the caller for every drafter's scores each round
     (:attr:`needs_scores`).  ``reset_per_query``: forget everything at each query start.
     ``policy_seconds`` accumulates the wall clock of the policy's ``select``/``update``.
+
+    Cost-aware selection (issue 11): ``cost_model`` (:class:`~specmux.costmodel.CostModel`,
+    fed by the caller with measured timings) prices every arm; ``loss="time"`` turns it
+    into Dinkelbach's tokens-per-second loss; ``score_rate < 1`` scores expensive drafters
+    on that share of rounds only (:meth:`plan_scoring`, :mod:`specmux.scoring`).
     """
 
     def __init__(
@@ -88,20 +104,30 @@ class Selector:
         score_all: bool | None = None,
         policy_kwargs: dict[str, Any] | None = None,
         seed: int = 0,
+        cost_model: CostModel | None = None,
+        score_rate: float = 1.0,
     ) -> None:
         if not arms:
             raise ConfigError("at least one arm is needed")
-        if any(arm.k < 1 for arm in arms):
-            raise ConfigError(f"every arm needs k >= 1, got {[str(a) for a in arms]}")
+        if any(arm.k < 0 or (arm.k == 0) != (arm.drafter == NO_DRAFT) for arm in arms) or all(
+                arm.k == 0 for arm in arms):
+            raise ConfigError(f"every arm needs k >= 1 (k = 0 only for {NO_DRAFT!r}, next to "
+                              f"one with k >= 1), got {[str(a) for a in arms]}")
         self.arms = list(arms)
-        names = list(dict.fromkeys(a.drafter for a in arms) if drafter_names is None
-                     else drafter_names)
-        missing = {a.drafter for a in arms} - set(names)
+        drafting = [a.drafter for a in arms if a.k > 0]
+        names = list(dict.fromkeys(drafting) if drafter_names is None else drafter_names)
+        missing = set(drafting) - set(names)
         if missing:
             raise ConfigError(f"arms name unknown drafters {sorted(missing)}")
         self.drafter_names = names
-        self.arm_drafter = [names.index(a.drafter) for a in self.arms]  # arm -> score column
+        # arm -> score column (the no-speculation arm reads none: column 0, k = 0)
+        self.arm_drafter = [names.index(a.drafter) if a.k else 0 for a in self.arms]
         self.max_k = max(a.k for a in self.arms)
+        if not 0.0 < score_rate <= 1.0:
+            raise ConfigError(f"score_rate must be in (0, 1], got {score_rate}")
+        self.cost_model = cost_model or CostModel()
+        self.scoring = ScoringPlan(names, score_rate, seed=seed)
+        self._arm_specs = [(a.drafter, a.k) for a in self.arms]
         if isinstance(policy, str):
             policy = make_policy(policy, len(self.arms), seed=seed, **(policy_kwargs or {}))
         if policy.num_arms != len(self.arms):
@@ -138,21 +164,34 @@ class Selector:
         self.policy_seconds += time.perf_counter() - t0
         return arm
 
-    def observe(self, outcome: Outcome, scores: Scores | None = None) -> None:
+    def plan_scoring(self, arm: int, context: int) -> tuple[list[bool], np.ndarray | None]:
+        """Which drafters to run along this round's path (``arm`` was played after
+        ``context`` tokens), and their importance factors for :meth:`observe`."""
+        played = self.arm_drafter[arm] if self.arms[arm].k else None
+        return self.scoring.decide(played, self.cost_model, context, self.tracker.needs)
+
+    def observe(self, outcome: Outcome, scores: Scores | None = None,
+                factors: np.ndarray | None = None) -> None:
         """Learn from one round.  ``scores``: every drafter's ``(gamma, w)`` [n, N] along
-        the round's verified path, when :attr:`needs_scores`.  The losses that became known
+        the round's verified path, when :attr:`needs_scores` (``nan`` columns for drafters
+        :meth:`plan_scoring` skipped, with their ``factors``).  The losses that became known
         go to the policy with the outcome; a finished round's feedback waits for
         :meth:`end_query`, which adds the still-pending losses to it."""
         released: list[tuple[int, np.ndarray]] = []
         if scores is not None:
-            released = self.tracker.add_round_tagged(scores[0], scores[1], outcome.arm)
+            costs, rho = None, 0.0
+            if self.tracker.loss == "time":  # modelled seconds per arm [num_arms], tokens/s
+                costs = self.cost_model.round_seconds(self._arm_specs, outcome.context)
+                rho = self.cost_model.throughput()
+            released = self.tracker.add_round_tagged(scores[0], scores[1], outcome.arm,
+                                                     costs=costs, rho=rho, factors=factors)
             for tag, losses in released:
                 self.stats.record_losses(tag, losses)
         feedback = Feedback(
             arm=outcome.arm, k=self.arms[outcome.arm].k, max_k=self.max_k,
             num_draft_tokens=outcome.num_draft_tokens,
             num_accepted_tokens=outcome.num_accepted_tokens, divergence=outcome.divergence,
-            losses=tuple(losses for _, losses in released),
+            losses=tuple(losses for _, losses in released), seconds=outcome.seconds,
         )
         if outcome.finished:
             self._final = feedback

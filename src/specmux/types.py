@@ -109,6 +109,7 @@ class Feedback:
     num_accepted_tokens: int
     divergence: float | None = None  # MetaSD block reward: (1/k) sum_j (1 - TV(p_j, q_j))
     losses: tuple[np.ndarray, ...] = ()  # each [num_arms]
+    seconds: float | None = None  # wall clock of the round: select, draft, verify
 
     @property
     def tokens_per_round(self) -> int:

@@ -35,6 +35,7 @@ LEARNERS: dict[str, tuple[str, dict[str, Any]]] = {
     "hedge": ("hedge", {}),
     "hedge-argmax": ("hedge", {"selection": "argmax"}),
     "normalhedge": ("normalhedge", {}),
+    "banditspec": ("banditspec", {}),
 }
 
 
@@ -190,7 +191,7 @@ def test_make_policy_unknown_lists_names() -> None:
 
 
 @pytest.mark.parametrize("module", ["__init__", "fixed", "ucb", "exp3", "metasd", "hedge",
-                                    "normalhedge"])
+                                    "normalhedge", "banditspec"])
 def test_doctests(module: str) -> None:
     name = "specmux.policies" + ("" if module == "__init__" else f".{module}")
     result = doctest.testmod(importlib.import_module(name))

@@ -290,6 +290,8 @@ def test_metrics_parse_and_move(server: LiveServer, client: openai.OpenAI) -> No
     weights = {dict(k[1])["arm"]: v for k, v in after.items() if k[0] == "specmux:learner_weight"}
     assert set(weights) == {"LlamaForCausalLM@k=4", "ngram@k=4"}
     assert sum(weights.values()) == pytest.approx(1.0)
+    assert after[("specmux:cost_verify_seconds", (("positions", "5"),))] > 0  # cost model
+    assert after[("specmux:cost_throughput_tokens_per_second", ())] > 0
     reason = out.choices[0].finish_reason
     assert delta("specmux:request_success_total", finished_reason=reason) == 1
     assert delta("specmux:http_requests_total", endpoint="/v1/completions", status="200") == 1

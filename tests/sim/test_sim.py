@@ -274,14 +274,14 @@ def test_cli_quick_writes_jsonl_png_and_markdown(tmp_path: Path) -> None:
                                       "--num-drafters", "8", "--out", str(out)])
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert {r["experiment"] for r in rows} == {"a", "b", "c", "d"}
-    assert sum(1 for r in rows if r.get("summary")) == 4
+    assert {r["experiment"] for r in rows} == {"a", "b", "c", "d", "e"}
+    assert sum(1 for r in rows if r.get("summary")) == 5
     for png in ("a_regret_vs_n.png", "b_stopping_time.png", "c_feedback.png",
-                "d_metasd_reward.png"):
+                "d_metasd_reward.png", "e_time_regret.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 150_000
     summary = (out / "summary.md").read_text()
-    assert "## (a)" in summary and "## (d)" in summary and "specmux simulate" in summary
+    assert "## (a)" in summary and "## (e)" in summary and "specmux simulate" in summary
 
 
 def test_cli_help_documents_every_option() -> None:

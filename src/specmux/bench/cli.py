@@ -27,6 +27,18 @@ def _split(values: list[str] | None) -> tuple[str, ...] | None:
     return tuple(out)
 
 
+def _ints(values: list[str] | None, option: str) -> tuple[int, ...]:
+    from specmux.errors import ConfigError
+
+    try:
+        out = tuple(int(v) for v in _split(values) or ())
+    except ValueError:
+        raise ConfigError(f"{option} takes integers, got {values}") from None
+    if not out:
+        raise ConfigError(f"{option} needs at least one value")
+    return out
+
+
 def bench(
     prompts_per_domain: Annotated[
         int, typer.Option(help="Evaluation prompts per domain.")] = _D.prompts_per_domain,
@@ -66,8 +78,24 @@ def bench(
         str, typer.Option(help="LM drafter and HF assistant model (same tokenizer as target).")
     ] = _D.drafter_model,
     num_speculative_tokens: Annotated[
-        int, typer.Option("--num-speculative-tokens", "-k", help="Tokens drafted per round.")
-    ] = _D.num_speculative_tokens,
+        list[str] | None,
+        typer.Option("--num-speculative-tokens", "-k",
+                     help="Tokens drafted per round; several (comma-separated) make the "
+                     "learners' arms drafter x k, and 0 adds the no-speculation arm. Default 4.")
+    ] = None,
+    single_k: Annotated[
+        list[str] | None,
+        typer.Option(help="k of the single-drafter runs (comma-separated; default: every "
+                     "k >= 1 of -k).")
+    ] = None,
+    loss: Annotated[
+        str, typer.Option(help="Full-information learners' loss: time (tokens per second, "
+                          "cost model), length or acceptance. A policy NAME:LOSS overrides it.")
+    ] = _D.loss,
+    score_rate: Annotated[
+        float, typer.Option(help="Share of rounds an expensive (LM) drafter not played is "
+                            "scored counterfactually, importance-weighted (1 = every round).")
+    ] = _D.score_rate,
     temperature: Annotated[
         float, typer.Option(help="0 = greedy (outputs checked against target-only); > 0 samples.")
     ] = _D.temperature,
@@ -120,13 +148,18 @@ def bench(
     setup_logging(verbose)
     started = time.perf_counter()
     with user_errors():
+        ks = _ints(num_speculative_tokens, "--num-speculative-tokens") if (
+            num_speculative_tokens) else (_D.num_speculative_tokens,)
         cfg = BenchConfig(
             target=target, drafter_model=drafter_model,
             domains=_split(domains) or DEFAULT_DOMAINS,
             prompts_per_domain=QUICK_PROMPTS if quick else prompts_per_domain,
             max_new_tokens=QUICK_TOKENS if quick else max_new_tokens,
             policies=_split(policies) or DEFAULT_POLICIES, drafters=_split(drafters),
-            num_speculative_tokens=num_speculative_tokens, temperature=temperature, seed=seed,
+            num_speculative_tokens=ks[0] if len(ks) == 1 else _D.num_speculative_tokens,
+            k_choices=ks if len(ks) > 1 else None,
+            single_ks=_ints(single_k, "--single-k") if single_k else None,
+            loss=loss, score_rate=score_rate, temperature=temperature, seed=seed,
             hf_baseline=not no_hf_baseline, single_drafters=single_drafters, order=order,
             reset_per_query=reset_per_query,
             max_corpus_chars=corpus_chars, dtype=dtype, threads=threads,

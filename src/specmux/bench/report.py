@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from rich.table import Table
 
 from specmux.bench.runner import FAST_PREFIX, HF_ASSISTED, SINGLE_PREFIX, TARGET_ONLY
@@ -38,7 +39,9 @@ POLICY_LABELS = {
     "ucb": "UCBSpec",
     "exp3": "EXP3Spec",
     "metasd": "MetaSD (UCB)",
+    "banditspec": "BanditSpec (UCB, tokens/s reward)",
 }
+ORACLE_FIXED = "oracle-fixed"
 
 
 def label(method: str, meta: dict[str, Any] | None = None) -> str:
@@ -56,7 +59,10 @@ def label(method: str, meta: dict[str, Any] | None = None) -> str:
         return "oracle: best single drafter per query (MAT)"
     if method == ORACLE_TIME:
         return "oracle: best single drafter per query (time)"
-    return POLICY_LABELS.get(method, method)
+    if method == ORACLE_FIXED:
+        return "best fixed single drafter of the stream in hindsight (time)"
+    name, _, loss = method.partition(":")
+    return POLICY_LABELS.get(name, name) + (f" [{loss} loss]" if loss else "")
 
 
 @dataclass
@@ -253,12 +259,19 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
         total = sum(row.share.values())
         row.share = {k: v / total for k, v in sorted(row.share.items())}
         rows[oracle] = row
+    singles = [r for r in rows.values() if r.kind == "single" and OVERALL in r.cells]
+    if singles:
+        best = max(singles, key=lambda r: r.cells[OVERALL].tokens_per_second)
+        fixed = Row(ORACLE_FIXED, f"{label(ORACLE_FIXED)}: {best.label}", "oracle")
+        fixed.cells = dict(best.cells)
+        fixed.share = {best.method.removeprefix(SINGLE_PREFIX): 1.0}
+        rows[ORACLE_FIXED] = fixed
     _add_overheads(rows, records)
     ordered = _order(list(rows.values()))
     for row in ordered:  # keep domain columns in stream order
         row.cells = {d: row.cells[d] for d in [*domains, OVERALL] if d in row.cells}
     summary = Summary(meta, domains, ordered, [], timing_outliers(records))
-    summary.goals = goals(summary)
+    summary.goals = goals(summary) + time_goals(summary, answer_list)
     summary.regret = regret_rows(summary, records)
     return summary
 
@@ -435,6 +448,45 @@ def goals(summary: Summary) -> list[Goal]:
     return out
 
 
+def query_speedups(answer_list: list[dict[str, Any]], method: str) -> list[float]:
+    """Per query, ``method``'s wall-clock speedup over target-only on that query."""
+    answers_ = [a for a in answer_list if a["method"] in (method, TARGET_ONLY)]
+    base = {a["query_index"]: float(a["seconds"]) / max(int(a["new_tokens"]), 1)
+            for a in answers_ if a["method"] == TARGET_ONLY}
+    return [base[a["query_index"]] / (float(a["seconds"]) / max(int(a["new_tokens"]), 1))
+            for a in answers_ if a["method"] == method and a["query_index"] in base]
+
+
+def time_goals(summary: Summary, answer_list: list[dict[str, Any]]) -> list[Goal]:
+    """Issue 11's wall-clock goals for the best full-information learner of the run."""
+    learners = [r for r in summary.rows if r.kind == "policy"
+                and r.method.partition(":")[0] in ("hedge", "normalhedge")
+                and OVERALL in r.cells]
+    if not learners:
+        return []
+    row = max(learners, key=lambda r: r.cells[OVERALL].tokens_per_second)
+    name = row.label
+    tps = row.cells[OVERALL].tokens_per_second
+    fixed, oracle = summary.row(ORACLE_FIXED), summary.row(ORACLE_TIME)
+    out = [
+        Goal(f"{name} tok/s / best fixed (drafter, k) in hindsight",
+             tps / fixed.cells[OVERALL].tokens_per_second if fixed else None, 1.05),
+        Goal(f"{name} tok/s / per-query time oracle",
+             tps / oracle.cells[OVERALL].tokens_per_second if oracle else None, 0.95),
+    ]
+    speedups = query_speedups(answer_list, row.method)
+    out.append(Goal(f"{name} 5th-percentile per-query speedup",
+                    float(np.percentile(speedups, 5)) if speedups else None, 0.95))
+    out.append(Goal(f"{name} speedup on the mixed stream", summary.speedup(row), 2.0))
+    if "code" in summary.domains:
+        out.append(Goal(f"{name} speedup on code", summary.speedup(row, "code"), 2.5))
+    if row.verify_ms and row.policy_ms is not None and row.scoring_ms is not None:
+        share = (row.policy_ms + row.scoring_ms) / row.verify_ms
+        out.append(Goal(f"{name} learner + scoring / target step (lower is better)",
+                        -share, -0.02))
+    return out
+
+
 # ------------------------------------------------------------------------- rendering
 
 
@@ -561,7 +613,10 @@ def describe_run(summary: Summary) -> str:
     return (
         f"Target `{meta.get('model_id')}`, drafter model `{meta.get('drafter_model')}`; pool "
         f"{', '.join('`' + p + '`' for p in meta.get('pool', []))}; k = "
-        f"{cfg.get('num_speculative_tokens')}; {mode}, batch 1; {prompts} prompts "
+        f"{cfg.get('k_choices') or cfg.get('num_speculative_tokens')}"
+        f"{' (single drafters at ' + str(cfg['single_ks']) + ')' if cfg.get('single_ks') else ''}"
+        f"; full-information loss {cfg.get('loss', 'length')}, score rate "
+        f"{cfg.get('score_rate', 1.0)}; {mode}, batch 1; {prompts} prompts "
         f"({cfg.get('order')} stream), at most {cfg.get('max_new_tokens')} new tokens each; "
         f"learners {learners}. "
         f"Machine: {machine.get('cpu_count')} CPU cores, {machine.get('device')}, "

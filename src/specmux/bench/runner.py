@@ -6,10 +6,14 @@ Methods, all greedy at batch 1 by default (``temperature > 0`` samples instead):
 * ``only:<drafter>``: each drafter of the pool alone (a ``fixed`` policy over a pool of one);
 * ``hf-assisted``: Hugging Face's own ``model.generate(assistant_model=...)`` with its
   default settings (the external baseline);
-* one run per policy (``ucb``, ``exp3``, ``metasd``, ``hedge``, ``normalhedge``) over the
-  whole pool;
+* one run per policy (``ucb``, ``exp3``, ``metasd``, ``hedge``, ``normalhedge``,
+  ``banditspec``) over the whole pool; ``NAME:LOSS`` picks a full-information learner's
+  loss (``hedge:length``; default ``BenchConfig.loss``);
 * with ``exact_cost``, ``fast:target-only`` and ``fast:only:lm``: the same runs with exact
   mode off (today's bf16 path), so exact mode's cost is measured in the same run.
+
+Arms are drafter x k over ``k_choices`` (``0`` adds the no-speculation arm); each drafter
+alone runs at every ``single_ks`` (``only:lm@2``: the fixed (drafter, k) baselines).
 
 In exact mode (:mod:`specmux.exact`, the default) the target computes every position
 bitwise alike in one-token and verification passes, so any greedy mismatch is a real one.
@@ -60,6 +64,7 @@ from specmux.drafters.suffix_tree import SuffixTreeDrafter
 from specmux.engine import SpeculativeDecoder, autoregressive_generate
 from specmux.errors import ConfigError
 from specmux.exact import is_exact, set_exact
+from specmux.feedback import LOSSES
 from specmux.lm import CachedLM
 from specmux.policies import POLICIES
 from specmux.types import SamplingParams
@@ -74,7 +79,8 @@ FAST_PREFIX = "fast:"  # a method run with exact mode off (exact_cost)
 NEAR_TIE_ULP = 2.0  # top-two logit gap (in ulp) that rounding alone can flip, outside exact mode
 LM_DRAFTER = "lm"
 SUFFIX = "suffix"  # the SuffixDecoding drafter with no corpus (request + earlier outputs)
-DEFAULT_POLICIES: tuple[str, ...] = ("ucb", "exp3", "metasd", "hedge", "normalhedge")
+DEFAULT_POLICIES: tuple[str, ...] = ("ucb", "exp3", "metasd", "hedge", "normalhedge",
+                                     "banditspec")
 DEFAULT_DOMAINS: tuple[str, ...] = ALL_CATEGORIES
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -96,6 +102,10 @@ class BenchConfig:
     policies: tuple[str, ...] = DEFAULT_POLICIES
     drafters: tuple[str, ...] | None = None
     num_speculative_tokens: int = 4
+    k_choices: tuple[int, ...] | None = None  # learners' k set; None: (num_speculative_tokens,)
+    single_ks: tuple[int, ...] | None = None  # k of the single-drafter runs; None: k_choices
+    loss: str = "length"  # full-information learners' loss unless NAME:LOSS says otherwise
+    score_rate: float = 1.0  # share of rounds an expensive drafter is scored when not played
     temperature: float = 0.0
     seed: int = 0
     hf_baseline: bool = True
@@ -135,10 +145,21 @@ class BenchConfig:
                               f"{', '.join(ALL_CATEGORIES)}")
         if self.order not in ORDERS:
             raise ConfigError(f"unknown order {self.order!r}; known: {', '.join(ORDERS)}")
-        bad = [p for p in self.policies if p not in POLICIES or p == "fixed"]
+        bad = [p for p in self.policies
+               if p.partition(":")[0] not in POLICIES or p.startswith("fixed")]
         if bad:
             known = ", ".join(p for p in sorted(POLICIES) if p != "fixed")
             raise ConfigError(f"unknown policy {bad[0]!r}; known: {known}")
+        losses = {self.loss, *(p.partition(":")[2] for p in self.policies if ":" in p)}
+        if not losses <= set(LOSSES):
+            raise ConfigError(f"unknown loss in {sorted(losses)}; known: {', '.join(LOSSES)}")
+        ks = self.learner_ks()
+        if any(k < 0 for k in ks) or max(ks) < 1 or len(set(ks)) != len(ks):
+            raise ConfigError(f"--num-speculative-tokens: bad k set {list(ks)}")
+        if any(k < 1 for k in self.single_k_list()):
+            raise ConfigError("single-drafter k must be >= 1")
+        if not 0.0 < self.score_rate <= 1.0:
+            raise ConfigError(f"--score-rate must be in (0, 1], got {self.score_rate}")
         if len(set(self.policies)) != len(self.policies):
             raise ConfigError(f"duplicate policies in {list(self.policies)}")
         names = self.pool_names()
@@ -161,6 +182,14 @@ class BenchConfig:
     def corpus_domains(self) -> tuple[str, ...]:
         """Categories with a corpus (none for a prompts file)."""
         return () if self.prompts_file is not None else tuple(self.domains)
+
+    def learner_ks(self) -> tuple[int, ...]:
+        return tuple(self.k_choices) if self.k_choices else (self.num_speculative_tokens,)
+
+    def single_k_list(self) -> tuple[int, ...]:
+        if self.single_ks:
+            return tuple(self.single_ks)
+        return tuple(k for k in self.learner_ks() if k > 0)
 
     def pool_names(self) -> list[str]:
         if self.drafters is not None:
@@ -379,6 +408,7 @@ class _Run:
     # the method does not expose it (HF assisted generation).
     first_seconds: float | None = None
     first_tokens: int | None = None
+    cost_model: dict[str, Any] | None = None  # the learner's cost model after the run
 
 
 def _stop_ids(models: BenchModels) -> list[int]:
@@ -436,26 +466,36 @@ class BenchRunner:
         if twins:
             methods.append(_Method(FAST_PREFIX + TARGET_ONLY, "target", exact=False))
         if cfg.single_drafters:
+            single_ks = cfg.single_k_list()
             for name in cfg.pool_names():
-                for exact in (cfg.exact, False) if twins and name == LM_DRAFTER else (cfg.exact,):
-                    decoder = SpeculativeDecoder(
-                        self.target, self.factory.pool([name]), "fixed",
-                        num_speculative_tokens=cfg.num_speculative_tokens,
-                        eos_token_ids=self.stop, seed=cfg.seed,
-                    )
-                    prefix = SINGLE_PREFIX if exact == cfg.exact else FAST_PREFIX + SINGLE_PREFIX
-                    methods.append(_Method(prefix + name, "single", decoder, exact=exact))
+                for k in single_ks:
+                    twin = twins and name == LM_DRAFTER
+                    for exact in (cfg.exact, False) if twin else (cfg.exact,):
+                        decoder = SpeculativeDecoder(
+                            self.target, self.factory.pool([name]), "fixed",
+                            num_speculative_tokens=k, eos_token_ids=self.stop, seed=cfg.seed,
+                        )
+                        prefix = SINGLE_PREFIX if exact == cfg.exact else (
+                            FAST_PREFIX + SINGLE_PREFIX)
+                        suffix = f"@{k}" if len(single_ks) > 1 else ""
+                        methods.append(_Method(prefix + name + suffix, "single", decoder,
+                                               exact=exact))
         if cfg.hf_baseline:
             if self.models.drafter is None:
                 raise ConfigError("the HF assisted-generation baseline needs a drafter model")
             methods.append(_Method(HF_ASSISTED, "hf", exact=cfg.exact))
-        for name in cfg.policies:
+        ks = cfg.learner_ks()
+        for spec in cfg.policies:
+            name, _, loss = spec.partition(":")
+            full_information = POLICIES[name].full_information
             decoder = SpeculativeDecoder(
                 self.target, self.factory.pool(), name,
-                num_speculative_tokens=cfg.num_speculative_tokens, eos_token_ids=self.stop,
+                num_speculative_tokens=list(ks), eos_token_ids=self.stop,
                 reset_per_query=cfg.reset_per_query, seed=cfg.seed,
+                loss=(loss or cfg.loss) if full_information else "length",
+                score_rate=cfg.score_rate,
             )
-            methods.append(_Method(name, "policy", decoder, exact=cfg.exact))
+            methods.append(_Method(spec, "policy", decoder, exact=cfg.exact))
         return methods
 
     @property
@@ -538,15 +578,19 @@ class BenchRunner:
                 "learner_seconds": step.learner_seconds,
                 "policy_seconds": policy_now - policy_before,
                 "gammas": {k: list(v) for k, v in step.gammas.items()},
+                "scored": sorted(step.gammas),
             })
             policy_before = policy_now
             tokens.extend(step.tokens)
             accepted += step.num_accepted_tokens
             finish = step.finish_reason or "length"
         seconds = time.perf_counter() - t0
+        cost = method.decoder.cost_model.snapshot(max_positions=max(self.cfg.learner_ks()) + 1,
+                                                  context=len(query.prompt_ids) + len(tokens))
         return _Run(tokens, seconds, len(rounds), accepted,
                     finish, rounds,
-                    first_seconds=rounds[0]["seconds"], first_tokens=rounds[0]["new_tokens"])
+                    first_seconds=rounds[0]["seconds"], first_tokens=rounds[0]["new_tokens"],
+                    cost_model=cost if method.kind == "policy" else None)
 
     def _count_hf_call(self, *_: Any) -> None:
         self._hf_calls += 1
@@ -600,7 +644,7 @@ class BenchRunner:
         """
         longest = self.longest_prompt()
         short = longest[-8:]
-        k = self.cfg.num_speculative_tokens
+        k = max(self.cfg.learner_ks() + self.cfg.single_k_list())
         for exact in dict.fromkeys(m.exact for m in self.methods):
             set_exact(self.models.target, exact)
             self._cold_start()
@@ -735,6 +779,7 @@ class BenchRunner:
             "num_accepted_tokens": run.num_accepted_tokens,
             "finish_reason": run.finish_reason, "lossless": lossless, "divergence": divergence,
             "first_seconds": run.first_seconds, "first_tokens": run.first_tokens,
+            "cost_model": run.cost_model,
         }
 
 

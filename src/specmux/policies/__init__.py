@@ -7,7 +7,7 @@
 >>> make_policy("nope", 3)  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
-specmux.errors.ConfigError: unknown policy 'nope'; known: exp3, fixed, hedge, metasd, ...
+specmux.errors.ConfigError: unknown policy 'nope'; known: banditspec, exp3, fixed, hedge, ...
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from specmux.errors import ConfigError
+from specmux.policies.banditspec import BanditSpecTime
 from specmux.policies.base import Arm, Policy
 from specmux.policies.exp3 import EXP3Spec
 from specmux.policies.fixed import FixedPolicy
@@ -24,7 +25,8 @@ from specmux.policies.normalhedge import NormalHedge
 from specmux.policies.ucb import UCBSpec
 
 POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (FixedPolicy, UCBSpec, EXP3Spec, MetaSDUCB, Hedge, NormalHedge)
+    cls.name: cls
+    for cls in (FixedPolicy, UCBSpec, EXP3Spec, MetaSDUCB, Hedge, NormalHedge, BanditSpecTime)
 }
 
 
@@ -42,6 +44,7 @@ def make_policy(name: str, num_arms: int, **kwargs: Any) -> Policy:
 __all__ = [
     "POLICIES",
     "Arm",
+    "BanditSpecTime",
     "EXP3Spec",
     "FixedPolicy",
     "Hedge",

@@ -14,7 +14,12 @@ Speculative decoding (updated every round, so long requests show progress):
 * ``specmux:spec_decode_drafter_selections{drafter}`` — rounds drafted by each drafter;
 * ``specmux:learner_weight{arm}`` — the learner's current selection probability per arm
   (``drafter@k=K``), refreshed after every request;
-* ``specmux:learner_state_saves{result}`` — learner state writes (``ok`` / ``error``).
+* ``specmux:learner_state_saves{result}`` — learner state writes (``ok`` / ``error``);
+* the online cost model (:mod:`specmux.costmodel`), refreshed after every request:
+  ``specmux:cost_verify_seconds{positions}`` (a target pass scoring that many positions),
+  ``specmux:cost_draft_seconds_per_token{drafter}``,
+  ``specmux:cost_score_seconds{drafter}`` (one counterfactual scoring run) and
+  ``specmux:cost_throughput_tokens_per_second`` (decayed tokens / decayed seconds).
 
 Requests:
 
@@ -75,6 +80,18 @@ class ServerMetrics:
                                     ["arm"], registry=r)
         self.state_saves = Counter(f"{p}learner_state_saves", "Learner state file writes.",
                                    ["result"], registry=r)
+        self.cost_verify = Gauge(f"{p}cost_verify_seconds",
+                                 "Modelled seconds of a target pass scoring N positions.",
+                                 ["positions"], registry=r)
+        self.cost_draft = Gauge(f"{p}cost_draft_seconds_per_token",
+                                "Modelled drafting seconds per drafted token.", ["drafter"],
+                                registry=r)
+        self.cost_score = Gauge(f"{p}cost_score_seconds",
+                                "Measured seconds of one counterfactual scoring run.",
+                                ["drafter"], registry=r)
+        self.cost_throughput = Gauge(f"{p}cost_throughput_tokens_per_second",
+                                     "Decayed tokens / decayed seconds of the rounds played.",
+                                     registry=r)
         self.running = Gauge(f"{p}num_requests_running", "Generations running now.", registry=r)
         self.waiting = Gauge(f"{p}num_requests_waiting", "Generations queued.", registry=r)
         self.request_success = Counter(f"{p}request_success", "Finished generations.",
@@ -121,6 +138,23 @@ class ServerMetrics:
     def set_learner_weights(self, arms: Sequence[str], probs: Sequence[float]) -> None:
         for arm, prob in zip(arms, probs, strict=True):
             self.learner_weight.labels(arm=arm).set(float(prob))
+
+    def set_cost_model(self, snapshot: dict) -> None:
+        """Export :meth:`specmux.costmodel.CostModel.snapshot` (nan entries are skipped)."""
+        def ok(x: float) -> bool:
+            return x == x  # not nan
+
+        for n, secs in snapshot.get("verify_seconds", {}).items():
+            if ok(secs):
+                self.cost_verify.labels(positions=str(n)).set(secs)
+        for name, secs in snapshot.get("draft_seconds_per_token", {}).items():
+            if ok(secs):
+                self.cost_draft.labels(drafter=name).set(secs)
+        for name, secs in snapshot.get("score_seconds", {}).items():
+            if ok(secs):
+                self.cost_score.labels(drafter=name).set(secs)
+        if ok(snapshot.get("throughput", float("nan"))):
+            self.cost_throughput.set(snapshot["throughput"])
 
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric."""

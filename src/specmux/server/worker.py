@@ -348,6 +348,7 @@ class Worker:
     def refresh_learner_gauges(self) -> None:
         probs = self.pipeline.selector.probabilities()
         self.metrics.set_learner_weights(self.arm_names, [float(p) for p in probs])
+        self.metrics.set_cost_model(self.pipeline.selector.cost_model.snapshot())
 
     # -- the thread -------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ class Experiment(StrEnum):
     b = "b"
     c = "c"
     d = "d"
+    e = "e"
     all = "all"
     run = "run"
 
@@ -83,14 +84,15 @@ def simulate_command(
         help="Which experiment: a (regret vs number of drafters, full information vs bandit), "
              "b (UCBSpec stopping-time regret vs T; adversarial domains: UCB vs EXP3), "
              "c (delayed vs naive counterfactual feedback; length vs acceptance loss), "
-             "d (MetaSD block-divergence vs block-efficiency reward), all (a-d), or run "
+             "d (MetaSD block-divergence vs block-efficiency reward), e (time regret over "
+             "drafter x k: time loss vs bandits), all (a-e), or run "
              "(one plain simulation of --policies on --env; reports rounds/s).")
     ] = Experiment.all,
     rounds: Annotated[int | None, typer.Option(
         "--rounds", "-r", min=1,
         help="Rounds per simulation run (b: token budget = 3 x rounds for the stochastic "
              "part).  Default: each experiment's own (a 20000, b 300000 tokens / 50000 "
-             "adversarial rounds, c 20000, d 50000, run 100000).")] = None,
+             "adversarial rounds, c 20000, d 50000, e 4000, run 100000).")] = None,
     seeds: Annotated[int | None, typer.Option(
         "--seeds", "-s", min=1,
         help="Independent seeds per configuration (default: per experiment, 1-6).")] = None,

@@ -15,6 +15,8 @@ writes them all under one output directory (``results.jsonl``, ``*.png``, ``summ
   acceptance-length loss vs the acceptance-probability loss.
 * **d** (MetaSD): the block-divergence reward vs the block-efficiency reward for MetaSD's UCB,
   over its exploration scale ``beta``.
+* **e** (issue 11, :mod:`specmux.sim.timeexp`): *time* regret over drafter x k arms (with a
+  no-speculation arm) as the pool grows, where the MAT-optimal and time-optimal arms differ.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ from specmux.sim.runner import (  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-EXPERIMENTS = ("a", "b", "c", "d", "run")
+EXPERIMENTS = ("a", "b", "c", "d", "e", "run")
 StepFn = Callable[[str, int], None]  # (description, jobs done so far in this experiment)
 
 
@@ -816,6 +818,11 @@ RUNNERS: dict[str, Callable[[SimConfig, StepFn], ExperimentResult]] = {
     "a": experiment_a, "b": experiment_b, "c": experiment_c, "d": experiment_d,
     "run": experiment_run,
 }
+
+
+from specmux.sim.timeexp import experiment_e  # noqa: E402  (it imports helpers above)
+
+RUNNERS["e"] = experiment_e
 
 
 def machine() -> str:

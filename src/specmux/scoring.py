@@ -1,0 +1,91 @@
+"""Which drafters to run along the verified path each round (cheap counterfactuals).
+
+Full information (HedgeSpec) runs every drafter along every verified path.  For a model-free
+drafter that is a table lookup; for an LM drafter it is a forward pass, which on a CPU costs
+a third of a target step whenever a cheap drafter was played.  The plan here:
+
+* a drafter whose measured scoring time is below ``expensive_fraction`` of a one-position
+  target pass (or never measured yet) is scored every round, exactly (``factor 1``);
+* the drafter that drafted this round is scored exactly too: its rows come from the draft;
+* any other (expensive) drafter is scored on a random ``rate`` of the rounds, with the
+  importance factor ``1 / rate`` (an independent coin: the estimate stays unbiased, see
+  :mod:`specmux.feedback`), else its factor is 0 (its arms get their baseline);
+* a drafter some pending round still needs (its window is not complete) is run too, with
+  factor 0 for the current round.  Such a run is also the LM drafter's KV catch-up: the
+  next proposal only feeds what is new.
+
+``rate = 1`` scores everything every round (the plain HedgeSpec behaviour).
+
+>>> from specmux.costmodel import CostModel
+>>> model = CostModel()
+>>> model.observe_verify(1, 100, 0.15)
+>>> model.observe_score("lm", 0.06); model.observe_score("ngram", 0.0002)
+>>> plan = ScoringPlan(["ngram", "lm"], rate=0.25, seed=0)
+>>> [plan.decide(played=0, model=model, context=100, needs=lambda i: False)
+...  for _ in range(3)]  # doctest: +NORMALIZE_WHITESPACE
+[([True, False], array([1., 0.])), ([True, False], array([1., 0.])),
+ ([True, True], array([1., 4.]))]
+>>> # the LM is expensive: scored on a quarter of the rounds, weighted 4, unless played
+>>> plan.decide(played=1, model=model, context=100, needs=lambda i: False)
+([True, True], None)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from specmux.costmodel import CostModel
+
+
+class ScoringPlan:
+    """Decides per round which drafters to score and with which importance factor."""
+
+    def __init__(self, names: Sequence[str], rate: float = 1.0, *,
+                 expensive_fraction: float = 0.05, seed: int = 0) -> None:
+        if not 0.0 < rate <= 1.0:
+            raise ValueError(f"score rate must be in (0, 1], got {rate}")
+        self.names = list(names)
+        self.rate = float(rate)
+        self.expensive_fraction = float(expensive_fraction)
+        self.rng = np.random.default_rng(seed)
+        self.num_runs = np.zeros(len(self.names), dtype=int)  # scoring runs per drafter
+        self.num_skipped = np.zeros(len(self.names), dtype=int)
+
+    def expensive(self, model: CostModel, context: int) -> list[bool]:
+        """Per drafter: measured scoring time above the threshold (unmeasured: False)."""
+        step = model.verify_seconds(1, context)
+        out = []
+        for name in self.names:
+            cost = model.score_seconds(name)
+            out.append(not (math.isnan(cost) or math.isnan(step))
+                       and cost > self.expensive_fraction * step)
+        return out
+
+    def decide(
+        self, played: int | None, model: CostModel, context: int,
+        needs: Callable[[int], bool],
+    ) -> tuple[list[bool], np.ndarray | None]:
+        """``(run, factors)``: run drafter i along the path?  ``factors`` [N] or ``None``
+        when every drafter is scored exactly this round."""
+        if self.rate >= 1.0:
+            self.num_runs += 1
+            return [True] * len(self.names), None
+        dear = self.expensive(model, context)
+        run: list[bool] = []
+        factors = np.ones(len(self.names))
+        for i, is_dear in enumerate(dear):
+            if not is_dear or i == played:
+                run.append(True)
+                continue
+            if self.rng.random() < self.rate:
+                run.append(True)
+                factors[i] = 1.0 / self.rate
+            else:
+                run.append(needs(i))
+                factors[i] = 0.0
+        self.num_runs += np.array(run, dtype=int)
+        self.num_skipped += 1 - np.array(run, dtype=int)
+        return run, None if np.all(factors == 1.0) else factors
