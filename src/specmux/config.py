@@ -20,7 +20,7 @@ class SpeculativeConfig(BaseModel):
 
     vLLM keys: ``method``, ``model``, ``num_speculative_tokens``, ``prompt_lookup_max``,
     ``prompt_lookup_min``.  specmux adds ``drafters`` (a pool of drafter specs), ``policy``
-    and its learner options.
+    and its learner options, and ``backend`` (``transformers`` or ``llama.cpp``).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -35,6 +35,7 @@ class SpeculativeConfig(BaseModel):
     loss: Literal["length", "acceptance"] = "length"
     delayed_feedback: bool = True
     reset_per_query: bool = False
+    backend: Literal["transformers", "llama.cpp"] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> SpeculativeConfig:

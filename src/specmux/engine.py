@@ -71,7 +71,9 @@ def block_divergence(draft: Draft, target_probs: torch.Tensor, k: int) -> float 
 
 
 def _as_cached_lm(target: PreTrainedModel | CachedLM) -> CachedLM:
-    return target if isinstance(target, CachedLM) else CachedLM(target, name="target")
+    """An HF model wrapped in a :class:`CachedLM`; any other Target (``CachedLM``, the
+    llama.cpp backend's ``LlamaCppLM``) as it is."""
+    return CachedLM(target, name="target") if isinstance(target, PreTrainedModel) else target
 
 
 def _generator(sampling: SamplingParams) -> torch.Generator:

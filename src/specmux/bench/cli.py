@@ -77,8 +77,17 @@ def bench(
                           "tokens for about the cost of one decode step) or float32.")
     ] = "bfloat16",
     threads: Annotated[
-        int | None, typer.Option(help="torch CPU threads (default: torch's choice).")
+        int | None, typer.Option(help="CPU threads: torch's (default: torch's choice), or "
+                                 "llama.cpp's (default: all usable cores).")
     ] = None,
+    backend: Annotated[
+        str, typer.Option(help="transformers (default; HF assisted generation is its "
+                          "baseline) or llama.cpp (GGUFs as they are; anchors: "
+                          "llama-cpp-python's own generate loop and prompt-lookup decoding).")
+    ] = "transformers",
+    anchors: Annotated[
+        bool, typer.Option(help="llama.cpp: also run llama-cpp-python's own loops.")
+    ] = True,
     quick: Annotated[
         bool, typer.Option(help=f"Smoke run: {QUICK_PROMPTS} prompt per domain, "
                            f"{QUICK_TOKENS} new tokens.")
@@ -105,6 +114,7 @@ def bench(
     setup_logging(verbose)
     started = time.perf_counter()
     with user_errors():
+        from specmux.backends import check_backend
         from specmux.bench.datasets import load_domains
         from specmux.bench.report import render_rich, write_report
         from specmux.bench.runner import BenchConfig, BenchRunner, load_models, write_trace
@@ -116,8 +126,10 @@ def bench(
             max_new_tokens=QUICK_TOKENS if quick else max_new_tokens,
             policies=_split(policies) or DEFAULT_POLICIES, drafters=_split(drafters),
             num_speculative_tokens=num_speculative_tokens, temperature=temperature, seed=seed,
-            hf_baseline=not no_hf_baseline, order=order, reset_per_query=reset_per_query,
-            max_corpus_chars=corpus_chars, dtype=dtype, threads=threads,
+            hf_baseline=not no_hf_baseline and check_backend(backend) == "transformers",
+            order=order, reset_per_query=reset_per_query,
+            max_corpus_chars=corpus_chars, dtype=dtype, threads=threads, backend=backend,
+            anchors=anchors,
         )
         console.print(f"[bold]specmux bench[/] → {out}/", highlight=False)
         with console.status("loading datasets"):

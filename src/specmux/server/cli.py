@@ -9,12 +9,14 @@ from typing import Annotated
 import typer
 
 from specmux.cli_options import (
+    BackendOption,
     DrafterOption,
     InstallOption,
     NumSpeculativeTokensOption,
     PolicyOption,
     SpeculativeConfigOption,
     TargetOption,
+    ThreadsOption,
     pipeline_from_options,
     resolve_speculative_config,
 )
@@ -65,6 +67,8 @@ def serve(
         str | None, typer.Option(help="Model name in the API (default: --target).")
     ] = None,
     speculative_config: SpeculativeConfigOption = None,
+    backend: BackendOption = "transformers",
+    threads: ThreadsOption = None,
     seed: Annotated[int, typer.Option(help="Learner seed.")] = 0,
     graceful_timeout: Annotated[
         float, typer.Option(help="Seconds in-flight requests get to finish on shutdown.")
@@ -104,7 +108,8 @@ def serve(
         if state_dir is not None and state_dir.exists() and not state_dir.is_dir():
             raise ConfigError(f"--state-dir {state_dir} is not a directory")
         pipe = pipeline_from_options(cfg, target, drafter, policy, seed=seed, install=install,
-                                     reset_per_query=reset_per_query)
+                                     reset_per_query=reset_per_query, backend=backend,
+                                     threads=threads)
         app = create_app(
             pipe, model_name=served_model_name or target, state_dir=state_dir,
             max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
