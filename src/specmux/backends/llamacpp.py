@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from specmux.drafters.hf import HFDrafter
-from specmux.errors import ConfigError, ModelLoadError, TokenizerMismatchError
+from specmux.errors import ConfigError, ModelLoadError, PromptError, TokenizerMismatchError
 from specmux.lm import common_prefix_length
 
 if TYPE_CHECKING:
@@ -216,6 +216,10 @@ class LlamaCppLM:
         """Roll the KV cache back to ``keep`` tokens, feed ``ids[keep:]`` in batches of at
         most ``n_batch``, and return the logit rows ``start..len(ids)`` ([rows, V])."""
         lc, batch, ctx = self._lc, self._batch, self.llama.ctx
+        bad = [t for t in ids[keep:] if not 0 <= t < self.vocab_size]
+        if bad:  # llama_decode would fail on it
+            raise PromptError(f"token id {bad[0]} is outside the vocabulary "
+                              f"(0..{self.vocab_size - 1})")
         if keep < len(self.cached_ids):
             mem = lc.llama_get_memory(ctx)
             if not lc.llama_memory_seq_rm(mem, 0, keep, -1):  # recurrent models cannot
