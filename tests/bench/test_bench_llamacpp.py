@@ -11,7 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 from specmux.bench.datasets import synthetic_splits
-from specmux.bench.report import summarize, write_report
+from specmux.bench.output import write_report
+from specmux.bench.report import summarize
 from specmux.bench.runner import TARGET_ONLY, BenchConfig, BenchModels, BenchRunner
 from specmux.cli import app
 from specmux.errors import ConfigError

@@ -38,7 +38,7 @@ import torch
 
 from specmux.drafters.hf import HFDrafter
 from specmux.errors import ConfigError, ModelLoadError, PromptError, TokenizerMismatchError
-from specmux.lm import common_prefix_length
+from specmux.target import check_num_last, common_prefix_length, prefix_to_keep
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -191,8 +191,7 @@ class LlamaCppLM:
         Row ``j`` is the next-token distribution after ``ids[: len(ids) - num_last + j + 1]``.
         """
         n = len(ids)
-        if not 1 <= num_last <= n:
-            raise ValueError(f"num_last={num_last} must be in [1, len(ids)={n}]")
+        check_num_last(num_last, n)
         if n > self.max_context:
             raise ValueError(f"{n} tokens exceed the context of {self.max_context}")
         common = common_prefix_length(self.cached_ids, ids)
@@ -202,7 +201,7 @@ class LlamaCppLM:
             start += 1  # already computed for this very prefix
         if start > n:
             return torch.stack([self.rows[i] for i in range(first, n + 1)])
-        keep = min(common, start - 1)
+        keep = prefix_to_keep(self.cached_ids, ids, start)
         fresh = self._decode(ids, keep, start)  # [n - start + 1, V]
         self.cached_ids = list(ids)
         self.rows = {i: r for i, r in self.rows.items() if i <= keep}
@@ -308,7 +307,5 @@ class LlamaCppDrafter(HFDrafter):
     """The LM drafter (:class:`~specmux.drafters.hf.HFDrafter`'s logic: ``k`` one-token
     steps to propose, one batched pass to score a path) over a :class:`LlamaCppLM`."""
 
-    def __init__(self, lm: LlamaCppLM, name: str | None = None) -> None:  # noqa: D107
-        self.lm = lm  # type: ignore[assignment]
-        self.name = name or lm.name
-        self.vocab_size = lm.vocab_size
+    def __init__(self, lm: LlamaCppLM, name: str | None = None) -> None:
+        super().__init__(lm, name=name or lm.name)

@@ -14,11 +14,11 @@ With ``backend="llama.cpp"`` the target and the LM drafter are GGUFs on llama.cp
 anchors from llama-cpp-python itself (:mod:`specmux.bench.anchors`): its plain
 ``Llama.generate`` loop and its ``LlamaPromptLookupDecoding``.
 
-Every model is loaded once; the target and the LM drafter each sit behind one
-:class:`~specmux.lm.CachedLM` shared by all methods.  The loop is *query-major*: for each
-query of the (mixed) stream, every method runs it in turn, so slow drifts of the machine's
-load hit all methods alike.  Each (method, query) run starts from empty KV caches and its
-wall clock covers prefill plus decoding, as Spec-Bench times a query.
+Every model is loaded once; the target and the LM drafter each sit behind one Target
+(:class:`~specmux.lm.CachedLM`, or a ``LlamaCppLM``) shared by all methods.  The loop is
+*query-major*: for each query of the (mixed) stream, every method runs it in turn, so slow
+drifts of the machine's load hit all methods alike.  Each (method, query) run starts from
+empty KV caches and its wall clock covers prefill plus decoding, as Spec-Bench times a query.
 
 Each method keeps its own learner and its own copy of the stateful drafters (corpus
 drafters index what they verify) across the stream, so a learner learns the workload and no
@@ -43,15 +43,14 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, ClassVar
+from typing import Any
 
-import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from specmux.api import Pipeline
 from specmux.backends import check_backend
-from specmux.backends.llamacpp import LlamaCppDrafter, LlamaCppLM
+from specmux.backends.llamacpp import LlamaCppLM
 from specmux.bench.datasets import ORDERS, DomainSplit, Example, mixed_stream
 from specmux.drafters.base import Drafter
 from specmux.drafters.hf import HFDrafter
@@ -59,9 +58,9 @@ from specmux.drafters.ngram import NgramDrafter
 from specmux.drafters.suffix import SuffixDrafter
 from specmux.engine import SpeculativeDecoder, autoregressive_generate
 from specmux.errors import ConfigError
-from specmux.lm import CachedLM
-from specmux.policies import POLICIES, Policy, make_policy
-from specmux.types import Feedback, SamplingParams
+from specmux.lm import as_target
+from specmux.policies import POLICIES
+from specmux.types import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -331,10 +330,7 @@ class DrafterFactory:
             elif name == LM_DRAFTER:
                 if drafter_model is None:
                     raise ConfigError("the 'lm' drafter needs a drafter model")
-                self.shared[name] = (
-                    LlamaCppDrafter(drafter_model, name=LM_DRAFTER)
-                    if isinstance(drafter_model, LlamaCppLM)
-                    else HFDrafter(drafter_model, name=LM_DRAFTER))
+                self.shared[name] = HFDrafter(drafter_model, name=LM_DRAFTER)  # any backend
             else:
                 raise ConfigError(f"unknown drafter {name!r}")
 
@@ -351,47 +347,6 @@ class DrafterFactory:
         return {n: d.num_indexed_tokens for n, d in self.suffix.items()}
 
 
-class TimedPolicy(Policy):
-    """Wraps a policy to time its own work (``select`` + ``update``), apart from the
-    counterfactual scoring that the engine books in ``Step.learner_seconds`` too."""
-
-    name: ClassVar[str] = "timed"
-
-    def __init__(self, inner: Policy) -> None:  # no super().__init__: the state is inner's
-        self.inner = inner
-        self.name = inner.name  # type: ignore[misc]
-        self.full_information = inner.full_information  # type: ignore[misc]
-        self.num_arms = inner.num_arms
-        self.seconds = 0.0
-
-    @property
-    def t(self) -> int:  # type: ignore[override]
-        return self.inner.t
-
-    def select(self) -> int:
-        t0 = time.perf_counter()
-        arm = self.inner.select()
-        self.seconds += time.perf_counter() - t0
-        return arm
-
-    def update(self, feedback: Feedback) -> None:
-        t0 = time.perf_counter()
-        self.inner.update(feedback)
-        self.seconds += time.perf_counter() - t0
-
-    def reset(self) -> None:
-        self.inner.reset()
-
-    def probabilities(self) -> np.ndarray:
-        return self.inner.probabilities()
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state)
-
-
 # ------------------------------------------------------------------------- methods
 
 
@@ -400,7 +355,6 @@ class _Method:
     id: str  # trace key: target-only, only:<drafter>, hf-assisted, or a policy name
     kind: str  # target | single | hf | policy
     decoder: SpeculativeDecoder | None = None
-    policy: TimedPolicy | None = None
 
 
 @dataclass
@@ -453,8 +407,7 @@ class BenchRunner:
             if isinstance(model, PreTrainedModel) and fix_lm_head_strides(model):
                 log.info("bf16 lm_head stride workaround installed on %s",
                          type(model).__name__)
-        self.target = (models.target if isinstance(models.target, LlamaCppLM)
-                       else CachedLM(models.target, name="target"))
+        self.target = as_target(models.target, name="target")
         self.pld = None  # llama-cpp-python's prompt-lookup Llama (anchors only)
         if cfg.llamacpp and cfg.anchors:
             from specmux.bench.anchors import build_pld
@@ -486,15 +439,13 @@ class BenchRunner:
             from specmux.bench.anchors import ANCHORS
 
             methods += [_Method(a, "anchor") for a in ANCHORS]
-        pool_size = len(cfg.pool_names())
         for name in cfg.policies:
-            policy = TimedPolicy(make_policy(name, pool_size, seed=cfg.seed))
             decoder = SpeculativeDecoder(
-                self.target, self.factory.pool(), policy,
+                self.target, self.factory.pool(), name,
                 num_speculative_tokens=cfg.num_speculative_tokens, eos_token_ids=self.stop,
                 reset_per_query=cfg.reset_per_query, seed=cfg.seed,
             )
-            methods.append(_Method(name, "policy", decoder, policy))
+            methods.append(_Method(name, "policy", decoder))
         return methods
 
     @property
@@ -535,7 +486,8 @@ class BenchRunner:
     def _run_decoder(self, method: _Method, query: Query) -> _Run:
         assert method.decoder is not None
         self._cold_start()
-        policy_before = method.policy.seconds if method.policy else 0.0
+        selector = method.decoder.selector
+        policy_before = selector.policy_seconds
         rounds: list[dict[str, Any]] = []
         tokens: list[int] = []
         accepted = 0
@@ -544,7 +496,7 @@ class BenchRunner:
         for step in method.decoder.generate_steps(
             query.prompt_ids, self.cfg.max_new_tokens, self.sampling_for(query), self.stop
         ):
-            policy_now = method.policy.seconds if method.policy else 0.0
+            policy_now = selector.policy_seconds
             rounds.append({
                 "round": step.round, "drafter": step.drafter, "k": step.k,
                 "drafted": step.num_draft_tokens, "accepted": step.num_accepted_tokens,
