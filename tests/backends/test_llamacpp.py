@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from specmux.drafters.ngram import NgramDrafter
 from specmux.drafters.suffix import SuffixDrafter
 from specmux.engine import SpeculativeDecoder, autoregressive_generate
-from specmux.errors import ModelLoadError, TokenizerMismatchError
+from specmux.errors import ModelLoadError, PromptError, TokenizerMismatchError
 from specmux.lm import CachedLM
 from specmux.policies import POLICIES
 from specmux.types import SamplingParams
@@ -103,6 +103,9 @@ def test_long_prompt_is_fed_in_batches(ggufs) -> None:
     torch.testing.assert_close(rows, one_batch, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="context"):
         lm.logits([1] * 513)
+    with pytest.raises(PromptError, match="vocabulary"):
+        lm.logits([1, 2, VOCAB])  # llama_decode would fail on it; the cache stays usable
+    torch.testing.assert_close(lm.logits(ids, 3), rows, atol=1e-4, rtol=1e-4)
     lm.close()
 
 
