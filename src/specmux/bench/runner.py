@@ -18,11 +18,16 @@ alone runs at every ``single_ks`` (``only:lm@2``: the fixed (drafter, k) baselin
 In exact mode (:mod:`specmux.exact`, the default) the target computes every position
 bitwise alike in one-token and verification passes, so any greedy mismatch is a real one.
 
-Every model is loaded once; the target and the LM drafter each sit behind one
-:class:`~specmux.lm.CachedLM` shared by all methods.  The loop is *query-major*: for each
-query of the (mixed) stream, every method runs it in turn, so slow drifts of the machine's
-load hit all methods alike.  Each (method, query) run starts from empty KV caches and its
-wall clock covers prefill plus decoding, as Spec-Bench times a query.
+With ``backend="llama.cpp"`` the target and the LM drafter are GGUFs on llama.cpp
+(:class:`~specmux.backends.llamacpp.LlamaCppLM`), HF assisted generation is replaced by two
+anchors from llama-cpp-python itself (:mod:`specmux.bench.anchors`): its plain
+``Llama.generate`` loop and its ``LlamaPromptLookupDecoding``.
+
+Every model is loaded once; the target and the LM drafter each sit behind one Target
+(:class:`~specmux.lm.CachedLM`, or a ``LlamaCppLM``) shared by all methods.  The loop is
+*query-major*: for each query of the (mixed) stream, every method runs it in turn, so slow
+drifts of the machine's load hit all methods alike.  Each (method, query) run starts from
+empty KV caches and its wall clock covers prefill plus decoding, as Spec-Bench times a query.
 
 Each method keeps its own learner and its own copy of the stateful drafters (corpus
 drafters index what they verify) across the stream, so a learner learns the workload and no
@@ -54,6 +59,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from specmux.api import Pipeline
+from specmux.backends import check_backend
+from specmux.backends.llamacpp import LlamaCppLM
 from specmux.bench.datasets import ALL_CATEGORIES, ORDERS, DomainSplit, Example, mixed_stream
 from specmux.bench.prompts_file import PromptsFileInfo, example_at, iter_examples
 from specmux.drafters.base import Drafter
@@ -65,7 +72,7 @@ from specmux.engine import SpeculativeDecoder, autoregressive_generate
 from specmux.errors import ConfigError
 from specmux.exact import is_exact, set_exact
 from specmux.feedback import LOSSES
-from specmux.lm import CachedLM
+from specmux.lm import as_target
 from specmux.policies import POLICIES
 from specmux.types import SamplingParams
 
@@ -118,6 +125,8 @@ class BenchConfig:
     prompts_file: str | None = None
     exact: bool = True  # batch-invariant target passes (specmux.exact): greedy is bit-exact
     exact_cost: bool = False  # also run target-only and only:lm with exact mode off
+    backend: str = "transformers"  # or "llama.cpp": GGUFs run as they are (threads: llama's)
+    anchors: bool = True  # llama.cpp: llama-cpp-python's own generate and PLD loops
 
     def __post_init__(self) -> None:
         if self.prompts_per_domain < 1:
@@ -130,6 +139,10 @@ class BenchConfig:
             )
         if not self.temperature >= 0.0:
             raise ConfigError(f"--temperature must be >= 0, got {self.temperature}")
+        self.backend = check_backend(self.backend)
+        if self.backend == "llama.cpp" and self.hf_baseline:
+            raise ConfigError("HF assisted generation runs on transformers; use "
+                              "--no-hf-baseline with --backend llama.cpp")
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}; known: {', '.join(DTYPES)}")
         if self.exact_cost and not self.exact:
@@ -197,6 +210,10 @@ class BenchConfig:
         return [f"suffix:{d}" for d in self.corpus_domains] + [SUFFIX, "ngram", LM_DRAFTER]
 
     @property
+    def llamacpp(self) -> bool:
+        return self.backend == "llama.cpp"
+
+    @property
     def needs_drafter_model(self) -> bool:
         return self.hf_baseline or LM_DRAFTER in self.pool_names()
 
@@ -207,11 +224,12 @@ class BenchConfig:
 
 @dataclass
 class BenchModels:
-    """Loaded models: the target, its tokenizer and the LM drafter (``None`` when unused)."""
+    """Loaded models: the target, its tokenizer and the LM drafter (``None`` when unused);
+    HF models, or :class:`LlamaCppLM` s on the llama.cpp backend."""
 
-    target: PreTrainedModel
+    target: PreTrainedModel | LlamaCppLM
     tokenizer: PreTrainedTokenizerBase
-    drafter: PreTrainedModel | None = None
+    drafter: PreTrainedModel | LlamaCppLM | None = None
     target_name: str = "target"
     drafter_name: str = "drafter"
 
@@ -237,6 +255,8 @@ def load_models(
 
     say = announce or log.info
     t0 = time.perf_counter()
+    if cfg.llamacpp:
+        return _load_llamacpp(cfg, install, say, t0)
     say(f"loading target {cfg.target} (about 30 s; embedded models install on first use)")
     dtype = DTYPES[cfg.dtype]
     target, tokenizer = load_model(cfg.target, install=install, dtype=dtype)
@@ -245,6 +265,25 @@ def load_models(
         say(f"loading drafter {cfg.drafter_model}")
         drafter, drafter_tok = load_model(cfg.drafter_model, install=install, dtype=dtype)
         check_same_tokenizer(tokenizer, drafter_tok, cfg.drafter_model)
+    say(f"models loaded in {time.perf_counter() - t0:.0f} s")
+    return BenchModels(target, tokenizer, drafter, cfg.target, cfg.drafter_model)
+
+
+def _load_llamacpp(
+    cfg: BenchConfig, install: bool, say: Callable[[str], None], t0: float
+) -> BenchModels:
+    from specmux.backends.llamacpp import check_same_vocab
+    from specmux.models import load_tokenizer
+
+    say(f"loading target {cfg.target} on llama.cpp")
+    target = LlamaCppLM.load(cfg.target, name="target", threads=cfg.threads, install=install)
+    tokenizer = load_tokenizer(cfg.target)
+    drafter = None
+    if cfg.needs_drafter_model:
+        say(f"loading drafter {cfg.drafter_model} on llama.cpp")
+        drafter = LlamaCppLM.load(cfg.drafter_model, name=LM_DRAFTER, threads=cfg.threads,
+                                  install=install)
+        check_same_vocab(target, drafter)
     say(f"models loaded in {time.perf_counter() - t0:.0f} s")
     return BenchModels(target, tokenizer, drafter, cfg.target, cfg.drafter_model)
 
@@ -346,7 +385,7 @@ class DrafterFactory:
         names: Sequence[str],
         splits: dict[str, DomainSplit],
         tokenizer: PreTrainedTokenizerBase,
-        drafter_model: PreTrainedModel | None,
+        drafter_model: PreTrainedModel | LlamaCppLM | None,
     ) -> None:
         self.names = list(names)
         self.suffix: dict[str, SuffixTreeDrafter] = {}
@@ -366,7 +405,7 @@ class DrafterFactory:
             elif name == LM_DRAFTER:
                 if drafter_model is None:
                     raise ConfigError("the 'lm' drafter needs a drafter model")
-                self.shared[name] = HFDrafter(drafter_model, name=LM_DRAFTER)
+                self.shared[name] = HFDrafter(drafter_model, name=LM_DRAFTER)  # any backend
             else:
                 raise ConfigError(f"unknown drafter {name!r}")
 
@@ -415,6 +454,8 @@ def _stop_ids(models: BenchModels) -> list[int]:
     ids: list[int] = []
     eos = getattr(getattr(models.target, "generation_config", None), "eos_token_id", None)
     ids += [eos] if isinstance(eos, int) else list(eos or [])
+    if isinstance(models.target, LlamaCppLM):
+        ids += models.target.eos_token_ids()
     if models.tokenizer.eos_token_id is not None:
         ids.append(int(models.tokenizer.eos_token_id))
     return sorted(set(ids))
@@ -447,11 +488,18 @@ class BenchRunner:
                 raise ConfigError("the benchmark stream is empty")
         self.stop = _stop_ids(models)
         for model in (models.target, models.drafter):
-            if model is not None and fix_lm_head_strides(model):
+            if isinstance(model, PreTrainedModel) and fix_lm_head_strides(model):
                 log.info("bf16 lm_head stride workaround installed on %s",
                          type(model).__name__)
-        set_exact(models.target, cfg.exact)  # only the target's passes decide losslessness
-        self.target = CachedLM(models.target, name="target")
+        if isinstance(models.target, torch.nn.Module):  # only the target's passes decide
+            set_exact(models.target, cfg.exact)  # losslessness
+        self.target = as_target(models.target, name="target")
+        self.pld = None  # llama-cpp-python's prompt-lookup Llama (anchors only)
+        if cfg.llamacpp and cfg.anchors:
+            from specmux.bench.anchors import build_pld
+
+            assert isinstance(self.target, LlamaCppLM)
+            self.pld = build_pld(self.target)
         self.factory = DrafterFactory(cfg.pool_names(), self.splits, models.tokenizer,
                                       models.drafter)
         self.methods = self._methods()
@@ -484,6 +532,10 @@ class BenchRunner:
             if self.models.drafter is None:
                 raise ConfigError("the HF assisted-generation baseline needs a drafter model")
             methods.append(_Method(HF_ASSISTED, "hf", exact=cfg.exact))
+        if cfg.llamacpp and cfg.anchors:
+            from specmux.bench.anchors import ANCHORS
+
+            methods += [_Method(a, "anchor") for a in ANCHORS]
         ks = cfg.learner_ks()
         for spec in cfg.policies:
             name, _, loss = spec.partition(":")
@@ -634,7 +686,24 @@ class BenchRunner:
             return self._run_target_only(query)
         if method.kind == "hf":
             return self._run_hf(query)
+        if method.kind == "anchor":
+            return self._run_anchor(method, query)
         return self._run_decoder(method, query)
+
+    def _run_anchor(self, method: _Method, query: Query, max_new: int | None = None) -> _Run:
+        from specmux.bench.anchors import ANCHOR_PLD, run_anchor
+
+        assert isinstance(self.target, LlamaCppLM)
+        pld = method.id == ANCHOR_PLD
+        self._cold_start()
+        run = run_anchor(self.pld if pld else self.target.llama, query.prompt_ids,
+                         max_new or self.cfg.max_new_tokens, self.sampling_for(query),
+                         frozenset(self.stop), self.target.max_context,
+                         clear=None if pld else self.target.reset)
+        finish = "stop" if run.tokens and run.tokens[-1] in self.stop else "length"
+        accepted = max(len(run.tokens) - run.num_target_calls, 0)
+        return _Run(run.tokens, run.seconds, run.num_target_calls, accepted, finish,
+                    first_seconds=run.first_seconds, first_tokens=1)
 
     def warm_up(self) -> None:
         """Short untimed generations per model (first calls allocate and are slow).
@@ -659,6 +728,11 @@ class BenchRunner:
                 lm.lm.logits(prompt + prompt[:2], 3)
         if self.cfg.hf_baseline and self.models.drafter is not None:
             self._run_hf(Query(-1, "warm-up", "warm-up", "", tuple(short), False), 4)
+        for method in self.methods:
+            if method.kind == "anchor":
+                for prompt in (longest, short):
+                    self._run_anchor(method, Query(-1, "warm-up", "warm-up", "",
+                                                   tuple(prompt), False), 4)
         self._cold_start()
 
     # ------------------------------------------------------------------ the stream
@@ -682,8 +756,17 @@ class BenchRunner:
             "prompts_file": str(self.prompts.path) if self.prompts else None,
             "corpus_tokens": self.factory.corpus_tokens(),
             "stop_token_ids": self.stop,
-            "machine": {**machine_info(), "dtype": cfg.dtype},
+            "machine": {**machine_info(), **self._backend_info()},
         }
+
+    def _backend_info(self) -> dict[str, Any]:
+        if not isinstance(self.target, LlamaCppLM):
+            return {"backend": "transformers", "dtype": self.cfg.dtype}
+        import llama_cpp
+
+        return {"backend": "llama.cpp", "dtype": "gguf (logits float32)",
+                "llama_cpp_python": llama_cpp.__version__, "llama_threads": self.target.threads,
+                "llama_context": self.target.max_context}
 
     def run(
         self, on_run: Callable[[str, Query], None] | None = None
@@ -737,7 +820,8 @@ class BenchRunner:
         self.target.reset()
         gap = float(row[info["reference_token"]] - row[info["method_token"]])
         top = max(abs(float(row.max())), 1e-30)
-        ulp = torch.finfo(self.models.target.dtype).eps * 2.0 ** math.floor(math.log2(top))
+        dtype = getattr(self.models.target, "dtype", torch.float32)  # llama.cpp: float32
+        ulp = torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(top))
         near_tie = abs(gap) <= NEAR_TIE_ULP * ulp
         info.update(logit_gap=gap, ulp=ulp, near_tie=near_tie,
                     verdict="near-tie" if near_tie and not info["exact"] else "mismatch")

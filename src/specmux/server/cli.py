@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from specmux.cli_options import (
+    BackendOption,
     DrafterOption,
     InstallOption,
     NumSpeculativeTokensOption,
@@ -16,6 +17,7 @@ from specmux.cli_options import (
     SeedHelp,
     SpeculativeConfigOption,
     TargetOption,
+    ThreadsOption,
     pipeline_from_config,
     speculative_config_from_options,
 )
@@ -67,6 +69,8 @@ def serve(
         str | None, typer.Option(help="Model name in the API (default: --target).")
     ] = None,
     speculative_config: SpeculativeConfigOption = None,
+    backend: BackendOption = None,
+    threads: ThreadsOption = None,
     seed: Annotated[int | None, typer.Option(
         help=f"Learner seed (default 0): {SeedHelp}.", show_default=False)] = None,
     graceful_timeout: Annotated[
@@ -99,11 +103,11 @@ def serve(
         cfg = speculative_config_from_options(
             speculative_config, drafter=drafter, policy=policy,
             num_speculative_tokens=num_speculative_tokens, seed=seed,
-            reset_per_query=reset_per_query)
+            reset_per_query=reset_per_query, backend=backend)
         if state_dir is not None:
             check_state_dir(state_dir)
         sock = bind(host, port)  # a port in use is found before the models load
-        pipe = pipeline_from_config(cfg, target, install=install)
+        pipe = pipeline_from_config(cfg, target, install=install, threads=threads)
         app = create_app(
             pipe, model_name=served_model_name or target, state_dir=state_dir,
             max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
