@@ -15,8 +15,8 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from specmux.config import DEFAULT_DRAFTERS, DEFAULT_POLICY, DEFAULT_TARGET, SpeculativeConfig
 from specmux.backends import check_backend
+from specmux.config import DEFAULT_DRAFTERS, DEFAULT_POLICY, DEFAULT_TARGET, SpeculativeConfig
 from specmux.drafters.base import Drafter
 from specmux.drafters.hf import HFDrafter
 from specmux.drafters.ngram import NgramDrafter

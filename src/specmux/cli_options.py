@@ -69,8 +69,9 @@ SpeculativeConfigOption = Annotated[
     ),
 ]
 BackendOption = Annotated[
-    str | None, typer.Option(help="Inference backend (default transformers): transformers (reference; HF models and GGUF, "
-                      "dequantized) or llama.cpp (GGUF files as they are, fast on CPU).")
+    str | None, typer.Option(help="Inference backend (default transformers): transformers "
+                             "(reference; HF models and GGUF, dequantized) or llama.cpp (GGUF "
+                             "files as they are, fast on CPU).")
 ]
 ThreadsOption = Annotated[
     int | None, typer.Option(help="llama.cpp CPU threads (default: all usable cores).")

@@ -135,10 +135,11 @@ def set_exact(model: PreTrainedModel, on: bool = True) -> PreTrainedModel:
 
     On: every ``nn.Linear`` gets :func:`exact_linear_forward` and attention runs through
     :func:`exact_attention_forward`.  Off: both are removed again, so the model computes
-    exactly as loaded.  Idempotent.  Models other than bfloat16 are left unchanged (see the
-    module docstring); :func:`is_exact` tells whether it took effect.
+    exactly as loaded.  Idempotent.  Models other than bfloat16 torch models (float32, or
+    another backend such as llama.cpp) are left unchanged (see the module docstring);
+    :func:`is_exact` tells whether it took effect.
     """
-    if on == is_exact(model):
+    if on == is_exact(model) or not isinstance(model, torch.nn.Module):
         return model
     if on and model.dtype != torch.bfloat16:
         log.info("exact mode covers bfloat16 models; %s stays as it is (%s): greedy "

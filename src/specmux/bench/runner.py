@@ -491,8 +491,7 @@ class BenchRunner:
             if isinstance(model, PreTrainedModel) and fix_lm_head_strides(model):
                 log.info("bf16 lm_head stride workaround installed on %s",
                          type(model).__name__)
-        if isinstance(models.target, torch.nn.Module):  # only the target's passes decide
-            set_exact(models.target, cfg.exact)  # losslessness
+        set_exact(models.target, cfg.exact)  # only the target's passes decide losslessness
         self.target = as_target(models.target, name="target")
         self.pld = None  # llama-cpp-python's prompt-lookup Llama (anchors only)
         if cfg.llamacpp and cfg.anchors:
