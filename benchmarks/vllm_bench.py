@@ -170,6 +170,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="qwen2.5-coder-1.5b",
                     help="embedded model name or .gguf path")
+    ap.add_argument("--hf-dir", help="an HF model directory to use as is (skips --model)")
     ap.add_argument("--cache", default=str(Path.home() / ".cache/specmux/vllm"))
     ap.add_argument("--per-category", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -194,7 +195,7 @@ def main() -> None:
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    model_dir = prepare_model(args.model, cache)
+    model_dir = Path(args.hf_dir) if args.hf_dir else prepare_model(args.model, cache)
     prompts = build_prompts(model_dir, args.per_category)
     work = Path(tempfile.mkdtemp(prefix="vllm_bench_"))
     (work / "prompts.json").write_text(json.dumps(prompts))

@@ -9,6 +9,15 @@ specmux option (:func:`specmux.integrations.vllm.parse_options`, one-line
 ``additional_config["specmux"]``, vLLM's free-form config, which reaches the proposer in
 every process.  Without the plugin, pass the options as ``additional_config={"specmux":
 {...}}``.  vLLM may load plugins several times; :func:`register` is idempotent.
+
+**A fix for vLLM 0.32.0 on CPU.**  Its CPU stand-in for the Triton ``expand_kernel``
+(``vllm.utils.cpu_triton_utils._expand_kernel_impl``) hands the C++ op int64 *copies* of its
+tensors, so a float (or int32) output is never written: the rejection sampler's per-token
+temperatures (and top-k/top-p) are uninitialized memory, and sampled speculative decoding
+(vLLM's own n-gram proposer too) stops following the target's law -- on a 16-token model,
+drafts were accepted ~95% of the time where the target gives them ~10%.  :func:`register`
+swaps in :func:`expand`, which writes the output in place; the platform registers its
+kernel overrides after the plugins load, so it picks the fixed function up.
 """
 
 from __future__ import annotations
@@ -18,6 +27,40 @@ import functools
 from typing import Any
 
 MARK = "_specmux_options"
+FIXED_VLLM = "0.32.0"  # the vLLM version whose CPU expand kernel is replaced
+
+
+def expand(output: Any, input_val: Any, cu_num_tokens: Any, replace_from: Any,
+           replace_to: Any, MAX_NUM_TOKENS: Any = None) -> None:  # noqa: N803 (kernel's name)
+    """``output[cu[i-1]:cu[i]] = input_val[i]`` (``replace_from`` read as ``replace_to``).
+
+    >>> import torch
+    >>> out = torch.empty(5)
+    >>> expand(out, torch.tensor([0.5, -1.0]), torch.tensor([2, 5]), -1, 1)
+    >>> out.tolist()
+    [0.5, 0.5, 1.0, 1.0, 1.0]
+    """
+    import torch
+
+    cu = cu_num_tokens.to(torch.int64)
+    counts = torch.diff(cu, prepend=cu.new_zeros(1))
+    values = torch.where(input_val == replace_from,
+                         torch.tensor(replace_to, dtype=input_val.dtype), input_val)
+    n = int(cu[-1]) if cu.numel() else 0
+    output[:n].copy_(torch.repeat_interleave(values, counts, output_size=n))
+
+
+def _fix_cpu_expand() -> None:
+    import vllm
+
+    if vllm.__version__ != FIXED_VLLM:
+        return
+    try:
+        from vllm.utils import cpu_triton_utils
+    except ImportError:  # not a CPU build
+        return
+    if hasattr(cpu_triton_utils, "_expand_kernel_impl"):
+        cpu_triton_utils._expand_kernel_impl = expand
 
 
 def split_options(spec: dict[str, Any], vllm_keys: set[str]) -> dict[str, Any]:
@@ -45,6 +88,7 @@ def register() -> None:
     original = EngineArgs.create_speculative_config
     if getattr(original, MARK, False):
         return
+    _fix_cpu_expand()
     vllm_keys = {f.name for f in dataclasses.fields(SpeculativeConfig)}
 
     @functools.wraps(original)
