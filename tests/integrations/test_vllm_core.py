@@ -70,7 +70,7 @@ def test_interleaved_requests_learn_as_if_alone() -> None:
     request the drafts it gets when served alone (deterministic learner and drafter)."""
     options = {"drafters": ["ngram"], "policy": "hedge",
                "policy_kwargs": {"selection": "argmax"}, "token_cost": 0.1,
-               "record_history": True}
+               "record_history": True, "warmup_rounds": 0}  # no shared learner
     alone: dict[str, list[list[int]]] = {}
     for rid, truth in truths().items():
         proposer, batch = core(**options), FakeBatch({rid: truth}, {rid: 12})
@@ -122,6 +122,17 @@ def test_bandit_policies_run_without_counterfactual_scoring() -> None:
             batch.step(proposer, ["copy"], {"copy"})
         assert proposer.requests["copy"].tracker is None
         assert proposer.requests["copy"].policy.t == 19
+
+
+def test_new_requests_start_from_the_shared_learner() -> None:
+    proposer = core(drafters=["ngram"], token_cost=0.2, policy_kwargs={"selection": "argmax"})
+    first = FakeBatch({"copy": truths()["copy"]}, {"copy": 12})
+    for _ in range(40):
+        first.step(proposer, ["copy"], {"copy"})
+    assert proposer.arms[proposer.shared.select()].k == K  # copying: the longest drafts
+    second = FakeBatch({"again": truths()["copy"]}, {"again": 100})
+    second.step(proposer, ["again"], {"copy", "again"})
+    assert len(second.drafts["again"]) == K  # its very first draft is the shared choice
 
 
 def test_state_is_bounded() -> None:

@@ -23,7 +23,9 @@ observe, select, propose:
    :class:`~specmux.feedback.CounterfactualTracker` turns scores into (delayed) loss vectors
    over all arms, and the request's policy learns from them (bandits from the played arm).
 2. *select*: the policy picks an arm ``(drafter, k)``, ``k`` one of the candidate lengths
-   (each <= K) or the no-speculation arm ``k = 0``.
+   (each <= K) or the no-speculation arm ``k = 0``.  For its first ``warmup_rounds`` rounds a
+   request follows a *shared* learner, the same policy fed every request's feedback, so a
+   new request starts from what the workload taught rather than from uniform weights.
 3. *propose*: the drafter drafts up to ``k`` tokens after the row's context.
 
 **Loss (cost-aware).**  A step that verifies ``T`` tokens takes about ``a + b T`` seconds and
@@ -68,6 +70,7 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeFloat,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     ValidationError,
@@ -105,7 +108,8 @@ class VllmOptions(BaseModel):
     suffix_max_n: PositiveInt = 6
     suffix_max_memory_mb: PositiveFloat = 64.0
     max_requests: PositiveInt = 4096
-    seed: int = 0
+    warmup_rounds: NonNegativeInt = 8  # a new request's first rounds follow the shared learner
+    seed: NonNegativeInt = 0
     stats_file: str | None = None  # JSON stats, rewritten every second or so
     record_history: bool = False  # keep every request's committed ids (tests)
 
@@ -300,6 +304,9 @@ class ProposerCore:
             self.arm_drafter.append(0)
         self.full_information = POLICIES[opts.policy].full_information
         self.cost = StepCostModel()
+        # Learns from every request's feedback; picks a new request's first arms.
+        self.shared = make_policy(opts.policy, len(self.arms), seed=opts.seed + 2**32,
+                                  **opts.policy_kwargs) if opts.warmup_rounds else None
         self.requests: dict[str, RequestState] = {}
         self.finished_history: dict[str, list[int]] = {}
         self.stats = Stats(arm_plays={str(a): 0 for a in self.arms})
@@ -392,7 +399,8 @@ class ProposerCore:
             if state.history is not None:
                 state.history.extend(committed)
         self.stats.row_steps += 1
-        a = state.policy.select()
+        warm = self.shared is not None and state.rounds < self.opts.warmup_rounds
+        a = (self.shared if warm else state.policy).select()
         arm = self.arms[a]
         k = max(0, min(arm.k, self.max_model_len - n - 1))
         draft: list[int] = []
@@ -429,10 +437,13 @@ class ProposerCore:
         for drafter in self.drafters:
             drafter.observe(ctx, committed)
         if state.arm >= 0:  # always, after the request's first step
-            state.policy.update(Feedback(
+            feedback = Feedback(
                 arm=state.arm, k=self.arms[state.arm].k, max_k=self.max_k,
                 num_draft_tokens=state.num_drafted,
-                num_accepted_tokens=min(accepted, state.num_drafted), losses=losses))
+                num_accepted_tokens=min(accepted, state.num_drafted), losses=losses)
+            state.policy.update(feedback)
+            if self.shared is not None:
+                self.shared.update(feedback)
 
     @staticmethod
     def _guesses(drafter: Drafter, row: np.ndarray, m: int, ctx: list[int],
