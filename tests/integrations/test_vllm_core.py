@@ -11,7 +11,13 @@ import specmux.integrations.vllm as vllm_integration
 import specmux.integrations.vllm_plugin as vllm_plugin
 from specmux.drafters.ngram import lookup
 from specmux.errors import ConfigError
-from specmux.integrations.vllm import ProposerCore, StepCostModel, build_drafters, parse_options
+from specmux.integrations.vllm import (
+    ProposerCore,
+    StepCostModel,
+    build_drafters,
+    fast_lookup,
+    parse_options,
+)
 
 K = 4
 MAX_LEN = 512
@@ -140,6 +146,16 @@ def test_state_is_bounded() -> None:
     batch = FakeBatch(truths(), dict.fromkeys(truths(), 12))
     batch.step(proposer, list(truths()), live=set(truths()))
     assert len(proposer.requests) == 2 and proposer.stats.requests_freed == 1
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_fast_lookup_is_prompt_lookup(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, 1 + seed % 5, size=int(rng.integers(1, 60))).astype(np.int32)
+    for end in range(len(tokens) + 1):
+        for max_n, min_n in ((4, 1), (3, 2), (1, 1), (5, 5)):
+            assert fast_lookup(tokens, end, max_n, min_n, 3).tolist() == lookup(
+                tokens, end, max_n, min_n, 3).tolist(), (end, max_n, min_n)
 
 
 def test_ngram_guesses_match_the_drafter_along_the_path() -> None:

@@ -77,7 +77,7 @@ from pydantic import (
 )
 
 from specmux.drafters.base import Drafter
-from specmux.drafters.ngram import NgramDrafter, lookup
+from specmux.drafters.ngram import NgramDrafter
 from specmux.drafters.suffix import SuffixDrafter
 from specmux.errors import ConfigError
 from specmux.feedback import CounterfactualTracker, expected_accepted
@@ -407,11 +407,10 @@ class ProposerCore:
         if k:
             drafter = self.drafters[self.arm_drafter[a]]
             if isinstance(drafter, NgramDrafter):
-                draft = lookup(row, n, drafter.max_n, drafter.min_n, k).tolist()
+                draft = fast_lookup(row, n, drafter.max_n, drafter.min_n, k).tolist()
             else:
-                if ctx is None or len(ctx) != n:
-                    ctx = row[:n].tolist()
-                draft = drafter.propose(ctx, k, GREEDY).tokens[:k].tolist()
+                context = row[:n].tolist() if ctx is None else ctx + list(committed)
+                draft = drafter.propose(context, k, GREEDY).tokens[:k].tolist()
         state.arm, state.num_drafted = a, len(draft)
         state.drafted += len(draft)
         self.stats.drafted += len(draft)
@@ -452,7 +451,7 @@ class ProposerCore:
         if isinstance(drafter, NgramDrafter):  # zero-copy on the row: row[m:] is the path
             out = np.full(len(path), -1)
             for j in range(len(path)):
-                hit = lookup(row, m + j, drafter.max_n, drafter.min_n, 1)
+                hit = fast_lookup(row, m + j, drafter.max_n, drafter.min_n, 1)
                 if hit.size:
                     out[j] = hit[0]
             return out
@@ -477,6 +476,41 @@ class ProposerCore:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.stats_dict(), indent=1))
         os.replace(tmp, path)
+
+
+def fast_lookup(tokens: np.ndarray, end: int, max_n: int, min_n: int, k: int) -> np.ndarray:
+    """:func:`specmux.drafters.ngram.lookup` in one pass over the context.
+
+    Candidates are the earlier positions ``e <= end - 2`` holding the last token; each is
+    extended backwards to its match length (up to ``max_n``); the latest candidate matching
+    ``n`` tokens, for the largest ``n``, gives the continuation ``tokens[e + 1:]``.
+
+    >>> from specmux.drafters.ngram import lookup
+    >>> t = np.array([5, 6, 7, 8, 5, 6])
+    >>> fast_lookup(t, 6, 3, 1, 2).tolist(), lookup(t, 6, 3, 1, 2).tolist()
+    ([7, 8], [7, 8])
+    """
+    if end < 2:
+        return tokens[:0]
+    cand = np.flatnonzero(tokens[: end - 1] == tokens[end - 1])  # [C] match ends
+    if cand.size == 0:
+        return tokens[:0]
+    length = np.ones(cand.size, dtype=np.int64)  # [C] match length at each candidate
+    alive = np.ones(cand.size, dtype=bool)
+    for i in range(1, max_n):
+        alive &= cand >= i
+        if not alive.any():
+            break
+        idx = np.flatnonzero(alive)
+        same = tokens[cand[idx] - i] == tokens[end - 1 - i]
+        alive[idx[~same]] = False
+        length[idx[same]] += 1
+    for n in range(min(max_n, end - 1), min_n - 1, -1):
+        hits = np.flatnonzero(length >= n)
+        if hits.size:
+            start = int(cand[hits[-1]]) + 1
+            return tokens[start : min(start + k, end)]
+    return tokens[:0]
 
 
 def _find_runner(proposer: object) -> Any:
