@@ -166,6 +166,25 @@ def summarize(results: dict[str, dict], args: argparse.Namespace) -> dict:
     return summary
 
 
+def markdown(report: dict) -> str:
+    """The summary as Markdown tables (tokens/s and ratios)."""
+    summary = report["summary"]
+    table = summary["tokens_per_second"]
+    cols = [*CATEGORIES, "mixed c=1", "mixed c=8"]
+    lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for method, row in table.items():
+        lines.append(f"| {method} | " + " | ".join(f"{row[c]:.2f}" for c in cols) + " |")
+    for key in ("specmux_over_best_builtin",):
+        if summary.get(key):
+            lines.append("| specmux / ngram | "
+                         + " | ".join(f"{summary[key][c]:.2f}x" for c in cols) + " |")
+    if "specmux" in table:
+        plain = table["plain"]
+        lines.append("| specmux / plain | "
+                     + " | ".join(f"{table['specmux'][c] / plain[c]:.2f}x" for c in cols) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="qwen2.5-coder-1.5b",
@@ -234,6 +253,7 @@ def main() -> None:
     }
     Path(args.out).write_text(json.dumps({**report, "results": results}, indent=1))
     print(json.dumps(report, indent=1))
+    print(markdown(report))
 
 
 if __name__ == "__main__":
