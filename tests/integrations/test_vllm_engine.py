@@ -177,3 +177,27 @@ def test_bad_options_fail_before_the_engine_starts(peaked: str, options: dict,
                                                     match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         make_llm(peaked, options)
+
+
+def test_vllm_serve_cli_passes_the_options(peaked: str) -> None:
+    """`vllm serve MODEL --speculative-config '{...}'`: the options reach the proposer's
+    config (parsed as the server does, without starting it)."""
+    import json
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    def config(options: dict):
+        spec = {"method": "custom_class", "model": PROPOSER_PATH, "num_speculative_tokens": K,
+                **options}
+        parser = make_arg_parser(FlexibleArgumentParser())
+        args = parser.parse_args(["--model", peaked, "--skip-tokenizer-init",
+                                  "--speculative-config", json.dumps(spec)])
+        return AsyncEngineArgs.from_cli_args(args).create_engine_config()
+
+    cfg = config({"policy": "hedge", "k": [1, 4]})
+    assert cfg.additional_config["specmux"] == {"policy": "hedge", "k": [1, 4]}
+    assert cfg.speculative_config.method == "custom_class"
+    with pytest.raises(ConfigError, match="'polcy' is unknown"):
+        config({"polcy": "hedge"})
