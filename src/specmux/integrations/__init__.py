@@ -1,0 +1,1 @@
+"""specmux inside other serving engines (vLLM: :mod:`specmux.integrations.vllm`)."""
