@@ -138,7 +138,8 @@ def models_install(
 
 def _register_subcommands() -> None:
     """Add the commands that live next to their features (bench, simulate, serve...)."""
-    for module in ("specmux.bench.cli", "specmux.sim.cli", "specmux.server.cli"):
+    for module in ("specmux.bench.cli", "specmux.sim.cli", "specmux.server.cli",
+                   "specmux.heads.cli"):
         try:
             found = importlib.util.find_spec(module) is not None
         except ModuleNotFoundError:  # its package is not there

@@ -143,6 +143,10 @@ class SpeculativeDecoder:
         if not ks or any(int(k) < 1 for k in ks):
             raise ConfigError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
         self.drafters = list(drafters)
+        for d in self.drafters:  # draft heads read the target's hidden states
+            bind = getattr(d, "bind_target", None)
+            if bind is not None:
+                bind(self.target)
         self.arms = [Arm(d.name, int(k)) for d in self.drafters for k in ks]
         self.arm_drafter = [i for i in range(len(self.drafters)) for _ in ks]
         self.max_k = max(int(k) for k in ks)
