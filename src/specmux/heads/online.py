@@ -22,7 +22,8 @@ The **net-gain rule** (DESIGN.md) gates the updates.  With the prequential greed
     τ(α₁) / τ(α₀) > 1 + C_update / (S · C_round)
 
 (``C_update``: measured seconds per update chunk, ``S·C_round``: measured wall clock of the
-``S`` rounds between updates).  After ``patience`` failed checks in a row the learner pauses
+``S`` rounds between updates, or ``S`` times a given ``round_seconds`` in replays, where the
+target's time is not spent).  After ``patience`` failed checks in a row the learner pauses
 for ``pause_rounds`` rounds (still serving its current head), then probes again.
 
 Losslessness: parameters change only inside ``observe_target``, i.e. between a round's
@@ -105,6 +106,7 @@ class OnlineHeadDrafter(HeadDrafter):
         pause_rounds: int = 200,
         temperature: float = 1.2,
         discount: float = 0.9,
+        round_seconds: float | None = None,
         name: str | None = None,
         seed: int = 0,
         **kwargs: Any,
@@ -135,6 +137,7 @@ class OnlineHeadDrafter(HeadDrafter):
         self.generator = torch.Generator().manual_seed(seed)
         self.gate, self.gate_k, self.min_updates = gate, gate_k, min_updates
         self.patience, self.pause_rounds = patience, pause_rounds
+        self.round_seconds = round_seconds  # C_round charged instead of measured (replays)
         self.num_rounds = 0
         self.paused_until = 0
         self.failed_checks = 0
@@ -217,14 +220,17 @@ class OnlineHeadDrafter(HeadDrafter):
                            float(scored[served][0]), seconds,
                            tuple(float(w) for w in self.weights.weights))
         self.history.append(rec)
-        rec.worth = self._net_gain(now - (self._last_update_end or t0) - seconds)
+        between = (self.stride * self.round_seconds if self.round_seconds is not None
+                   else now - (self._last_update_end or t0) - seconds)
+        rec.worth = self._net_gain(between)
         self._last_update_end = now
         return rec
 
     def _net_gain(self, between_s: float) -> bool | None:
-        """The net-gain rule over the recent updates; pauses learning when it fails."""
+        """The net-gain rule over the recent updates; with ``gate``, pauses learning after
+        ``patience`` failures in a row (without, it only records the verdict)."""
         recent = self.history[-self.min_updates:]
-        if not self.gate or len(self.history) < self.min_updates or between_s <= 0:
+        if len(self.history) < self.min_updates or between_s <= 0:
             return None
         pos = sum(r.positions for r in recent)
         a1 = sum(r.served_agree * r.positions for r in recent) / max(pos, 1)
@@ -233,7 +239,7 @@ class OnlineHeadDrafter(HeadDrafter):
         ratio = expected_length(a1, self.gate_k) / max(expected_length(a0, self.gate_k), 1e-9)
         worth = ratio > 1 + cost / between_s
         self.failed_checks = 0 if worth else self.failed_checks + 1
-        if self.failed_checks >= self.patience:
+        if self.gate and self.failed_checks >= self.patience:
             self.paused_until = self.num_rounds + self.pause_rounds
             self.failed_checks = 0
             log.info("%s: net gain %.3f below 1 + %.3f; pausing updates for %d rounds",
