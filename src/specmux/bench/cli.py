@@ -38,8 +38,12 @@ def bench(
         list[str] | None,
         typer.Option(help="Drafter pool (repeatable or comma-separated): suffix:DOMAIN (corpus "
                      "drafter of a benchmarked domain), ngram (prompt lookup), lm (the drafter "
-                     "model). Default: a suffix drafter per domain, ngram and lm."),
+                     "model), head:DOMAIN (a head from `specmux heads train`). Default: a suffix "
+                     "drafter per domain, ngram, lm and the trained heads of the domains."),
     ] = None,
+    heads: Annotated[bool, typer.Option(
+        help="Add the heads trained for this target (<cache>/heads) to the default pool.")
+    ] = True,
     domains: Annotated[
         list[str] | None,
         typer.Option(help="Domains (repeatable or comma-separated). Default: "
@@ -117,7 +121,7 @@ def bench(
             policies=_split(policies) or DEFAULT_POLICIES, drafters=_split(drafters),
             num_speculative_tokens=num_speculative_tokens, temperature=temperature, seed=seed,
             hf_baseline=not no_hf_baseline, order=order, reset_per_query=reset_per_query,
-            max_corpus_chars=corpus_chars, dtype=dtype, threads=threads,
+            max_corpus_chars=corpus_chars, dtype=dtype, threads=threads, heads=heads,
         )
         console.print(f"[bold]specmux bench[/] → {out}/", highlight=False)
         with console.status("loading datasets"):

@@ -47,11 +47,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from specmux.api import Pipeline
 from specmux.bench.datasets import ORDERS, DomainSplit, Example, mixed_stream
 from specmux.drafters.base import Drafter
+from specmux.drafters.head import HeadDrafter
 from specmux.drafters.hf import HFDrafter
 from specmux.drafters.ngram import NgramDrafter
 from specmux.drafters.suffix import SuffixDrafter
 from specmux.engine import SpeculativeDecoder, autoregressive_generate
 from specmux.errors import ConfigError
+from specmux.heads.store import find_heads, load_head
 from specmux.lm import CachedLM
 from specmux.policies import POLICIES, Policy, make_policy
 from specmux.types import Feedback, SamplingParams
@@ -66,6 +68,32 @@ LM_DRAFTER = "lm"
 DEFAULT_POLICIES: tuple[str, ...] = ("ucb", "exp3", "metasd", "hedge", "normalhedge")
 DEFAULT_DOMAINS: tuple[str, ...] = ("code", "math", "chat")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+HEAD_PREFIX = "head:"
+
+
+def _head_path(name: str) -> Path:
+    """The trained head ``head:DOMAIN`` (``<cache>/heads/head-DOMAIN.json``)."""
+    domain = name.removeprefix(HEAD_PREFIX)
+    path = find_heads().get(f"head-{domain}")
+    if path is None:
+        raise ConfigError(f"no trained head for domain {domain!r}; run "
+                          f"`specmux heads train --domain {domain}`")
+    return path
+
+
+def _trained_heads(target: str) -> dict[str, Path]:
+    """``{domain: head json}`` of the saved heads trained for ``target``."""
+    out = {}
+    for path in find_heads().values():
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and meta.get("target") == target and "domain" in meta:
+            out[str(meta["domain"])] = path
+    return out
 
 
 @dataclass
@@ -91,6 +119,7 @@ class BenchConfig:
     max_corpus_chars: int = 2_000_000
     dtype: str = "bfloat16"  # both models; bf16 verifies k+1 tokens at ~1 step's cost here
     threads: int | None = None  # torch intra-op threads; None = torch's default
+    heads: bool = True  # default pool: add the trained heads of the benchmarked domains
 
     def __post_init__(self) -> None:
         if self.prompts_per_domain < 1:
@@ -125,17 +154,22 @@ class BenchConfig:
         for name in names:
             if name in ("ngram", LM_DRAFTER):
                 continue
+            if name.startswith(HEAD_PREFIX):
+                _head_path(name)  # ConfigError if it was never trained
+                continue
             domain = name.removeprefix("suffix:")
             if not name.startswith("suffix:") or domain not in self.domains:
                 raise ConfigError(
-                    f"unknown drafter {name!r}; choose from ngram, {LM_DRAFTER} and suffix:DOMAIN"
-                    f" for a benchmarked domain ({', '.join(self.domains)})"
+                    f"unknown drafter {name!r}; choose from ngram, {LM_DRAFTER}, suffix:DOMAIN"
+                    f" and head:DOMAIN for a benchmarked domain ({', '.join(self.domains)})"
                 )
 
     def pool_names(self) -> list[str]:
         if self.drafters is not None:
             return list(self.drafters)
-        return [f"suffix:{d}" for d in self.domains] + ["ngram", LM_DRAFTER]
+        found = _trained_heads(self.target) if self.heads else {}
+        heads = [HEAD_PREFIX + d for d in self.domains if d in found]
+        return [f"suffix:{d}" for d in self.domains] + ["ngram", LM_DRAFTER] + heads
 
     @property
     def needs_drafter_model(self) -> bool:
@@ -276,6 +310,7 @@ class DrafterFactory:
         splits: dict[str, DomainSplit],
         tokenizer: PreTrainedTokenizerBase,
         drafter_model: PreTrainedModel | None,
+        target_model: PreTrainedModel | None = None,
     ) -> None:
         self.names = list(names)
         self.suffix: dict[str, SuffixDrafter] = {}
@@ -289,6 +324,11 @@ class DrafterFactory:
                          self.suffix[name].num_indexed_tokens, time.perf_counter() - t0)
             elif name == "ngram":
                 self.shared[name] = NgramDrafter(name="ngram")
+            elif name.startswith(HEAD_PREFIX):
+                if target_model is None:
+                    raise ConfigError(f"the {name!r} drafter needs the target model")
+                self.shared[name] = HeadDrafter(load_head(_head_path(name)), target_model,
+                                                name=name)
             elif name == LM_DRAFTER:
                 if drafter_model is None:
                     raise ConfigError("the 'lm' drafter needs a drafter model")
@@ -411,7 +451,7 @@ class BenchRunner:
                          type(model).__name__)
         self.target = CachedLM(models.target, name="target")
         self.factory = DrafterFactory(cfg.pool_names(), self.splits, models.tokenizer,
-                                      models.drafter)
+                                      models.drafter, models.target)
         self.methods = self._methods()
         self.reference: dict[int, list[int]] = {}  # query index -> target-only output
         self._hf_calls = 0
