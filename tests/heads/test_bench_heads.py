@@ -7,7 +7,7 @@ import pytest
 from specmux.bench.datasets import synthetic_splits
 from specmux.bench.runner import BenchConfig, BenchModels, BenchRunner
 from specmux.errors import ConfigError
-from specmux.heads.store import save_head
+from specmux.heads.store import HeadFile, save_head
 
 from conftest import tiny_lm
 from helpers import tiny_tokenizer
@@ -15,8 +15,9 @@ from helpers import tiny_tokenizer
 
 def test_bench_pool_gets_the_trained_head(tmp_path, monkeypatch, target_model, tiny_head) -> None:
     monkeypatch.setenv("SPECMUX_CACHE", str(tmp_path))
-    tiny_head.meta.update(target="tiny-target", domain="code")
-    save_head(tiny_head, tmp_path / "heads", "head-code")
+    head = HeadFile(tiny_head.net, tiny_head.draft_vocab,
+                    {**tiny_head.meta, "target": "tiny-target", "domain": "code"})
+    save_head(head, tmp_path / "heads", "head-code")
     base = dict(target="tiny-target", drafter_model="tiny-drafter", prompts_per_domain=1,
                 max_new_tokens=10, policies=("hedge",), dtype="float32", hf_baseline=False,
                 domains=("code", "math"))

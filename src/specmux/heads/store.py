@@ -78,7 +78,6 @@ def save_head(head: HeadFile, directory: pathlib.Path, name: str) -> pathlib.Pat
     meta = {**head.meta, "name": name, "format": FORMAT_VERSION, "net": head.net.config(),
             "draft_vocab_size": int(head.draft_vocab.numel()),
             "weights": weights.name, "sha256": sha256_file(weights)}
-    head.meta = meta
     text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
     meta_path = directory / f"{name}.json"
     _atomic_write(meta_path, lambda p: p.write_text(text, encoding="utf-8"))
