@@ -62,10 +62,10 @@ def test_greedy_is_identical_for_every_single_drafter(
 def test_learner_choosing_k_is_lossless(target_model, drafter_models, references) -> None:
     decoder = SpeculativeDecoder(target_model, pool(drafter_models), "hedge",
                                  num_speculative_tokens=[1, 2, 4, 6])
-    assert len(decoder.arms) == 16
+    assert len(decoder.selector.arms) == 16
     for prompt in PROMPTS:
         assert decoder.generate(prompt, 40).token_ids == references[tuple(prompt)]
-    played = {decoder.arms[s.arm].k for s in decoder.generate(PROMPTS[0], 40).steps}
+    played = {decoder.selector.arms[s.arm].k for s in decoder.generate(PROMPTS[0], 40).steps}
     assert played <= {1, 2, 4, 6} and len(played) > 1
 
 
@@ -79,7 +79,7 @@ def test_good_drafter_is_accepted_and_learned(target_model, drafter_models) -> N
     assert max(share, key=share.get) == "good"
     assert decoder.stats.mean_acceptance_length > 1.5
     # The counterfactual oracle in hindsight is the good drafter, and the regret is small.
-    assert decoder.arms[decoder.stats.oracle_arm].drafter == "good"
+    assert decoder.selector.arms[decoder.stats.oracle_arm].drafter == "good"
     assert 0 <= decoder.stats.regret < 0.1 * decoder.stats.num_scored_rounds
 
 
@@ -136,14 +136,14 @@ def test_stops_at_eos_and_counts_length(target_model, drafter_models, references
 def test_reset_per_query_forgets(target_model, drafter_models) -> None:
     decoder = SpeculativeDecoder(target_model, pool(drafter_models), "ucb", reset_per_query=True)
     decoder.generate(PROMPTS[0], 20)
-    first = decoder.policy.state_dict()
+    first = decoder.selector.policy.state_dict()
     decoder.generate(PROMPTS[1], 20)
-    assert decoder.policy.t <= first["t"] + 20
+    assert decoder.selector.policy.t <= first["t"] + 20
     persistent = SpeculativeDecoder(target_model, pool(drafter_models), "ucb")
     persistent.generate(PROMPTS[0], 20)
-    t1 = persistent.policy.t
+    t1 = persistent.selector.policy.t
     persistent.generate(PROMPTS[1], 20)
-    assert persistent.policy.t > t1
+    assert persistent.selector.policy.t > t1
 
 
 def test_bad_input_errors(target_model, drafter_models) -> None:
@@ -184,9 +184,9 @@ def test_closing_the_stream_early_still_delivers_delayed_feedback(
     steps = decoder.generate_steps(PROMPTS[0], max_new_tokens=40)
     for _ in range(3):
         next(steps)
-    assert decoder.tracker.num_pending > 0 or decoder.stats.num_scored_rounds == 3
+    assert decoder.selector.tracker.num_pending > 0 or decoder.stats.num_scored_rounds == 3
     steps.close()  # e.g. a client disconnected
-    assert decoder.tracker.num_pending == 0
+    assert decoder.selector.tracker.num_pending == 0
     assert decoder.stats.num_scored_rounds == 3  # every round's losses reached the learner
 
 

@@ -22,6 +22,8 @@ from specmux.drafters.suffix import SuffixDrafter
 from specmux.engine import GenerationResult, SpeculativeDecoder
 from specmux.errors import ConfigError, PromptError, TokenizerMismatchError
 from specmux.policies import Policy
+from specmux.selector import Selector
+from specmux.target import Target
 from specmux.types import SamplingParams, Step
 
 log = logging.getLogger(__name__)
@@ -130,6 +132,16 @@ class Pipeline:
         self.decoder = SpeculativeDecoder(
             model, pool, policy, num_speculative_tokens=num_speculative_tokens, **decoder_kwargs
         )
+
+    @property
+    def target(self) -> Target:
+        """The target model (its ``max_context`` and ``vocab_size`` bound requests)."""
+        return self.decoder.target
+
+    @property
+    def selector(self) -> Selector:
+        """The online learner: arms, policy, statistics, learned state."""
+        return self.decoder.selector
 
     def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
         """Token ids of a prompt (text, or ids as they are); ``chat`` applies the template."""

@@ -2,14 +2,16 @@
 
 One round, top to bottom (Leviathan et al. 2023, with an online learner in front):
 
-1. the **policy** picks an arm, i.e. a drafter and a speculation length ``k``;
+1. the **selector** (:mod:`specmux.selector`) picks an arm, i.e. a drafter and a
+   speculation length ``k``;
 2. the drafter **proposes** up to ``k`` tokens (and the distributions it drew them from);
 3. the target **scores** context + draft in ONE forward pass: ``k + 1`` distributions;
 4. **verification** keeps the accepted prefix plus one recovered/bonus token;
-5. full-information learners get every drafter's **counterfactual** score along the
-   verified path (:mod:`specmux.feedback`); bandit learners get the chosen arm's result;
-6. drafters **observe** the committed tokens (online learning), and a :class:`Step` is
-   streamed.
+5. the verified tokens are **committed** (cut at a stop token or the length limit);
+6. the selector **observes** the round: the chosen arm's result, and for full-information
+   learners every drafter's **counterfactual** score along the verified path
+   (:mod:`specmux.feedback`); drafters observe the committed tokens (online learning), and
+   a :class:`Step` is streamed.
 
 Whatever the policy picks, the output is the target's: bit-identical to target-only greedy
 decoding, or distributed exactly as target sampling.
@@ -29,12 +31,14 @@ from transformers import PreTrainedModel
 
 from specmux.drafters.base import Drafter
 from specmux.errors import ConfigError, PromptError, TokenizerMismatchError
-from specmux.feedback import CounterfactualTracker, position_scores
-from specmux.lm import CachedLM
+from specmux.feedback import position_scores
+from specmux.lm import as_target
 from specmux.metrics import SpecStats
-from specmux.policies import Arm, Policy, make_policy
-from specmux.types import Draft, Feedback, SamplingParams, Step
-from specmux.verify import process_logits, sample, verify
+from specmux.policies import Policy
+from specmux.selector import Outcome, Scores, Selector, make_arms
+from specmux.target import Target
+from specmux.types import Draft, SamplingParams, Step
+from specmux.verify import acceptance_probability, process_logits, sample, verify
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +70,8 @@ def block_divergence(draft: Draft, target_probs: torch.Tensor, k: int) -> float 
     if draft.probs is None:  # one-hot q: 1 - TV = p(x)
         overlap = p[torch.arange(n), draft.tokens]
     else:
-        overlap = torch.minimum(p, draft.probs).sum(-1)
+        overlap = acceptance_probability(p, draft.probs)  # [n]
     return float(overlap.sum()) / k
-
-
-def _as_cached_lm(target: PreTrainedModel | CachedLM) -> CachedLM:
-    return target if isinstance(target, CachedLM) else CachedLM(target, name="target")
 
 
 def _generator(sampling: SamplingParams) -> torch.Generator:
@@ -104,15 +104,16 @@ def _check_prompt(prompt_ids: Sequence[int], max_context: int, max_new_tokens: i
 class SpeculativeDecoder:
     """A target model accelerated by a pool of drafters chosen by an online learner.
 
-    ``num_speculative_tokens`` may be one ``k`` or several; arms are all (drafter, k) pairs.
-    ``score_all`` (default: the policy is full-information) runs every drafter along each
-    verified path for counterfactual losses.  ``reset_per_query`` makes the learner start
-    afresh on every query; otherwise it keeps learning across queries.
+    The learner is a :class:`~specmux.selector.Selector` (``selector``): arms are all
+    (drafter, ``k``) pairs, ``num_speculative_tokens`` one ``k`` or several.  ``score_all``
+    (default: the policy is full-information) runs every drafter along each verified path
+    for counterfactual losses.  ``reset_per_query`` makes the learner start afresh on every
+    query; otherwise it keeps learning across queries.
     """
 
     def __init__(
         self,
-        target: PreTrainedModel | CachedLM,
+        target: PreTrainedModel | Target,
         drafters: Sequence[Drafter],
         policy: Policy | str = "hedge",
         *,
@@ -125,46 +126,24 @@ class SpeculativeDecoder:
         policy_kwargs: dict[str, Any] | None = None,
         seed: int = 0,
     ) -> None:
-        self.target = _as_cached_lm(target)
-        if not drafters:
-            raise ConfigError("at least one drafter is needed")
-        names = [d.name for d in drafters]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"drafter names must be unique, got {names}")
-        for d in drafters:
-            if d.vocab_size is not None and d.vocab_size != self.target.vocab_size:
-                raise TokenizerMismatchError(
-                    f"drafter {d.name!r} has vocabulary size {d.vocab_size}, the target "
-                    f"{self.target.vocab_size}: a drafter must share the target's tokenizer"
-                )
-        ks = [num_speculative_tokens] if isinstance(num_speculative_tokens, int) else list(
-            num_speculative_tokens
-        )
-        if not ks or any(int(k) < 1 for k in ks):
-            raise ConfigError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
-        self.drafters = list(drafters)
+        self.target: Target = as_target(target)
+        self.drafters = _check_drafters(drafters, self.target.vocab_size)
         for d in self.drafters:  # draft heads read the target's hidden states
             bind = getattr(d, "bind_target", None)
             if bind is not None:
                 bind(self.target)
-        self.arms = [Arm(d.name, int(k)) for d in self.drafters for k in ks]
-        self.arm_drafter = [i for i in range(len(self.drafters)) for _ in ks]
-        self.max_k = max(int(k) for k in ks)
-        if isinstance(policy, str):
-            policy = make_policy(policy, len(self.arms), seed=seed, **(policy_kwargs or {}))
-        if policy.num_arms != len(self.arms):
-            raise ConfigError(f"policy has {policy.num_arms} arms, the pool {len(self.arms)}")
-        self.policy = policy
-        self.tracker = CounterfactualTracker(
-            [(self.arm_drafter[a], arm.k) for a, arm in enumerate(self.arms)], loss,
-            delayed_feedback,
+        names = [d.name for d in self.drafters]
+        self.selector = Selector(
+            make_arms(names, num_speculative_tokens), policy, drafter_names=names, loss=loss,
+            delayed_feedback=delayed_feedback, reset_per_query=reset_per_query,
+            score_all=score_all, policy_kwargs=policy_kwargs, seed=seed,
         )
-        self.score_all = policy.full_information if score_all is None else score_all
-        if policy.full_information and not self.score_all:
-            raise ConfigError(f"policy {policy.name!r} needs score_all=True")
-        self.reset_per_query = reset_per_query
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
-        self.stats = SpecStats()
+
+    @property
+    def stats(self) -> SpecStats:
+        """Counters over every query served (the selector's: rounds, selections, regret)."""
+        return self.selector.stats
 
     def generate_steps(
         self,
@@ -178,34 +157,26 @@ class SpeculativeDecoder:
         _check_prompt(prompt_ids, self.target.max_context, max_new_tokens)
         stop = self.eos_token_ids if stop_token_ids is None else frozenset(stop_token_ids)
         generator = _generator(sampling)
-        if self.reset_per_query:
-            self.policy.reset()
-        self.tracker.reset()
+        self.selector.start_query()
         for d in self.drafters:
             d.start_query(prompt_ids)
         context = list(prompt_ids)
         produced = 0
-        finished = False
+        ended = False
         try:
             for round_index in range(max_new_tokens):  # each round commits >= 1 token
                 step = self._round(round_index, context, max_new_tokens - produced, sampling,
                                    generator, stop)
                 produced += len(step.tokens)
-                finished = step.finished
+                if step.finished:
+                    ended = True
+                    self.selector.end_query()
                 yield step
-                if finished:
-                    self.last_finish_reason = step.finish_reason
+                if step.finished:
                     return
         finally:
-            if not finished and self.score_all:  # closed early: deliver the delayed feedback
-                resolved = self.tracker.flush_tagged()
-                for tag, losses in resolved:
-                    self.stats.record_losses(tag, losses)
-                if resolved and self.policy.full_information:
-                    self.policy.update(Feedback(
-                        arm=resolved[-1][0], k=0, max_k=self.max_k, num_draft_tokens=0,
-                        num_accepted_tokens=0, losses=tuple(loss for _, loss in resolved),
-                    ))
+            if not ended:  # closed early: the selector still gets the delayed feedback
+                self.selector.end_query()
 
     def _round(
         self,
@@ -216,45 +187,26 @@ class SpeculativeDecoder:
         generator: torch.Generator,
         stop: frozenset[int],
     ) -> Step:
-        """One round: select, propose, score, verify, learn; extends ``context`` in place."""
+        """One round: select, propose, score, verify, commit, observe; extends ``context``."""
         t0 = time.perf_counter()
-        a = self.policy.select()
-        arm, drafter = self.arms[a], self.drafters[self.arm_drafter[a]]
+        a = self.selector.select()
+        drafter = self.drafters[self.selector.arm_drafter[a]]
         room = self.target.max_context - len(context) - 1
-        k = max(0, min(arm.k, remaining - 1, room))
+        k = max(0, min(self.selector.arms[a].k, remaining - 1, room))
         t1 = time.perf_counter()
-        draft = drafter.propose(context, k, sampling, generator) if k else _EMPTY
-        if len(draft) > k:
-            draft = Draft(draft.tokens[:k], None if draft.probs is None else draft.probs[:k])
+        draft = _propose(drafter, context, k, sampling, generator)
         t2 = time.perf_counter()
         # One target pass over context + draft: [k+1, V] logits.
         logits = self.target.logits(context + draft.tokens.tolist(), len(draft) + 1)
         verdict, target_probs = verify(draft, logits, sampling, generator)
         t3 = time.perf_counter()
-
-        committed = verdict.tokens.tolist()
-        finish_reason = None
-        for i, tok in enumerate(committed):
-            if tok in stop:
-                committed, finish_reason = committed[: i + 1], "stop"
-                break
-        committed = committed[:remaining]
-        if finish_reason is None and (
-            len(committed) >= remaining
-            or len(context) + len(committed) >= self.target.max_context
-        ):
-            finish_reason = "length"
-
-        gammas, losses = self._counterfactual(
-            a, context, committed, target_probs, sampling, finished=finish_reason is not None
-        )
-        self.policy.update(
-            Feedback(
-                arm=a, k=arm.k, max_k=self.max_k, num_draft_tokens=len(draft),
-                num_accepted_tokens=verdict.num_accepted_tokens,
-                divergence=block_divergence(draft, target_probs, k), losses=losses,
-            )
-        )
+        committed, finish_reason = self._commit(verdict.tokens.tolist(), context, remaining,
+                                                stop)
+        scores = self._scores(context, committed, target_probs, sampling)
+        self.selector.observe(Outcome(
+            a, len(draft), verdict.num_accepted_tokens, block_divergence(draft, target_probs, k),
+            finished=finish_reason is not None,
+        ), scores)
         for d in self.drafters:
             d.observe_target(context, committed, logits[: len(committed)])
             d.observe(context, committed)
@@ -265,21 +217,32 @@ class SpeculativeDecoder:
             num_draft_tokens=len(draft), num_accepted_tokens=verdict.num_accepted_tokens,
             tokens=tuple(committed), seconds=t4 - t0, draft_seconds=t2 - t1,
             verify_seconds=t3 - t2, learner_seconds=(t1 - t0) + (t4 - t3),
-            finished=finish_reason is not None, finish_reason=finish_reason, gammas=gammas,
+            finished=finish_reason is not None, finish_reason=finish_reason,
+            gammas=self._gammas(scores),
         )
         self.stats.record(step)
         return step
 
-    def _counterfactual(
-        self,
-        arm: int,
-        context: list[int],
-        path: list[int],
-        target_probs: torch.Tensor,
+    def _commit(
+        self, tokens: list[int], context: list[int], remaining: int, stop: frozenset[int]
+    ) -> tuple[list[int], str | None]:
+        """The verified tokens cut at the first stop token and at the length limits, and
+        the finish reason (``None`` while the query goes on)."""
+        for i, tok in enumerate(tokens):
+            if tok in stop:
+                return tokens[: i + 1][:remaining], "stop"
+        committed = tokens[:remaining]
+        if (len(committed) >= remaining
+                or len(context) + len(committed) >= self.target.max_context):
+            return committed, "length"
+        return committed, None
+
+    def _scores(
+        self, context: list[int], path: list[int], target_probs: torch.Tensor,
         sampling: SamplingParams,
-        finished: bool,
-    ) -> tuple[dict[str, tuple[float, ...]], tuple[np.ndarray, ...]]:
-        """Score every drafter along the verified ``path`` (no target call): gammas + losses.
+    ) -> Scores | None:
+        """Every drafter's ``(gamma, w)`` [n, N] along the verified ``path`` (no target
+        call), when the selector needs them.
 
         With the ``"length"`` loss only the first ``max_k`` positions are scored.  A longer
         path (a fully accepted ``max_k`` draft plus its bonus token) ends at a position no
@@ -287,21 +250,21 @@ class SpeculativeDecoder:
         looks ``max_k`` positions ahead.  Skipping it saves each LM drafter a forward pass
         in most rounds of a good drafter.
         """
-        if not self.score_all:
-            return {}, ()
-        scored = path if self.tracker.loss == "acceptance" else path[: self.max_k]
+        if not self.selector.needs_scores:
+            return None
+        max_k = self.selector.max_k
+        scored = path if self.selector.tracker.loss == "acceptance" else path[:max_k]
         dists = [d.distributions(context, scored, sampling) for d in self.drafters]
-        gamma, weight = position_scores(
+        return position_scores(
             torch.tensor(scored, dtype=torch.long), target_probs[: len(scored)], dists,
             sampling.greedy,
         )
-        resolved = self.tracker.add_round_tagged(gamma, weight, arm)
-        if finished:
-            resolved += self.tracker.flush_tagged()
-        for tag, losses in resolved:
-            self.stats.record_losses(tag, losses)
-        gammas = {d.name: tuple(float(g) for g in gamma[:, i]) for i, d in enumerate(self.drafters)}
-        return gammas, tuple(losses for _, losses in resolved)
+
+    def _gammas(self, scores: Scores | None) -> dict[str, tuple[float, ...]]:
+        if scores is None:
+            return {}
+        gamma = scores[0]
+        return {d.name: tuple(float(g) for g in gamma[:, i]) for i, d in enumerate(self.drafters)}
 
     def generate(
         self,
@@ -322,11 +285,37 @@ class SpeculativeDecoder:
         )
 
 
+def _check_drafters(drafters: Sequence[Drafter], vocab_size: int) -> list[Drafter]:
+    if not drafters:
+        raise ConfigError("at least one drafter is needed")
+    names = [d.name for d in drafters]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"drafter names must be unique, got {names}")
+    for d in drafters:
+        if d.vocab_size is not None and d.vocab_size != vocab_size:
+            raise TokenizerMismatchError(
+                f"drafter {d.name!r} has vocabulary size {d.vocab_size}, the target "
+                f"{vocab_size}: a drafter must share the target's tokenizer"
+            )
+    return list(drafters)
+
+
+def _propose(
+    drafter: Drafter, context: list[int], k: int, sampling: SamplingParams,
+    generator: torch.Generator,
+) -> Draft:
+    """The drafter's proposal of at most ``k`` tokens (none asked when ``k == 0``)."""
+    draft = drafter.propose(context, k, sampling, generator) if k else _EMPTY
+    if len(draft) > k:
+        draft = Draft(draft.tokens[:k], None if draft.probs is None else draft.probs[:k])
+    return draft
+
+
 _EMPTY = Draft(tokens=torch.zeros(0, dtype=torch.long))
 
 
 def autoregressive_generate(
-    target: PreTrainedModel | CachedLM,
+    target: PreTrainedModel | Target,
     prompt_ids: Sequence[int],
     max_new_tokens: int = 128,
     sampling: SamplingParams | None = None,
@@ -334,7 +323,7 @@ def autoregressive_generate(
 ) -> list[int]:
     """Target-only decoding, one token per forward pass (the baseline and the reference)."""
     sampling = sampling or SamplingParams()
-    lm = _as_cached_lm(target)
+    lm = as_target(target)
     _check_prompt(prompt_ids, lm.max_context, max_new_tokens)
     stop = frozenset(stop_token_ids)
     generator = _generator(sampling)

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from specmux.types import PathDistributions
+from specmux.verify import acceptance_probability
 
 LOSSES = ("length", "acceptance")
 
@@ -80,7 +81,7 @@ def position_scores(
             weight[:, i] = (guess == path).double().numpy()
         else:
             q = dist.probs  # [n, V]
-            gamma[:, i] = torch.minimum(target_probs, q).sum(-1).double().numpy()
+            gamma[:, i] = acceptance_probability(target_probs, q).double().numpy()
             p_x = target_probs[rows, path].double()
             q_x = q[rows, path].double()
             weight[:, i] = torch.clamp(q_x / p_x.clamp_min(1e-30), max=1.0).numpy()

@@ -1,10 +1,11 @@
 """A Hugging Face causal LM whose KV cache follows the caller's token sequence.
 
-Speculative decoding feeds a model tokens that may later be rejected.  :class:`CachedLM`
-keeps the token ids its KV cache holds; each call finds the longest common prefix between
-them and the requested sequence, crops the cache back to it (rolling back rejected draft
-positions) and feeds only the new tokens.  A long generation therefore never re-encodes its
-context: per round the target is fed the drafted tokens plus the one committed last round.
+:class:`CachedLM` implements :class:`specmux.target.Target` for transformers models.  It
+keeps the token ids its KV cache holds; each call syncs to the longest common prefix with
+the requested sequence (:func:`specmux.target.prefix_to_keep`), crops the cache back to it
+(rolling back rejected draft positions) and feeds only the new tokens
+(:meth:`CachedLM.feed`).  A long generation therefore never re-encodes its context: per
+round the target is fed the drafted tokens plus the one committed last round.
 
 It also remembers the logit rows of its last calls, so a drafter asked to score the path it
 just drafted (counterfactual feedback) gets them without another forward pass.  Once
@@ -18,20 +19,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from specmux.target import Target, check_num_last, common_prefix_length, prefix_to_keep
+
 log = logging.getLogger(__name__)
 
-
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token sequences."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+__all__ = ["CachedLM", "as_target", "common_prefix_length"]
 
 
 class CachedLM:
@@ -100,8 +97,7 @@ class CachedLM:
         Row ``j`` is the next-token distribution after ``ids[: len(ids) - num_last + j + 1]``.
         """
         n = len(ids)
-        if not 1 <= num_last <= n:
-            raise ValueError(f"num_last={num_last} must be in [1, len(ids)={n}]")
+        check_num_last(num_last, n)
         common = common_prefix_length(self.cached_ids, ids)
         first = n - num_last + 1  # rows first..n are wanted; row i follows ids[:i]
         start = first
@@ -110,20 +106,8 @@ class CachedLM:
         self.last_len = n
         if start > n:
             return torch.stack([self.rows[i] for i in range(first, n + 1)])
-        keep = min(common, start - 1)
-        if keep == 0:
-            self.cache = DynamicCache()
-        elif keep < len(self.cached_ids):
-            self.cache.crop(keep - len(self.cached_ids))  # negative: tokens to remove
-        new = torch.tensor([list(ids[keep:])], dtype=torch.long)  # [1, n - keep]
-        out = self.model(
-            input_ids=new, past_key_values=self.cache, use_cache=True,
-            logits_to_keep=n - start + 1,
-        )
-        self.cache = out.past_key_values
-        self.cached_ids = list(ids)
-        self.num_forward_calls += 1
-        self.num_tokens_fed += int(new.shape[1])
+        keep = prefix_to_keep(self.cached_ids, ids, start)
+        out = self.feed(ids, keep, logits_to_keep=n - start + 1)
         fresh = out.logits[0].float()  # [n - start + 1, V]
         self.rows = {i: r for i, r in self.rows.items() if i <= keep}
         self.rows.update({start + j: fresh[j] for j in range(fresh.shape[0])})
@@ -136,3 +120,26 @@ class CachedLM:
             self.hidden.update({start + j: grabbed[j] for j in range(grabbed.shape[0])
                                 if start + j in self.rows})
         return torch.stack([self.rows[i] for i in range(first, n + 1)])
+
+    def feed(self, ids: Sequence[int], keep: int, **kwargs: Any) -> Any:
+        """Crop the KV cache to its first ``keep`` positions, run the model on ``ids[keep:]``
+        (``kwargs`` go to the model call) and return its output; the cache then holds
+        ``ids``.  ``keep`` comes from :func:`specmux.target.prefix_to_keep`."""
+        if keep == 0:
+            self.cache = DynamicCache()
+        elif keep < len(self.cached_ids):
+            self.cache.crop(keep - len(self.cached_ids))  # negative: tokens to remove
+        new = torch.tensor([list(ids[keep:])], dtype=torch.long)  # [1, len(ids) - keep]
+        out = self.model(input_ids=new, past_key_values=self.cache, use_cache=True, **kwargs)
+        self.cache = out.past_key_values
+        self.cached_ids = list(ids)
+        self.num_forward_calls += 1
+        self.num_tokens_fed += int(new.shape[1])
+        return out
+
+
+def as_target(model: PreTrainedModel | Target, name: str = "target") -> Target:
+    """``model`` itself when it is a :class:`~specmux.target.Target` already, else a
+    :class:`CachedLM` around the transformers model."""
+    return CachedLM(model, name=name) if isinstance(model, torch.nn.Module) else model
+

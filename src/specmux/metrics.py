@@ -43,6 +43,7 @@ class SpecStats:
     # Counterfactual losses per arm (full-information runs): regret vs best fixed arm.
     arm_loss_sum: np.ndarray | None = None  # [num_arms]
     chosen_loss_sum: float = 0.0
+    played_loss_sum: np.ndarray | None = None  # [num_arms]: loss[a] over rounds a played
     num_scored_rounds: int = 0
 
     def record(self, step: Step) -> None:
@@ -66,8 +67,10 @@ class SpecStats:
         """Add one round's counterfactual loss vector, ``arm`` being the arm played then."""
         if self.arm_loss_sum is None:
             self.arm_loss_sum = np.zeros(len(losses))
+            self.played_loss_sum = np.zeros(len(losses))
         self.arm_loss_sum += losses
         self.chosen_loss_sum += float(losses[arm])
+        self.played_loss_sum[arm] += losses[arm]  # type: ignore[index]
         self.num_scored_rounds += 1
 
     @property
@@ -97,26 +100,6 @@ class SpecStats:
     def selection_share(self) -> dict[str, float]:
         total = sum(self.drafter_selections.values())
         return {k: v / total for k, v in sorted(self.drafter_selections.items())} if total else {}
-
-    def merge(self, other: SpecStats) -> None:
-        """Add another run's counters into this one."""
-        self.num_drafts += other.num_drafts
-        self.num_draft_tokens += other.num_draft_tokens
-        self.num_accepted_tokens += other.num_accepted_tokens
-        mine, theirs = self.num_accepted_tokens_per_pos, other.num_accepted_tokens_per_pos
-        mine.extend([0] * max(0, len(theirs) - len(mine)))
-        for j, v in enumerate(theirs):
-            mine[j] += v
-        self.num_output_tokens += other.num_output_tokens
-        self.drafter_selections.update(other.drafter_selections)
-        for name in ("seconds", "draft_seconds", "verify_seconds", "learner_seconds"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        if other.arm_loss_sum is not None:
-            if self.arm_loss_sum is None:
-                self.arm_loss_sum = np.zeros_like(other.arm_loss_sum)
-            self.arm_loss_sum += other.arm_loss_sum
-        self.chosen_loss_sum += other.chosen_loss_sum
-        self.num_scored_rounds += other.num_scored_rounds
 
     def summary(self) -> dict[str, Any]:
         """Plain-dict view (JSON-able) with counters and derived metrics."""

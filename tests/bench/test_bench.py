@@ -28,7 +28,6 @@ from specmux.bench.runner import (
     BenchConfig,
     BenchModels,
     BenchRunner,
-    TimedPolicy,
     fork_suffix,
     read_trace,
     write_trace,
@@ -37,7 +36,8 @@ from specmux.cli import app
 from specmux.drafters.suffix import SuffixDrafter
 from specmux.errors import ConfigError
 from specmux.policies import make_policy
-from specmux.types import Feedback, SamplingParams
+from specmux.selector import Outcome, Selector, make_arms
+from specmux.types import SamplingParams
 
 from conftest import tiny_lm
 from helpers import save_tiny_model, tiny_tokenizer
@@ -185,15 +185,15 @@ def test_fork_suffix_learns_alone() -> None:
     assert {k: dict(v) for k, v in base.table.items()} == table_before
 
 
-def test_timed_policy_delegates() -> None:
+def test_selector_times_its_policy() -> None:
+    """The bench's per-round policy time comes from the selector (was TimedPolicy)."""
     inner = make_policy("hedge", 3, seed=1)
-    timed = TimedPolicy(inner)
-    assert timed.full_information and timed.name == "hedge" and timed.num_arms == 3
-    arm = timed.select()
-    timed.update(Feedback(arm=arm, k=4, max_k=4, num_draft_tokens=4, num_accepted_tokens=2,
-                          losses=(np.array([0.1, 0.5, 0.9]),)))
-    assert inner.t == timed.t == 1 and timed.seconds > 0
-    assert timed.probabilities().tolist() == inner.probabilities().tolist()
+    selector = Selector(make_arms(["a", "b", "c"], 4), inner)
+    assert selector.needs_scores and selector.name == "hedge" and len(selector.arms) == 3
+    arm = selector.select()
+    selector.observe(Outcome(arm, 4, 2), (np.ones((5, 3)), np.ones((5, 3))))
+    assert inner.t == 1 and selector.policy_seconds > 0
+    assert selector.probabilities().tolist() == inner.probabilities().tolist()
 
 
 def test_sampling_mode_runs(models: BenchModels, tmp_path: Path) -> None:

@@ -153,7 +153,7 @@ def test_online_state_survives_a_restart(tmp_path, tiny_head, target_model) -> N
     for x, y in zip(a.net.parameters(), b.net.parameters(), strict=True):
         assert torch.equal(x, y)
     assert b.num_rounds == a.num_rounds
-    assert all(torch.equal(x, y) for x, y in zip(a.learners[0].y, b.learners[0].y, strict=True))
+    assert all(torch.equal(x, y) for x, y in zip(a.optimizers[0].y, b.optimizers[0].y, strict=True))
     c = OnlineHeadDrafter(tiny_head, target_model, kind="ens", stride=2)
     with pytest.raises(ConfigError):
         c.load(str(tmp_path / "state.pt"))

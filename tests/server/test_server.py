@@ -497,15 +497,15 @@ def test_learner_state_saved_on_shutdown_and_restored(tmp_path: Path) -> None:
         assert not (tmp_path / STATE_FILE).exists()  # nothing periodic yet
     state = json.loads((tmp_path / STATE_FILE).read_text())
     assert state["requests"] == 3
-    assert state["policy"] == json.loads(json.dumps(pipe.decoder.policy.state_dict()))
+    assert state["policy"] == json.loads(json.dumps(pipe.selector.policy.state_dict()))
     assert state["policy"]["num_losses"] > 0
 
     fresh = tiny_pipeline()
     with LiveServer(create_app(fresh, model_name=MODEL, state_dir=tmp_path)) as srv:
-        restored = fresh.decoder.policy
+        restored = fresh.selector.policy
         assert restored.state_dict()["cumulative_loss"] == state["policy"]["cumulative_loss"]
         weights = scrape(srv.url)
-        arms = [str(a) for a in fresh.decoder.arms]
+        arms = [str(a) for a in fresh.selector.arms]
         for arm, p in zip(arms, restored.probabilities(), strict=True):
             assert weights[("specmux:learner_weight", (("arm", arm),))] == pytest.approx(p)
     assert not list(tmp_path.glob("*.corrupt-*"))

@@ -2,14 +2,14 @@
 logits while serving, without touching losslessness.
 
 - :mod:`~specmux.adapt.adapter`: the low-rank head correction and the KL loss;
-- :mod:`~specmux.adapt.ogd`, :mod:`~specmux.adapt.optimistic`: one learner per file;
+- :mod:`~specmux.adapt.ogd`, :mod:`~specmux.adapt.optimistic`: one optimizer per file;
 - :mod:`~specmux.adapt.ensemble`: copies at several learning rates under exponential weights;
 - :mod:`~specmux.adapt.drafter`: :class:`AdaptiveHFDrafter`, fed by ``observe_target``;
 - :mod:`~specmux.adapt.replay`: a target that replays recorded logits (cheap what-if runs).
 """
 
 from specmux.adapt.adapter import LowRankHeadAdapter, candidate_kl, distill_loss
-from specmux.adapt.base import Learner
+from specmux.adapt.base import OnlineOptimizer
 from specmux.adapt.buffer import DistillBatch, ReplayBuffer
 from specmux.adapt.checkpoint import atomic_torch_save, torch_load
 from specmux.adapt.drafter import (
@@ -35,7 +35,7 @@ __all__ = [
     "EnsembleHead",
     "ExpWeights",
     "KLRecord",
-    "Learner",
+    "OnlineOptimizer",
     "LowRankHeadAdapter",
     "OptimisticOGD",
     "ReplayBuffer",

@@ -1,8 +1,9 @@
-"""The online-learner protocol for adapter parameters.
+"""The online-optimizer protocol for adapter parameters.
 
-A learner owns the update rule, not the parameters: ``step(params, grads)`` moves the
+(Named apart from the drafter-selection *learners* of :mod:`specmux.policies`.)  An
+optimizer owns the update rule, not the parameters: ``step(params, grads)`` moves the
 *played* point ``x_t`` (the tensors the drafter serves with) in place, given the gradient
-``g_t = ∇f_t(x_t)`` of this round's loss at that point.  Learners may keep state (the lazy
+``g_t = ∇f_t(x_t)`` of this round's loss at that point.  Optimizers may keep state (the lazy
 iterate and hint of optimistic OGD); it survives across update chunks and is saved with
 ``state_dict``.
 
@@ -30,13 +31,13 @@ def project_(tensor: torch.Tensor, max_norm: float | None) -> torch.Tensor:
     return tensor
 
 
-class Learner(ABC):
+class OnlineOptimizer(ABC):
     """Updates a fixed list of tensors from their gradients, one round at a time."""
 
     name: str
 
     def __init__(self, lr: float, max_norm: float | None = None) -> None:
-        if not lr >= 0:  # lr = 0: a learner that never moves (the frozen expert of an ensemble)
+        if not lr >= 0:  # lr = 0: an optimizer that never moves (the frozen expert of an ensemble)
             raise ConfigError(f"learning rate must be >= 0, got {lr}")
         if max_norm is not None and not max_norm > 0:
             raise ConfigError(f"max_norm must be > 0 or None, got {max_norm}")
@@ -49,7 +50,7 @@ class Learner(ABC):
         """Move ``params`` (the played point ``x_t``) in place given ``grads = ∇f_t(x_t)``."""
 
     def reset(self) -> None:
-        """Forget the learner's state (not the parameters)."""
+        """Forget the optimizer's state (not the parameters)."""
         self.num_steps = 0
 
     def state_dict(self) -> dict[str, Any]:
@@ -58,7 +59,7 @@ class Learner(ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("name") != self.name:
-            raise ConfigError(f"state is for learner {state.get('name')!r}, not {self.name!r}")
+            raise ConfigError(f"state is for optimizer {state.get('name')!r}, not {self.name!r}")
         self.lr = float(state["lr"])
         self.max_norm = state["max_norm"]
         self.num_steps = int(state["num_steps"])

@@ -8,7 +8,7 @@ Data flow per round (OnlineSpec's "draft commits, feedback provides, draft adapt
    ``context + path[:j]``, which :class:`AdaptiveLM` kept from the forward passes it already
    ran (drafting or counterfactual scoring; a short catch-up pass otherwise), and stores the
    pair in a :class:`~specmux.adapt.buffer.ReplayBuffer`;
-3. every ``stride`` rounds it runs ``steps_per_update`` learner steps on a batch of the new
+3. every ``stride`` rounds it runs ``steps_per_update`` optimizer steps on a batch of the new
    positions plus replayed old ones, minimizing ``KL(p_target ‖ q_drafter)``
    (:mod:`specmux.adapt.head`), within ``update_budget_s`` seconds.
 
@@ -32,15 +32,16 @@ from __future__ import annotations
 
 import logging
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from specmux.adapt.adapter import LowRankHeadAdapter, distill_loss
-from specmux.adapt.base import Learner
+from specmux.adapt.base import OnlineOptimizer
 from specmux.adapt.buffer import ReplayBuffer
 from specmux.adapt.checkpoint import atomic_torch_save, torch_load
 from specmux.adapt.ensemble import EnsembleHead
@@ -49,11 +50,12 @@ from specmux.adapt.ogd import OGD
 from specmux.adapt.optimistic import OptimisticOGD
 from specmux.drafters.hf import HFDrafter
 from specmux.errors import ConfigError
-from specmux.lm import CachedLM, common_prefix_length
+from specmux.lm import CachedLM
+from specmux.target import check_num_last, common_prefix_length, prefix_to_keep
 
 log = logging.getLogger(__name__)
 
-LEARNERS: dict[str, type[Learner]] = {"ogd": OGD, "opt": OptimisticOGD}
+OPTIMIZERS: dict[str, type[OnlineOptimizer]] = {"ogd": OGD, "opt": OptimisticOGD}
 HEAD_KINDS: tuple[str, ...] = ("ogd", "opt", "ens")
 DEFAULT_LR = 0.1
 DEFAULT_ENSEMBLE_LRS: tuple[float, ...] = (0.0, 0.03, 0.1, 0.3)
@@ -61,7 +63,76 @@ STATE_VERSION = 1
 BUFFER_FIELDS = ("hidden", "idx", "z0", "tail", "prob", "tail_idx")
 
 
-class AdaptiveLM(CachedLM):
+class HeadAdaptedLM(ABC):
+    """A :class:`~specmux.target.Target` whose logits are ``head.logits(W h, h)`` (``W h``
+    when ``head`` is None): the frozen LM head ``W`` (``lm_head``) applied to the final
+    hidden states ``h``, adapted by an :class:`AdaptiveHead`.
+
+    Subclasses provide the hidden states and frozen logits (:meth:`forward`,
+    :meth:`states_at`) and keep ``hidden`` [len(cached_ids), H] and ``z0_rows`` (L -> frozen
+    logits after ``cached_ids[:L]``) up to date: :class:`AdaptiveLM` from real forward
+    passes, :class:`specmux.adapt.replay.ReplayLM` from a recording.
+    """
+
+    name: str
+    vocab_size: int
+    max_context: int
+    num_forward_calls: int
+    num_tokens_fed: int
+    lm_head: torch.nn.Module
+    hidden_size: int
+    head: AdaptiveHead | None
+    head_seconds: float  # spent applying the adaptive head (serving overhead)
+    hidden: torch.Tensor  # [len(cached_ids), H]
+    z0_rows: dict[int, torch.Tensor]
+
+    max_memo_rows = 32  # frozen logit rows kept for observe_target ([V] float32 each)
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Drop the cache (and the hidden states and memo that follow it)."""
+
+    @abstractmethod
+    def forward(self, ids: Sequence[int], num_last: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen logits [num_last, V] and final hidden states [num_last, H] at the last
+        ``num_last`` positions of ``ids``."""
+
+    @abstractmethod
+    def states_at(
+        self, ids: Sequence[int], start: int, stop: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final hidden states [stop - start, H] and frozen logits [stop - start, V] after
+        ``ids[: i + 1]`` for i in [start, stop)."""
+
+    def logits(self, ids: Sequence[int], num_last: int = 1) -> torch.Tensor:
+        z0, hidden = self.forward(ids, num_last)
+        if self.head is None:
+            return z0
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.head.logits(z0, hidden)
+        self.head_seconds += time.perf_counter() - t0
+        return out
+
+    def hidden_at(self, ids: Sequence[int], start: int, stop: int) -> torch.Tensor:
+        """The hidden states of :meth:`states_at`."""
+        return self.states_at(ids, start, stop)[0]
+
+    @torch.no_grad()
+    def base_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The frozen head ``W h``: [n, H] -> [n, V] (float32)."""
+        return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
+
+    def _frozen_rows(self, first: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Frozen logits after ``cached_ids[:first + j]`` for the rows of ``hidden``: from the
+        memo of recent forward passes, else ``W h``."""
+        n = int(hidden.shape[0])
+        if all(first + j in self.z0_rows for j in range(n)):
+            return torch.stack([self.z0_rows[first + j] for j in range(n)])
+        return self.base_logits(hidden)
+
+
+class AdaptiveLM(HeadAdaptedLM, CachedLM):
     """A :class:`CachedLM` that also keeps the final hidden state of every cached position
     (``hidden`` [len(cached_ids), H]) and returns ``head.logits(W h, h)`` (``W h`` when
     ``head`` is None).  Requires the model's logits to be ``lm_head(final hidden state)``;
@@ -70,46 +141,32 @@ class AdaptiveLM(CachedLM):
     def __init__(self, model: PreTrainedModel, head: AdaptiveHead | None, name: str) -> None:
         self.lm_head = model.get_output_embeddings()
         self.hidden_size = int(self.lm_head.weight.shape[1])
-        super().__init__(model, name=name)
+        super().__init__(model, name=name)  # CachedLM's
         self.head = head
-        self.head_seconds = 0.0  # spent applying the adaptive head (serving overhead)
+        self.head_seconds = 0.0
         self._checked = False
 
-    max_memo_rows = 32  # frozen logit rows kept for observe_target ([V] float32 each)
-
     def reset(self) -> None:
-        super().reset()
+        CachedLM.reset(self)
         self.hidden = torch.zeros(0, self.hidden_size)
-        self.z0_rows: dict[int, torch.Tensor] = {}  # L -> frozen logits after cached_ids[:L]
+        self.z0_rows = {}
 
     @torch.inference_mode()
     def forward(self, ids: Sequence[int], num_last: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen logits [num_last, V] and final hidden states [num_last, H] at the last
-        ``num_last`` positions of ``ids``.  The KV cache is reused as in
-        :meth:`CachedLM.logits`; when every position is cached already (scoring the path just
-        drafted), no forward pass runs: the logits are ``W h`` from the kept hidden states."""
+        ``num_last`` positions of ``ids``.  The KV cache is synced and fed by
+        :meth:`CachedLM.feed`, as in :meth:`CachedLM.logits`; when every position is cached
+        already (scoring the path just drafted), no forward pass runs: the logits are ``W h``
+        from the kept hidden states."""
         n = len(ids)
-        if not 1 <= num_last <= n:
-            raise ValueError(f"num_last={num_last} must be in [1, len(ids)={n}]")
+        check_num_last(num_last, n)
         common = common_prefix_length(self.cached_ids, ids)
         if common == n and self._checked:  # all cached (e.g. scoring the path just drafted)
             hidden = self.hidden[n - num_last : n]
             return self._frozen_rows(n - num_last + 1, hidden), hidden
-        keep = min(common, n - num_last)
-        if keep == 0:
-            self.cache = DynamicCache()
-        elif keep < len(self.cached_ids):
-            self.cache.crop(keep - len(self.cached_ids))
-        new = torch.tensor([list(ids[keep:])], dtype=torch.long)  # [1, n_new]
-        out = self.model(
-            input_ids=new, past_key_values=self.cache, use_cache=True, logits_to_keep=num_last,
-            output_hidden_states=True,
-        )
-        self.cache = out.past_key_values
-        self.cached_ids = list(ids)
+        keep = prefix_to_keep(self.cached_ids, ids, n - num_last + 1)
+        out = self.feed(ids, keep, logits_to_keep=num_last, output_hidden_states=True)
         self.hidden = torch.cat([self.hidden[:keep], out.hidden_states[-1][0].float()])
-        self.num_forward_calls += 1
-        self.num_tokens_fed += int(new.shape[1])
         logits = out.logits[0, -num_last:].float()
         hidden = self.hidden[-num_last:]
         self.z0_rows = {i: r for i, r in self.z0_rows.items() if i <= keep}
@@ -126,24 +183,6 @@ class AdaptiveLM(CachedLM):
             self._checked = True
         return logits, hidden
 
-    def logits(self, ids: Sequence[int], num_last: int = 1) -> torch.Tensor:
-        z0, hidden = self.forward(ids, num_last)
-        if self.head is None:
-            return z0
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = self.head.logits(z0, hidden)
-        self.head_seconds += time.perf_counter() - t0
-        return out
-
-    def _frozen_rows(self, first: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Frozen logits after ``cached_ids[:first + j]`` for the rows of ``hidden``: from the
-        memo of recent forward passes, else ``W h``."""
-        n = int(hidden.shape[0])
-        if all(first + j in self.z0_rows for j in range(n)):
-            return torch.stack([self.z0_rows[first + j] for j in range(n)])
-        return self.base_logits(hidden)
-
     def states_at(
         self, ids: Sequence[int], start: int, stop: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,15 +196,6 @@ class AdaptiveLM(CachedLM):
             self.forward(ids[:stop], 1)
         hidden = self.hidden[start:stop].clone()
         return hidden, self._frozen_rows(start + 1, hidden)
-
-    def hidden_at(self, ids: Sequence[int], start: int, stop: int) -> torch.Tensor:
-        """The hidden states of :meth:`states_at`."""
-        return self.states_at(ids, start, stop)[0]
-
-    @torch.no_grad()
-    def base_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The frozen head ``W h``: [n, H] -> [n, V] (float32)."""
-        return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
 
 
 @dataclass(frozen=True)
@@ -198,7 +228,7 @@ class AdaptiveHFDrafter(HFDrafter):
     """:class:`HFDrafter` + a trainable head fed by ``observe_target`` (module docstring).
 
     ``stride``: rounds between updates (S).  ``batch_size``: positions per update (the new
-    ones first, then replayed ones).  ``steps_per_update``: learner steps per update chunk,
+    ones first, then replayed ones).  ``steps_per_update``: optimizer steps per update chunk,
     stopped early once ``update_budget_s`` is spent.  ``learn=False`` freezes the adapter.
     ``update_seconds`` accumulates the wall clock of everything adaptation adds (buffering and
     updates); the engine counts it too, inside ``Step.learner_seconds``.  ``lm`` replaces the
@@ -222,15 +252,15 @@ class AdaptiveHFDrafter(HFDrafter):
         learn: bool = True,
         track_kl: bool = False,
         seed: int = 0,
-        lm: AdaptiveLM | None = None,
+        lm: HeadAdaptedLM | None = None,
     ) -> None:
         if stride < 1 or batch_size < 1 or steps_per_update < 1:
             raise ConfigError(f"stride, batch_size, steps_per_update must be >= 1, got "
                               f"{stride}, {batch_size}, {steps_per_update}")
-        self.lm: AdaptiveLM = AdaptiveLM(model, head, name) if lm is None else lm
+        adapted = AdaptiveLM(model, head, name) if lm is None else lm
+        super().__init__(adapted, name=name)
+        self.lm: HeadAdaptedLM = adapted
         self.lm.head = head
-        self.name = name
-        self.vocab_size = self.lm.vocab_size
         self.head = head
         self.stride, self.batch_size, self.steps_per_update = stride, batch_size, steps_per_update
         self.update_budget_s = update_budget_s
@@ -363,14 +393,14 @@ def make_head(
     """``kind``: ``"ogd"`` | ``"opt"`` (one adapter, learning rate ``lr``) or ``"ens"`` (one
     copy per learning rate in ``lrs``, each trained by ``member`` = ogd | opt)."""
 
-    def single(learner: str, rate: float) -> AdaptedHead:
-        if learner not in LEARNERS:
-            raise ConfigError(f"unknown learner {learner!r}; known: {', '.join(LEARNERS)}")
+    def single(optimizer: str, rate: float) -> AdaptedHead:
+        if optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZERS)}")
         adapter = LowRankHeadAdapter(hidden_size, vocab_size, rank, bias=bias, train_a=train_a,
                                      seed=seed)
-        return AdaptedHead(adapter, LEARNERS[learner](rate, max_norm))
+        return AdaptedHead(adapter, OPTIMIZERS[optimizer](rate, max_norm))
 
-    if kind in LEARNERS:
+    if kind in OPTIMIZERS:
         return single(kind, lr)
     if kind == "ens":
         if not lrs:

@@ -21,7 +21,7 @@ from specmux.adapt.adapter import (
     distill_loss,
     kl_from_logprobs,
 )
-from specmux.adapt.base import Learner
+from specmux.adapt.base import OnlineOptimizer
 from specmux.adapt.buffer import DistillBatch
 from specmux.errors import ConfigError
 
@@ -63,12 +63,13 @@ class AdaptiveHead(ABC):
 
 
 class AdaptedHead(AdaptiveHead):
-    """One adapter trained by one learner: ``z = W h + Δz_θ(h)``, ``θ <- learner(θ, ∇f_t(θ))``."""
+    """One adapter trained by one optimizer: ``z = W h + Δz_θ(h)``,
+    ``θ <- optimizer(θ, ∇f_t(θ))``."""
 
-    def __init__(self, adapter: LowRankHeadAdapter, learner: Learner) -> None:
+    def __init__(self, adapter: LowRankHeadAdapter, optimizer: OnlineOptimizer) -> None:
         self.adapter = adapter
-        self.learner = learner
-        self.name = learner.name
+        self.optimizer = optimizer
+        self.name = optimizer.name
         self.num_skipped = 0  # steps skipped for a non-finite gradient
 
     def logits(self, base_logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -81,14 +82,14 @@ class AdaptedHead(AdaptiveHead):
         return candidate_logprobs(logits, batch.tail, tail_delta)
 
     def update(self, batch: DistillBatch) -> float:
-        if self.learner.lr == 0:  # a frozen member: score only
+        if self.optimizer.lr == 0:  # a frozen member: score only
             return self.loss(batch)
         params = self.adapter.trainable()
         with torch.inference_mode(False), torch.enable_grad():
             loss = kl_from_logprobs(self.batch_logprobs(batch), batch.prob)
             grads = torch.autograd.grad(loss, params)
         if all(bool(torch.isfinite(g).all()) for g in grads):
-            self.learner.step(params, grads)
+            self.optimizer.step(params, grads)
         else:  # never step into NaN/inf: the drafter must keep serving proper distributions
             self.num_skipped += 1
         return float(loss.detach())
@@ -97,11 +98,11 @@ class AdaptedHead(AdaptiveHead):
         return {
             "kind": "single",
             "adapter": {k: v.detach().clone() for k, v in self.adapter.state_dict().items()},
-            "learner": self.learner.state_dict(),
+            "learner": self.optimizer.state_dict(),  # key kept: saved states load
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "single":
             raise ConfigError(f"not a single-adapter state: kind={state.get('kind')!r}")
         self.adapter.load_state_dict(state["adapter"])
-        self.learner.load_state_dict(state["learner"])
+        self.optimizer.load_state_dict(state["learner"])

@@ -1,4 +1,4 @@
-"""Online gradient descent (Zinkevich 2003): the plain learner and OSD's choice.
+"""Online gradient descent (Zinkevich 2003): the plain optimizer and OSD's choice.
 
     x_{t+1} = Π(x_t − η g_t),   g_t = ∇f_t(x_t)
 
@@ -12,10 +12,10 @@ from collections.abc import Sequence
 
 import torch
 
-from specmux.adapt.base import Learner, project_
+from specmux.adapt.base import OnlineOptimizer, project_
 
 
-class OGD(Learner):
+class OGD(OnlineOptimizer):
     """``x <- Π(x − η g)``; stateless apart from the step counter."""
 
     name = "ogd"

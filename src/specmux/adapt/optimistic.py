@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
-from specmux.adapt.base import Learner, project_
+from specmux.adapt.base import OnlineOptimizer, project_
 
 
-class OptimisticOGD(Learner):
+class OptimisticOGD(OnlineOptimizer):
     """Optimistic OGD with the last gradient as the hint (see the module docstring)."""
 
     name = "opt"

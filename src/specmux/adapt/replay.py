@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from specmux.adapt.drafter import AdaptiveLM
+from specmux.adapt.drafter import AdaptiveLM, HeadAdaptedLM
 from specmux.adapt.head import AdaptiveHead
 from specmux.drafters.hf import HFDrafter
 from specmux.errors import ConfigError
-from specmux.lm import CachedLM, common_prefix_length
+from specmux.target import check_num_last, common_prefix_length
 
 
 class ReplayMissError(ConfigError):
@@ -69,9 +69,8 @@ class RecordingDrafter(HFDrafter):
     """
 
     def __init__(self, model: nn.Module, *, name: str = "lm", top_k: int = 64) -> None:
-        self.lm = AdaptiveLM(model, None, name)  # type: ignore[arg-type]
-        self.name = name
-        self.vocab_size = self.lm.vocab_size
+        super().__init__(AdaptiveLM(model, None, name), name=name)  # type: ignore[arg-type]
+        self.lm: AdaptiveLM
         self.top_k = top_k
         self.recordings: list[Recording] = []
         self.seconds = 0.0  # spent recording (bookkeeping a real run would not do)
@@ -97,8 +96,9 @@ class RecordingDrafter(HFDrafter):
         return rec
 
 
-class ReplayTarget(CachedLM):
-    """Serves a recording's target logits; :meth:`select` the query about to run."""
+class ReplayTarget:
+    """A :class:`~specmux.target.Target` serving a recording's target logits; :meth:`select`
+    the query about to run."""
 
     def __init__(self, vocab_size: int, max_context: int = 1 << 30, name: str = "replay") -> None:
         self.name = name
@@ -122,8 +122,7 @@ class ReplayTarget(CachedLM):
         rec = self.recording
         if rec is None:
             raise ConfigError("ReplayTarget: select() a recording first")
-        if not 1 <= num_last <= len(ids):
-            raise ValueError(f"num_last={num_last} must be in [1, len(ids)={len(ids)}]")
+        check_num_last(num_last, len(ids))
         on_path = common_prefix_length(rec.ids, ids)
         out = torch.zeros(num_last, self.vocab_size)
         first = len(ids) - num_last + 1  # prefix length conditioning row 0
@@ -145,7 +144,7 @@ class ReplayTarget(CachedLM):
         return out
 
 
-class ReplayLM(AdaptiveLM):
+class ReplayLM(HeadAdaptedLM):
     """Stands in for a drafter's :class:`AdaptiveLM`: hidden states and frozen logits come
     from a recording (the frozen logits ``W h`` are computed at :meth:`select`, untimed),
     the adaptive ``head`` runs for real.  ``lm_head`` is the drafter's own (for updates)."""
@@ -167,7 +166,7 @@ class ReplayLM(AdaptiveLM):
         self.reset()
 
     def reset(self) -> None:
-        self.cached_ids = []
+        self.cached_ids: list[int] = []
         self.hidden = torch.zeros(0, self.hidden_size)
         self.z0_rows = {}
 

@@ -38,9 +38,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, ClassVar
+from typing import Any
 
-import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -55,8 +54,8 @@ from specmux.engine import SpeculativeDecoder, autoregressive_generate
 from specmux.errors import ConfigError
 from specmux.heads.store import find_heads, load_head
 from specmux.lm import CachedLM
-from specmux.policies import POLICIES, Policy, make_policy
-from specmux.types import Feedback, SamplingParams
+from specmux.policies import POLICIES
+from specmux.types import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -349,47 +348,6 @@ class DrafterFactory:
         return {n: d.num_indexed_tokens for n, d in self.suffix.items()}
 
 
-class TimedPolicy(Policy):
-    """Wraps a policy to time its own work (``select`` + ``update``), apart from the
-    counterfactual scoring that the engine books in ``Step.learner_seconds`` too."""
-
-    name: ClassVar[str] = "timed"
-
-    def __init__(self, inner: Policy) -> None:  # no super().__init__: the state is inner's
-        self.inner = inner
-        self.name = inner.name  # type: ignore[misc]
-        self.full_information = inner.full_information  # type: ignore[misc]
-        self.num_arms = inner.num_arms
-        self.seconds = 0.0
-
-    @property
-    def t(self) -> int:  # type: ignore[override]
-        return self.inner.t
-
-    def select(self) -> int:
-        t0 = time.perf_counter()
-        arm = self.inner.select()
-        self.seconds += time.perf_counter() - t0
-        return arm
-
-    def update(self, feedback: Feedback) -> None:
-        t0 = time.perf_counter()
-        self.inner.update(feedback)
-        self.seconds += time.perf_counter() - t0
-
-    def reset(self) -> None:
-        self.inner.reset()
-
-    def probabilities(self) -> np.ndarray:
-        return self.inner.probabilities()
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state)
-
-
 # ------------------------------------------------------------------------- methods
 
 
@@ -398,7 +356,6 @@ class _Method:
     id: str  # trace key: target-only, only:<drafter>, hf-assisted, or a policy name
     kind: str  # target | single | hf | policy
     decoder: SpeculativeDecoder | None = None
-    policy: TimedPolicy | None = None
 
 
 @dataclass
@@ -471,15 +428,13 @@ class BenchRunner:
             if self.models.drafter is None:
                 raise ConfigError("the HF assisted-generation baseline needs a drafter model")
             methods.append(_Method(HF_ASSISTED, "hf"))
-        pool_size = len(cfg.pool_names())
         for name in cfg.policies:
-            policy = TimedPolicy(make_policy(name, pool_size, seed=cfg.seed))
             decoder = SpeculativeDecoder(
-                self.target, self.factory.pool(), policy,
+                self.target, self.factory.pool(), name,
                 num_speculative_tokens=cfg.num_speculative_tokens, eos_token_ids=self.stop,
                 reset_per_query=cfg.reset_per_query, seed=cfg.seed,
             )
-            methods.append(_Method(name, "policy", decoder, policy))
+            methods.append(_Method(name, "policy", decoder))
         return methods
 
     @property
@@ -520,7 +475,8 @@ class BenchRunner:
     def _run_decoder(self, method: _Method, query: Query) -> _Run:
         assert method.decoder is not None
         self._cold_start()
-        policy_before = method.policy.seconds if method.policy else 0.0
+        selector = method.decoder.selector
+        policy_before = selector.policy_seconds
         rounds: list[dict[str, Any]] = []
         tokens: list[int] = []
         accepted = 0
@@ -529,7 +485,7 @@ class BenchRunner:
         for step in method.decoder.generate_steps(
             query.prompt_ids, self.cfg.max_new_tokens, self.sampling_for(query), self.stop
         ):
-            policy_now = method.policy.seconds if method.policy else 0.0
+            policy_now = selector.policy_seconds
             rounds.append({
                 "round": step.round, "drafter": step.drafter, "k": step.k,
                 "drafted": step.num_draft_tokens, "accepted": step.num_accepted_tokens,

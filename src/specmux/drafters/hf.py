@@ -1,4 +1,8 @@
-"""A small causal LM drafter sharing the target's tokenizer, with a KV cache."""
+"""A small causal LM drafter sharing the target's tokenizer, with a KV cache.
+
+The LM is any :class:`specmux.target.Target` (a transformers model is wrapped in
+:class:`specmux.lm.CachedLM`), so another backend's LM can draft too.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ import torch
 from transformers import PreTrainedModel
 
 from specmux.drafters.base import Drafter
-from specmux.lm import CachedLM
+from specmux.lm import as_target
+from specmux.target import Target
 from specmux.types import Draft, PathDistributions, SamplingParams
 from specmux.verify import process_logits, sample
 
@@ -21,8 +26,8 @@ class HFDrafter(Drafter):
     whole path in one forward pass, so counterfactual scoring is cheap.
     """
 
-    def __init__(self, model: PreTrainedModel, name: str = "lm") -> None:
-        self.lm = CachedLM(model, name=name)
+    def __init__(self, model: PreTrainedModel | Target, name: str = "lm") -> None:
+        self.lm: Target = as_target(model, name=name)
         self.name = name
         self.vocab_size = self.lm.vocab_size
 

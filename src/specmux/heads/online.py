@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from specmux.adapt.base import Learner
+from specmux.adapt.base import OnlineOptimizer
 from specmux.adapt.checkpoint import atomic_torch_save, torch_load
 from specmux.adapt.ensemble import ExpWeights
 from specmux.adapt.ogd import OGD
@@ -58,7 +58,7 @@ from specmux.heads.train import _Data, unroll_loss
 
 log = logging.getLogger(__name__)
 
-LEARNERS: dict[str, type[Learner]] = {"ogd": OGD, "opt": OptimisticOGD}
+OPTIMIZERS: dict[str, type[OnlineOptimizer]] = {"ogd": OGD, "opt": OptimisticOGD}
 KINDS: tuple[str, ...] = ("ogd", "opt", "ens")
 DEFAULT_LR = 0.01
 DEFAULT_LRS: tuple[float, ...] = (0.0, 0.003, 0.01, 0.03)
@@ -113,8 +113,8 @@ class OnlineHeadDrafter(HeadDrafter):
     ) -> None:
         if kind not in KINDS:
             raise ConfigError(f"unknown online head learner {kind!r}; known: {', '.join(KINDS)}")
-        if member not in LEARNERS:
-            raise ConfigError(f"unknown learner {member!r}; known: {', '.join(LEARNERS)}")
+        if member not in OPTIMIZERS:
+            raise ConfigError(f"unknown learner {member!r}; known: {', '.join(OPTIMIZERS)}")
         if stride < 1 or replay_segments < 0 or buffer_segments < 1:
             raise ConfigError("stride and buffer_segments must be >= 1, replay_segments >= 0")
         super().__init__(head, model, name=name or f"{head.name}+{kind}", **kwargs)
@@ -123,12 +123,11 @@ class OnlineHeadDrafter(HeadDrafter):
         rates = list(lrs) if kind == "ens" else [lr]
         if not rates:
             raise ConfigError("an ensemble needs at least one learning rate")
-        learner = LEARNERS["ogd" if kind == "ens" and member == "ogd" else
-                           ("opt" if kind == "opt" else member)]
+        optimizer = OPTIMIZERS[member if kind == "ens" else kind]
         self.copies: list[HeadNet] = [copy.deepcopy(head.net) for _ in rates]
         for c in self.copies:
             c.requires_grad_(True)
-        self.learners: list[Learner] = [learner(r) for r in rates]
+        self.optimizers: list[OnlineOptimizer] = [optimizer(r) for r in rates]
         self.weights = ExpWeights(len(rates), temperature, discount)
         self.net = self.copies[self._served()]
         self.stride, self.replay_segments, self.reg_weight = stride, replay_segments, reg_weight
@@ -201,13 +200,13 @@ class OnlineHeadDrafter(HeadDrafter):
                                  generator=self.generator).tolist()
             replay = [self.buffer[i] for i in pick]
         batch = _Data([*self.fresh, *replay], 1)
-        for net, learner in zip(self.copies, self.learners, strict=True):
-            if learner.lr == 0:
+        for net, optimizer in zip(self.copies, self.optimizers, strict=True):
+            if optimizer.lr == 0:
                 continue
             params = list(net.parameters())
             loss, _ = self._loss(net, batch)
             grads = torch.autograd.grad(loss, params)
-            learner.step([p.data for p in params], grads)
+            optimizer.step([p.data for p in params], grads)
         self.weights.update([float(loss) for loss, _ in scored])
         self.net = self.copies[self._served()]
         self.buffer.extend(self.fresh)
@@ -253,7 +252,7 @@ class OnlineHeadDrafter(HeadDrafter):
             "version": STATE_VERSION, "kind": self.kind, "head_sha256": self.meta.get("sha256"),
             "copies": [{k: v.detach().clone() for k, v in c.state_dict().items()}
                        for c in self.copies],
-            "learners": [lrn.state_dict() for lrn in self.learners],
+            "optimizers": [o.state_dict() for o in self.optimizers],
             "weights": self.weights.state_dict(), "num_rounds": self.num_rounds,
             "paused_until": self.paused_until, "failed_checks": self.failed_checks,
             "generator": self.generator.get_state(),
@@ -269,8 +268,8 @@ class OnlineHeadDrafter(HeadDrafter):
             raise ConfigError("online head state has a different number of copies")
         for c, s in zip(self.copies, state["copies"], strict=True):
             c.load_state_dict(s)
-        for lrn, s in zip(self.learners, state["learners"], strict=True):
-            lrn.load_state_dict(s)
+        for o, s in zip(self.optimizers, state["optimizers"], strict=True):
+            o.load_state_dict(s)
         self.weights.load_state_dict(state["weights"])
         self.num_rounds = int(state["num_rounds"])
         self.paused_until = int(state["paused_until"])

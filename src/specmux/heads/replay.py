@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from specmux.lm import CachedLM, common_prefix_length
+from specmux.lm import CachedLM
+from specmux.target import common_prefix_length
 
 
 @dataclass
@@ -59,9 +60,9 @@ def record_greedy(lm: CachedLM, prompt: Sequence[int], max_new_tokens: int,
     return HiddenRecording(ids, len(prompt), torch.stack(rows), time.perf_counter() - t0)
 
 
-class HiddenReplayTarget(CachedLM):
-    """A target that replays one :class:`HiddenRecording` at a time (:meth:`use`).  A
-    :class:`CachedLM` only so that the engine takes it as is (no model behind it)."""
+class HiddenReplayTarget:
+    """A :class:`~specmux.target.Target` that replays one :class:`HiddenRecording` at a time
+    (:meth:`use`), with the optional ``hidden_states`` capability."""
 
     def __init__(self, vocab_size: int, max_context: int = 1 << 30, name: str = "replay"):
         self.name, self.vocab_size, self.max_context = name, vocab_size, max_context

@@ -231,8 +231,7 @@ def create_app(
     """
     if pipeline.tokenizer is None:
         raise ConfigError("serving needs a tokenizer: build the Pipeline with tokenizer=")
-    decoder = pipeline.decoder
-    max_context = decoder.target.max_context
+    max_context = pipeline.target.max_context
     limit_prompt = max_context - 1 if max_prompt_tokens is None else min(
         max_prompt_tokens, max_context - 1)
     for name, value in (("max_prompt_tokens", limit_prompt), ("max_tokens_limit",
@@ -241,22 +240,22 @@ def create_app(
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
     if reset_per_query is not None:
-        decoder.reset_per_query = reset_per_query
+        pipeline.selector.reset_per_query = reset_per_query
     config = ServerConfig(
         model_name=model_name or str(getattr(pipeline, "target_name", "specmux")),
         max_prompt_tokens=limit_prompt, max_tokens_limit=max_tokens_limit,
         default_max_tokens=min(default_max_tokens, max_tokens_limit),
         max_body_bytes=max_body_bytes,
     )
-    arm_names = [str(a) for a in decoder.arms]
-    metrics = ServerMetrics(arm_names, [d.name for d in decoder.drafters])
+    arm_names = [str(a) for a in pipeline.selector.arms]
+    metrics = ServerMetrics(arm_names, pipeline.selector.drafter_names)
     store = LearnerStore(state_dir, pipeline) if state_dir is not None else None
     tokenizer_lock = threading.Lock()
     worker = Worker(pipeline, metrics, max_queue=max_queue, store=store,
                     save_every=save_every, save_interval=save_interval,
                     tokenizer_lock=tokenizer_lock)
     created = int(time.time())
-    vocab_size = decoder.target.vocab_size
+    vocab_size = pipeline.target.vocab_size
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -264,7 +263,7 @@ def create_app(
             store.restore()
         worker.start()
         log.info("serving %s: drafters %s, policy %s, queue %d", config.model_name,
-                 [d.name for d in decoder.drafters], decoder.policy.name, max_queue)
+                 pipeline.selector.drafter_names, pipeline.selector.name, max_queue)
         try:
             yield
         finally:
@@ -416,7 +415,7 @@ def create_app(
                 "total_tokens": n_prompt + n_out}
 
     def spec_decode(done: Finished) -> dict[str, Any]:
-        return spec_decode_summary(done.stats, decoder.policy.name, done.queue_seconds,
+        return spec_decode_summary(done.stats, pipeline.selector.name, done.queue_seconds,
                                    done.generation_seconds)
 
     async def stream_events(

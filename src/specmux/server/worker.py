@@ -151,10 +151,10 @@ class LearnerStore:
 
     @property
     def arms(self) -> list[str]:
-        return [str(a) for a in self.pipeline.decoder.arms]
+        return [str(a) for a in self.pipeline.selector.arms]
 
     def snapshot(self) -> dict[str, Any]:
-        policy = self.pipeline.decoder.policy
+        selector = self.pipeline.selector
         return {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
@@ -162,7 +162,7 @@ class LearnerStore:
             "target": getattr(self.pipeline, "target_name", None),
             "arms": self.arms,
             "requests": self.requests,
-            "policy": policy.state_dict(),
+            "policy": selector.state_dict(),
         }
 
     def save(self) -> None:
@@ -179,8 +179,8 @@ class LearnerStore:
         if state is None:
             self._protect_unmovable()
             return False
-        policy = self.pipeline.decoder.policy
-        before = policy.state_dict()
+        selector = self.pipeline.selector
+        before = selector.state_dict()
         try:
             if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
                 raise ConfigError("not a specmux learner state file")
@@ -190,16 +190,16 @@ class LearnerStore:
             if state.get("arms") != self.arms:
                 raise ConfigError(f"it is for arms {state.get('arms')}, this server has "
                                   f"{self.arms}")
-            policy.load_state_dict(state["policy"])
+            selector.load_state_dict(state["policy"])
             requests = int(state.get("requests", 0))
         except Exception as e:  # noqa: BLE001 - any mismatch or damage: set aside, go on
-            policy.load_state_dict(before)
+            selector.load_state_dict(before)
             quarantine(self.path, f"{type(e).__name__}: {e}")
             self._protect_unmovable()
             return False
         self.requests = requests
         log.info("restored learner state from %s (%d requests, policy %s)", self.path,
-                 requests, policy.name)
+                 requests, selector.name)
         return True
 
     def _protect_unmovable(self) -> None:
@@ -240,7 +240,7 @@ class Worker:
         self._current: Job | None = None
         self._dirty_requests = 0  # requests since the last save
         self._last_save = time.monotonic()
-        self.arm_names = [str(a) for a in pipeline.decoder.arms]
+        self.arm_names = [str(a) for a in pipeline.selector.arms]
         # Held while decoding, and by the HTTP side while encoding: one tokenizer, two threads.
         self.tokenizer_lock = tokenizer_lock or threading.Lock()
 
@@ -313,7 +313,7 @@ class Worker:
             self.save_state("periodic")
 
     def refresh_learner_gauges(self) -> None:
-        probs = self.pipeline.decoder.policy.probabilities()
+        probs = self.pipeline.selector.probabilities()
         self.metrics.set_learner_weights(self.arm_names, [float(p) for p in probs])
 
     # -- the thread -------------------------------------------------------------------------
@@ -353,7 +353,6 @@ class Worker:
     def _generate(self, job: Job) -> None:
         req = job.request
         pipe = self.pipeline
-        decoder = pipe.decoder
         job.started_at = time.perf_counter()
         self.metrics.queue_time.observe(job.started_at - job.enqueued_at)
         self.metrics.prompt_tokens.inc(len(req.prompt_ids))
@@ -363,9 +362,11 @@ class Worker:
         emitted = ""
         text = ""
         finish: str | None = None
-        steps = decoder.generate_steps(req.prompt_ids, req.max_tokens, req.sampling)
+        steps = pipe.stream(req.prompt_ids, max_new_tokens=req.max_tokens, sampling=req.sampling)
+        last_reason: str | None = None
         try:
             for step in steps:
+                last_reason = step.finish_reason
                 stats.record(step)
                 self.metrics.record_step(step)
                 if step.tokens and job.first_token_at is None:
@@ -389,7 +390,7 @@ class Worker:
                     job.emit(Delta(text[len(emitted):safe]))
                     emitted = text[:safe]
             else:
-                finish = getattr(decoder, "last_finish_reason", None) or "length"
+                finish = last_reason or "length"  # the last Step carries it
         finally:
             steps.close()  # stop iterating: the decoder does no more rounds for this job
         done = time.perf_counter()

@@ -412,14 +412,3 @@ def rounds_to_finish(pool: DrafterPool, k: int, tokens: int) -> np.ndarray:
         f[:, :, n] = 1.0 + (probs * prev).sum(axis=2)
     return f
 
-
-def stream_rounds(pool: DrafterPool, k: int, stream: Stream, tokens: int) -> np.ndarray:
-    """Expected rounds per drafter [N] to produce ``tokens`` tokens along ``stream``."""
-    per_query = rounds_to_finish(pool, k, stream.query_tokens)  # [D, N, Q+1]
-    full, rest = divmod(tokens, stream.query_tokens)
-    if full + (rest > 0) > stream.num_queries:
-        raise ConfigError("the stream is shorter than the token budget")
-    total = per_query[stream.domains[:full], :, stream.query_tokens].sum(axis=0)
-    if rest:
-        total = total + per_query[stream.domains[full], :, rest]
-    return total

@@ -503,16 +503,16 @@ def experiment_c(cfg: SimConfig, step: StepFn) -> ExperimentResult:
         for seed in range(seeds):
             stream = _stream_for("stationary", 1, rounds, k, seed)
             policy = _policy(name, n2, seed)
-            probe = _LossProbe(policy)
-            trace = _play(probe, c2_pool, stream, c2_arms, seed, cfg.mode,  # type: ignore[arg-type]
+            trace = _play(policy, c2_pool, stream, c2_arms, seed, cfg.mode,
                           rounds=rounds, loss=loss, delayed=delayed)
             mats.append(trace.mean_tokens_per_round)
             share.append(float((trace.arm[-rounds // 4:] == n2 - 1).mean()))
             regrets.append(float(regret_curve(trace, c2_mu, np.array([trace.num_rounds]))[0]))
-            chosen_loss.append(probe.mean_loss_when_played(n2 - 1))
-            other_loss.append(probe.mean_loss_when_not_played(n2 - 1))
-            chosen_pos.append(probe.loss_per_position_when_played(n2 - 1))
-            other_pos.append(probe.loss_per_position_when_not_played(n2 - 1))
+            split = _loss_split(trace, n2 - 1)
+            chosen_loss.append(split[0])
+            other_loss.append(split[1])
+            chosen_pos.append(split[2])
+            other_pos.append(split[3])
             rows.append({"experiment": "c", "part": "stationary", "variant": label,
                          "seed": seed, "rounds": trace.num_rounds, "mat": mats[-1],
                          "share_B_late": share[-1], "regret": regrets[-1],
@@ -618,67 +618,32 @@ def experiment_c(cfg: SimConfig, step: StepFn) -> ExperimentResult:
                             rows, fits, figure, md, jobs=jobs)
 
 
-class _LossProbe:
-    """Wraps a full-information policy and records the loss vectors it receives."""
+def _loss_split(trace: Trace, arm: int) -> tuple[float, float, float, float]:
+    """The losses ``arm`` received from the selector, split by whether it was played in the
+    round: (mean when played, mean when not played, per path position when played, when
+    not).  Per position: (sum of losses) x (max_k + 1) / path positions.
 
-    def __init__(self, policy: Policy) -> None:
-        self.policy = policy
-        self.name = policy.name
-        self.num_arms = policy.num_arms
-        self.full_information = policy.full_information
-        self.reward = getattr(policy, "reward", None)
-        self._played: list[int] = []
-        self._sum_played = np.zeros(policy.num_arms)
-        self._n_played = np.zeros(policy.num_arms)
-        self._sum_other = np.zeros(policy.num_arms)
-        self._n_other = np.zeros(policy.num_arms)
-        self._pos_played = np.zeros(policy.num_arms)
-        self._pos_other = np.zeros(policy.num_arms)
-        self._max_k = 0
-        self._pending: list[tuple[int, int]] = []
+    Rounds release their loss vectors in order, so the scored rounds are the first
+    ``num_scored_rounds`` of the trace.
+    """
+    assert trace.selector is not None
+    stats, max_k = trace.selector.stats, trace.selector.max_k
+    scored = stats.num_scored_rounds
+    if stats.arm_loss_sum is None or stats.played_loss_sum is None:
+        return (float("nan"),) * 4
+    played = trace.arm[:scored] == arm
+    positions = trace.tokens[:scored].astype(float)
+    sum_played = float(stats.played_loss_sum[arm])
+    sum_other = float(stats.arm_loss_sum[arm]) - sum_played
+    n_played, n_other = int(played.sum()), int((~played).sum())
+    pos_played, pos_other = float(positions[played].sum()), float(positions[~played].sum())
 
-    def select(self) -> int:
-        return self.policy.select()
+    def ratio(num: float, den: float) -> float:
+        return num / den if den else float("nan")
 
-    def peek(self) -> int:
-        return self.policy.peek()
-
-    def reset(self) -> None:
-        self.policy.reset()
-
-    def update(self, feedback: Any) -> None:
-        # Loss vectors come back in round order (possibly delayed): match them to the arm
-        # played in their round.
-        self._pending.append((feedback.arm, feedback.tokens_per_round))
-        self._max_k = feedback.max_k
-        for loss in feedback.losses:
-            arm, positions = self._pending.pop(0)  # the round's path: accepted + 1 tokens
-            played = np.zeros(self.num_arms, dtype=bool)
-            played[arm] = True
-            self._sum_played += np.where(played, loss, 0.0)
-            self._n_played += played
-            self._pos_played += np.where(played, positions, 0)
-            self._sum_other += np.where(played, 0.0, loss)
-            self._n_other += ~played
-            self._pos_other += np.where(played, 0, positions)
-        self.policy.update(feedback)
-
-    def mean_loss_when_played(self, arm: int) -> float:
-        n = self._n_played[arm]
-        return float(self._sum_played[arm] / n) if n else float("nan")
-
-    def mean_loss_when_not_played(self, arm: int) -> float:
-        n = self._n_other[arm]
-        return float(self._sum_other[arm] / n) if n else float("nan")
-
-    def loss_per_position_when_played(self, arm: int) -> float:
-        """(Sum of losses) x (max_k + 1) / path positions, over the rounds ``arm`` played."""
-        n = self._pos_played[arm]
-        return float(self._sum_played[arm] * (self._max_k + 1) / n) if n else float("nan")
-
-    def loss_per_position_when_not_played(self, arm: int) -> float:
-        n = self._pos_other[arm]
-        return float(self._sum_other[arm] * (self._max_k + 1) / n) if n else float("nan")
+    return (ratio(sum_played, n_played), ratio(sum_other, n_other),
+            ratio(sum_played * (max_k + 1), pos_played),
+            ratio(sum_other * (max_k + 1), pos_other))
 
 
 # ----------------------------------------------------------------------------- (d)

@@ -6,9 +6,10 @@ The round loop mirrors :meth:`specmux.engine.SpeculativeDecoder.generate_steps`:
   a query (the engine drafts at most ``max_new_tokens - produced - 1``);
 * the chosen drafter's accepted length is its leading hits from the round's first
   position; the round commits ``accepted + 1`` positions (the verified path);
-* full-information policies get their loss vectors from a real
-  :class:`specmux.feedback.CounterfactualTracker` fed with every drafter's ``gamma``/``w``
-  along the verified path, flushed at the end of each query, exactly as the engine does;
+* the policy is driven by the engine's own :class:`specmux.selector.Selector`: full-information
+  policies get their loss vectors from its counterfactual tracker, fed with every drafter's
+  ``gamma``/``w`` along the verified path and flushed by ``end_query`` at the end of each
+  query, exactly as in the engine;
 * MetaSD's block reward ``(1/k) sum_j (1 - TV)`` counts the drafted positions after the
   first rejection too; off the realized path they are fresh draws at the drafter's
   long-run acceptance rate.
@@ -40,10 +41,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from specmux.errors import ConfigError
-from specmux.feedback import CounterfactualTracker
-from specmux.policies import Policy
-from specmux.sim.env import DrafterPool, SimEnv, Stream, rounds_to_finish
-from specmux.types import Feedback
+from specmux.policies import Arm, Policy
+from specmux.selector import Outcome, Selector
+from specmux.sim.env import DrafterPool, PositionBuffer, SimEnv, Stream, rounds_to_finish
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class Trace:
     seconds: float  # wall clock of the loop
     cpu_seconds: float  # process CPU time of the loop (robust to a busy machine)
     stream: Stream  # the queries actually served (adaptive streams: domains as chosen)
+    selector: Selector | None = None  # the learner after the run (its stats: the losses)
 
     @property
     def num_rounds(self) -> int:
@@ -102,6 +103,23 @@ def arm_means(pool: DrafterPool, arms: Sequence[tuple[int, int]]) -> np.ndarray:
     return out
 
 
+def sim_selector(
+    policy: Policy,
+    arms: Sequence[tuple[int, int]],
+    num_drafters: int,
+    *,
+    loss: str = "length",
+    delayed: bool = True,
+    reset_per_query: bool = False,
+) -> Selector:
+    """The engine's :class:`Selector` over simulated arms ``(drafter index, k)``."""
+    if len(arms) != policy.num_arms:
+        raise ConfigError(f"policy has {policy.num_arms} arms, the simulation {len(arms)}")
+    names = [str(i) for i in range(num_drafters)]
+    return Selector([Arm(names[i], int(k)) for i, k in arms], policy, drafter_names=names,
+                    loss=loss, delayed_feedback=delayed, reset_per_query=reset_per_query)
+
+
 def simulate(
     policy: Policy,
     env: SimEnv,
@@ -118,35 +136,26 @@ def simulate(
 ) -> Trace:
     """Play ``policy`` over ``stream`` until ``rounds`` rounds or ``tokens`` tokens are done.
 
-    ``loss``/``delayed`` configure the :class:`CounterfactualTracker` (full-information
-    policies only).  ``progress(rounds_done)`` is called every ``progress_every`` rounds.
+    ``loss``/``delayed`` configure the counterfactual tracker (full-information policies
+    only).  ``progress(rounds_done)`` is called every ``progress_every`` rounds.
     """
     if rounds is None and tokens is None:
         raise ConfigError("give rounds or tokens")
-    if len(arms) != policy.num_arms:
-        raise ConfigError(f"policy has {policy.num_arms} arms, the simulation {len(arms)}")
+    selector = sim_selector(policy, arms, env.pool.num_drafters, loss=loss, delayed=delayed,
+                            reset_per_query=reset_per_query)
+    if selector.needs_scores and not env.scores:
+        raise ConfigError("a full-information policy needs an env with scores=True")
+    divergence = _divergence_fn(policy, env)
     max_rounds = rounds if rounds is not None else int(tokens)  # each round commits >= 1
     max_tokens = tokens if tokens is not None else np.iinfo(np.int64).max
-    arm_drafter = [int(i) for i, _ in arms]
-    arm_k = [int(k) for _, k in arms]
-    max_k = max(arm_k)
-    full = policy.full_information
-    if full and not env.scores:
-        raise ConfigError("a full-information policy needs an env with scores=True")
-    tracker = CounterfactualTracker(list(arms), loss=loss, delayed=delayed) if full else None
-    wants_divergence = getattr(policy, "reward", None) == "divergence"
-    greedy = env.mode == "greedy"
-    if wants_divergence and not greedy and not env.scores:
-        raise ConfigError("sampling-mode divergence needs an env with scores=True")
-    rng = env.rng
-    kappa = env.kappa
-
+    arm_drafter = selector.arm_drafter
+    arm_k = [arm.k for arm in selector.arms]
+    scored = selector.needs_scores
     out_arm: list[int] = []
     out_dom: list[int] = []
     out_tok: list[int] = []
     out_acc: list[int] = []
-    select, update = policy.select, policy.update
-    add_round = tracker.add_round if tracker is not None else None
+    select, observe = selector.select, selector.observe
     domains = stream.domains.tolist()
     served: list[int] = []
     qtokens = stream.query_tokens
@@ -154,8 +163,7 @@ def simulate(
     q, left, s, t, produced = 0, 0, 0, 0, 0
     hits = b""
     size = 0
-    gam = wei = None
-    marginal: list[float] = []
+    buf: PositionBuffer | None = None
     dom = 0
     start, cpu_start = time.perf_counter(), time.process_time()
     while t < max_rounds and produced < max_tokens:
@@ -167,40 +175,22 @@ def simulate(
             served.append(dom)
             q += 1
             buf, s = env.take(dom, qtokens)
-            hits, size, gam, wei = buf.hits, buf.size, buf.gamma, buf.weight
-            marginal = buf.marginal.tolist()
+            hits, size = buf.hits, buf.size
             left = qtokens
-            if reset_per_query:
-                policy.reset()
+            selector.start_query()
         a = select()
         i = arm_drafter[a]
-        k = arm_k[a]
-        kk = k if k < left else left - 1
+        kk = arm_k[a] if arm_k[a] < left else left - 1
         base = i * size + s
         miss = hits.find(b"\x00", base, base + kk)
         acc = kk if miss < 0 else miss - base
         n = acc + 1
-        losses: tuple[np.ndarray, ...] = ()
-        if add_round is not None:
-            released = add_round(gam[s : s + n], wei[s : s + n])  # type: ignore[index]
-            if n == left:
-                released += tracker.flush()  # type: ignore[union-attr]
-            losses = tuple(released)
-        divergence = None
-        if wants_divergence and kk > 0:
-            off = kk - n  # drafted positions after the first rejection
-            if greedy:
-                total = float(acc)
-                if off > 0:
-                    total += float(rng.binomial(off, marginal[i]))
-            else:
-                total = float(gam[s : s + min(n, kk), i].sum())  # type: ignore[index]
-                if off > 0:
-                    m = marginal[i]
-                    total += float(rng.beta(m * kappa, (1.0 - m) * kappa, size=off).sum())
-            divergence = total / kk
-        update(Feedback(arm=a, k=k, max_k=max_k, num_draft_tokens=kk, num_accepted_tokens=acc,
-                        divergence=divergence, losses=losses))
+        assert buf is not None
+        scores = (buf.gamma[s : s + n], buf.weight[s : s + n]) if scored else None  # type: ignore[index]
+        div = divergence(buf, i, s, kk, acc) if divergence is not None and kk > 0 else None
+        observe(Outcome(a, kk, acc, div, finished=n == left), scores)
+        if n == left:
+            selector.end_query()
         out_arm.append(a)
         out_dom.append(dom)
         out_tok.append(n)
@@ -224,7 +214,43 @@ def simulate(
         seconds=seconds,
         cpu_seconds=cpu_seconds,
         stream=Stream(np.asarray(served, dtype=int), qtokens),
+        selector=selector,
     )
+
+
+DivergenceFn = Callable[[PositionBuffer, int, int, int, int], float]
+
+
+def _divergence_fn(policy: Policy, env: SimEnv) -> DivergenceFn | None:
+    """MetaSD's block reward ``(1/k) sum_j (1 - TV)`` of a round (``None`` if not wanted).
+
+    Arguments: the buffer, the drafter, the round's first position, ``k > 0`` drafted and
+    the accepted length.  On the verified path it is the hits (greedy) or ``gamma``
+    (sampling); the drafted positions after the first rejection are fresh draws at the
+    drafter's long-run acceptance rate (binomial hits, or Beta(m kappa, (1 - m) kappa)).
+    """
+    if getattr(policy, "reward", None) != "divergence":
+        return None
+    greedy = env.mode == "greedy"
+    if not greedy and not env.scores:
+        raise ConfigError("sampling-mode divergence needs an env with scores=True")
+    rng, kappa = env.rng, env.kappa
+
+    def divergence(buf: PositionBuffer, i: int, s: int, kk: int, acc: int) -> float:
+        n = acc + 1
+        off = kk - n  # drafted positions after the first rejection
+        m = float(buf.marginal[i])
+        if greedy:
+            total = float(acc)
+            if off > 0:
+                total += float(rng.binomial(off, m))
+        else:
+            total = float(buf.gamma[s : s + min(n, kk), i].sum())  # type: ignore[index]
+            if off > 0:
+                total += float(rng.beta(m * kappa, (1.0 - m) * kappa, size=off).sum())
+        return total / kk
+
+    return divergence
 
 
 class _Adversary:

@@ -1,0 +1,84 @@
+"""The Selector: one home for arms, policy, counterfactual tracker, stats and timing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from specmux.errors import ConfigError
+from specmux.policies import POLICIES, Arm
+from specmux.selector import Outcome, Selector, make_arms
+
+
+def _scores(n: int, num_drafters: int, hit: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    gamma = np.full((n, num_drafters), hit)
+    return gamma, gamma.copy()
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_round_loop_for_every_policy(name: str) -> None:
+    selector = Selector(make_arms(["a", "b"], [1, 3]), name, score_all=True, seed=1)
+    assert [str(a) for a in selector.arms] == ["a@k=1", "a@k=3", "b@k=1", "b@k=3"]
+    assert selector.arm_drafter == [0, 0, 1, 1] and selector.max_k == 3
+    selector.start_query()
+    for t in range(20):
+        arm = selector.select()
+        assert 0 <= arm < 4
+        k = selector.arms[arm].k
+        selector.observe(Outcome(arm, k, k // 2, None, finished=t == 19), _scores(k // 2 + 1, 2))
+    selector.end_query()
+    assert selector.tracker.num_pending == 0
+    assert selector.stats.num_scored_rounds == 20  # every round's losses were delivered
+    assert selector.policy.t == 20 and selector.policy_seconds > 0
+    assert selector.probabilities().shape == (4,)
+
+
+def test_end_query_is_where_delayed_feedback_arrives() -> None:
+    selector = Selector(make_arms(["a", "b"], 4), "hedge")
+    selector.start_query()
+    arm = selector.select()
+    selector.observe(Outcome(arm, 4, 0), _scores(1, 2))  # 1 of 4 positions known: pending
+    assert selector.tracker.num_pending == 1 and selector.policy.num_losses == 0
+    assert selector.policy.t == 1  # the realized outcome went to the policy at once
+    arm = selector.select()
+    selector.observe(Outcome(arm, 4, 0, finished=True), _scores(1, 2))
+    assert selector.policy.t == 1  # the finished round waits for end_query...
+    selector.end_query()
+    assert selector.policy.t == 2  # ...which delivers it with every pending loss
+    assert selector.policy.num_losses == 2 and selector.stats.num_scored_rounds == 2
+
+
+def test_early_close_delivers_pending_losses_once() -> None:
+    selector = Selector(make_arms(["a", "b"], 4), "hedge")
+    selector.start_query()
+    selector.observe(Outcome(selector.select(), 4, 0), _scores(1, 2))
+    selector.end_query()  # the client went away
+    assert selector.policy.num_losses == 1 and selector.tracker.num_pending == 0
+    selector.end_query()  # nothing left: nothing delivered twice
+    assert selector.policy.num_losses == 1 and selector.policy.t == 2
+
+
+def test_state_round_trip_and_reset_per_query() -> None:
+    arms = make_arms(["a", "b", "c"], 2)
+    first = Selector(arms, "ucb", reset_per_query=True)
+    first.start_query()
+    for _ in range(5):
+        first.observe(Outcome(first.select(), 2, 1))
+    second = Selector(arms, "ucb")
+    second.load_state_dict(first.state_dict())
+    assert second.state_dict() == first.state_dict()
+    first.start_query()
+    assert first.policy.t == 0  # reset-per-query forgets at the query start
+    with pytest.raises(ConfigError):
+        Selector(arms, "hedge").load_state_dict(second.state_dict())
+
+
+def test_bad_arms() -> None:
+    with pytest.raises(ConfigError, match=">= 1"):
+        make_arms(["a"], [0, 2])
+    with pytest.raises(ConfigError, match="at least one"):
+        Selector([], "hedge")
+    with pytest.raises(ConfigError, match="unknown drafters"):
+        Selector([Arm("x", 2)], "hedge", drafter_names=["a"])
+    with pytest.raises(ConfigError, match="score_all"):
+        Selector(make_arms(["a"], 2), "hedge", score_all=False)
