@@ -59,10 +59,6 @@ class CachedLM:
     def _grab(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         self._grabbed = args[0]  # [1, rows kept, H]
 
-    @property
-    def hidden_size(self) -> int:
-        return int(self.model.get_output_embeddings().weight.shape[1])
-
     def hidden_states(self, num_last: int = 1, ids: Sequence[int] | None = None) -> torch.Tensor:
         """Final-layer hidden states [num_last, H] (float32) at the last ``num_last``
         positions of ``ids`` (default: the ids of the most recent :meth:`logits` call), taken
