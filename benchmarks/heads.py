@@ -203,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--draft-vocab", type=int, default=None)
     p.add_argument("--real-prompts", type=int, default=4)
     p.add_argument("--learners", nargs="+", default=["frozen", "ogd", "opt", "ens"])
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--ens-lrs", type=float, nargs="+", default=[0.0, 0.003, 0.01, 0.03])
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--ens-lrs", type=float, nargs="+", default=[0.0, 0.03, 0.1, 0.3])
     p.add_argument("--stride", type=int, default=4)
     p.add_argument("--gate", action=argparse.BooleanOptionalAction, default=False,
                    help="let the net-gain rule pause updates (default: record its verdicts)")

@@ -60,8 +60,8 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS: dict[str, type[OnlineOptimizer]] = {"ogd": OGD, "opt": OptimisticOGD}
 KINDS: tuple[str, ...] = ("ogd", "opt", "ens")
-DEFAULT_LR = 0.01
-DEFAULT_LRS: tuple[float, ...] = (0.0, 0.003, 0.01, 0.03)
+DEFAULT_LR = 0.1
+DEFAULT_LRS: tuple[float, ...] = (0.0, 0.03, 0.1, 0.3)
 STATE_VERSION = 1
 
 
