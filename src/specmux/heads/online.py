@@ -206,7 +206,8 @@ class OnlineHeadDrafter(HeadDrafter):
             params = list(net.parameters())
             loss, _ = self._loss(net, batch)
             grads = torch.autograd.grad(loss, params)
-            optimizer.step([p.data for p in params], grads)
+            if all(bool(torch.isfinite(g).all()) for g in grads):  # a diverged step is skipped
+                optimizer.step([p.data for p in params], grads)
         self.weights.update([float(loss) for loss, _ in scored])
         self.net = self.copies[self._served()]
         self.buffer.extend(self.fresh)
