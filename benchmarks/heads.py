@@ -88,13 +88,9 @@ def _record(target: CachedLM, prompts: list[list[int]], args: argparse.Namespace
     recs, step_s = [], []
     for i, p in enumerate(prompts):
         target.reset()
-        t0 = time.perf_counter()
-        target.logits(p, 1)  # the prefill, timed apart
-        prefill = time.perf_counter() - t0
-        target.reset()
         rec = record_greedy(target, p, args.max_new_tokens, stop)
-        if len(rec.output) > 1:
-            step_s.append((rec.seconds - prefill) / (len(rec.output) - 1))
+        if len(rec.output) > 1:  # one-token decode steps (the first pass is the prefill)
+            step_s.append(statistics.median(rec.step_seconds[1:]))
         recs.append(rec)
         log.info("recorded %d/%d: %d tokens, %.2f s/step", i + 1, len(prompts), len(rec.output),
                  step_s[-1] if step_s else float("nan"))

@@ -18,7 +18,7 @@ argmax).  Not valid with sampling.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,6 +35,7 @@ class HiddenRecording:
     prompt_len: int
     hidden: torch.Tensor  # [len(ids) - prompt_len, H]
     seconds: float = 0.0
+    step_seconds: list[float] = field(default_factory=list)  # per pass; [0] has the prefill
 
     @property
     def output(self) -> list[int]:
@@ -48,16 +49,18 @@ def record_greedy(lm: CachedLM, prompt: Sequence[int], max_new_tokens: int,
     import time
 
     lm.enable_hidden_states()
-    ids, rows = list(prompt), []
+    ids, rows, steps = list(prompt), [], []
     t0 = time.perf_counter()
     for _ in range(max_new_tokens):
+        t = time.perf_counter()
         logits = lm.logits(ids, 1)  # [1, V]
-        rows.append(lm.hidden_states(1)[0].to(torch.bfloat16))
         tok = int(logits[0].argmax())
+        steps.append(time.perf_counter() - t)
+        rows.append(lm.hidden_states(1)[0].to(torch.bfloat16))
         ids.append(tok)
         if tok in stop or len(ids) >= lm.max_context:
             break
-    return HiddenRecording(ids, len(prompt), torch.stack(rows), time.perf_counter() - t0)
+    return HiddenRecording(ids, len(prompt), torch.stack(rows), time.perf_counter() - t0, steps)
 
 
 class HiddenReplayTarget:
