@@ -81,7 +81,14 @@ def test_counterfactual_rows_match_what_the_head_would_draft(tiny_head, target_m
     target.logits(ctx[:-1], 1)
     drafted = head.propose(ctx, 4, SamplingParams()).tokens.tolist()
     rows = head.distributions(ctx, drafted, SamplingParams()).tokens.tolist()
-    assert rows == drafted
+    assert rows == drafted  # reused from drafting
+    fresh = HeadDrafter(tiny_head, target_model, target=target)  # computed along the path
+    assert fresh.distributions(ctx, drafted, SamplingParams()).tokens.tolist() == drafted
+    probs = fresh.distributions(ctx, drafted, SamplingParams(temperature=0.7)).probs
+    assert probs is not None and torch.allclose(probs.sum(-1), torch.ones(4))
+    outside = torch.ones(fresh.vocab_size, dtype=torch.bool)
+    outside[fresh.draft_vocab] = False
+    assert float(probs[:, outside].sum()) == 0.0  # q = 0 outside the draft vocabulary
 
 
 def test_wrong_target_is_a_clear_error(tiny_head, drafter_models) -> None:

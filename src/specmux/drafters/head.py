@@ -68,6 +68,7 @@ class HeadDrafter(Drafter):
         self.w_draft = out.detach()[self.draft_vocab].float().contiguous()  # [V_d, H]
         self.embedding = model.get_input_embeddings().weight.detach()  # [V, H]
         self.target = None
+        self._drafted: tuple[list[int], list[int], torch.Tensor] | None = None  # last propose
         if target is not None:
             self.bind_target(target)
 
@@ -122,9 +123,11 @@ class HeadDrafter(Drafter):
         f, tok = h[None], int(context[-1])
         tokens: list[int] = []
         probs: list[torch.Tensor] = []
+        rows: list[torch.Tensor] = []
         for _ in range(k):
             f = self.net(f, self.embed([tok]))  # [1, H]
             z = f @ self.w_draft.T  # [1, V_d]
+            rows.append(z)
             if sampling.greedy:
                 tok = int(self.draft_vocab[int(z.argmax())])
             else:
@@ -132,18 +135,33 @@ class HeadDrafter(Drafter):
                 tok = sample(q, generator)
                 probs.append(q)
             tokens.append(tok)
+        self._drafted = (list(context), tokens, torch.cat(rows))
         return Draft(tokens=torch.tensor(tokens, dtype=torch.long),
                      probs=torch.stack(probs) if probs else None)
+
+    def _drafted_rows(self, context: Sequence[int], path: Sequence[int]) -> torch.Tensor | None:
+        """The logit rows [L, V_d] this head computed while drafting, when they cover
+        ``path`` (row j is reusable while ``path[:j]`` equals what it drafted): when it was
+        the chosen drafter, scoring its path costs nothing."""
+        if self._drafted is None or not path:
+            return None
+        ctx, tokens, rows = self._drafted
+        n = len(path)
+        if n > len(tokens) or list(path[: n - 1]) != tokens[: n - 1] or ctx != list(context):
+            return None
+        return rows[:n]
 
     @torch.inference_mode()
     def distributions(
         self, context: Sequence[int], path: Sequence[int], sampling: SamplingParams
     ) -> PathDistributions:
-        h = self.state_before(context)
-        if h is None or not path:
-            return PathDistributions(tokens=torch.full((len(path),), -1, dtype=torch.long))
-        feats = self.chain(h, [context[-1], *path[:-1]])  # [L, H]
-        z = feats @ self.w_draft.T  # [L, V_d]
+        z = self._drafted_rows(context, path)
+        if z is None:
+            h = self.state_before(context)
+            if h is None or not path:
+                return PathDistributions(tokens=torch.full((len(path),), -1, dtype=torch.long))
+            feats = self.chain(h, [context[-1], *path[:-1]])  # [L, H]
+            z = feats @ self.w_draft.T  # [L, V_d]
         if sampling.greedy:
             return PathDistributions(tokens=self.draft_vocab[z.argmax(-1)])
         probs = process_logits(self.full_logits(z), sampling)
