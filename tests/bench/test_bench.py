@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from specmux.bench.datasets import synthetic_splits
+from specmux.bench.output import write_report
 from specmux.bench.plots import PLOTS, regret_curves
 from specmux.bench.report import (
     ORACLE_MAT,
@@ -20,7 +21,6 @@ from specmux.bench.report import (
     oracle_choices,
     render_markdown,
     summarize,
-    write_report,
 )
 from specmux.bench.runner import (
     HF_ASSISTED,

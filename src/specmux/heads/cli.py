@@ -56,7 +56,7 @@ def train_command(
         TimeRemainingColumn,
     )
 
-    from specmux.cli import console, setup_logging, user_errors
+    from specmux.cli_common import console, setup_logging, user_errors
 
     setup_logging(verbose)
     with user_errors():
@@ -130,7 +130,7 @@ def list_command(
     directory: Annotated[Path | None, typer.Option("--dir", help="Heads directory.")] = None,
 ) -> None:
     """List the trained heads (name, domain, target, size, held-out agreement)."""
-    from specmux.cli import console, user_errors
+    from specmux.cli_common import console, user_errors
 
     with user_errors():
         from specmux.heads.store import find_heads, load_head

@@ -73,7 +73,7 @@ def serve(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /metrics)."""
-    from specmux.cli import user_errors
+    from specmux.cli_common import user_errors
     from specmux.errors import ConfigError
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,

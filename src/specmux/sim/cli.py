@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from specmux.errors import SpecmuxError
+from specmux.cli_common import console, err_console, user_errors
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +124,6 @@ def simulate_command(
     """Simulate speculative-decoding rounds (see HELP)."""
     from specmux.sim.experiments import EXPERIMENTS, SimConfig, run_experiments
 
-    console = Console(stderr=True)
     exp = experiment.value
     env_name = env.value if env is not None else None
     names = [e for e in EXPERIMENTS if e != "run"] if exp == "all" else [exp]
@@ -136,7 +134,7 @@ def simulate_command(
                     command=_reconstruct(exp, rounds, seeds, out, policies, num_drafters,
                                          env_name, mode.value, k, quick))
     with Progress(TextColumn("[bold]{task.fields[name]}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console,
                   transient=False) as progress:
         tasks: dict[str, int] = {}
         current = {"name": ""}
@@ -148,11 +146,8 @@ def simulate_command(
         def step(description: str, jobs: int) -> None:
             progress.update(tasks[current["name"]], completed=jobs, description=description)
 
-        try:
+        with user_errors():
             results = run_experiments(names, cfg, step=step, start=start)
-        except SpecmuxError as err:
-            console.print(f"[red]error:[/red] {err}")
-            raise typer.Exit(2) from err
         for name in tasks:
             task = progress.tasks[tasks[name]]
             progress.update(tasks[name], total=task.completed, description="done")
@@ -164,8 +159,8 @@ def simulate_command(
     for r in results:
         table.add_row(r.title, str(r.jobs), f"{r.seconds:.1f}",
                       str(r.figure) if r.figure else "-")
-    Console().print(table)
-    Console().print(f"summary: {out / 'summary.md'}  rows: {out / 'results.jsonl'}")
+    console.print(table)
+    console.print(f"summary: {out / 'summary.md'}  rows: {out / 'results.jsonl'}")
 
 
 def _reconstruct(experiment: str, rounds: int | None, seeds: int | None, out: Path,
