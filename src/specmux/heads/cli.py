@@ -25,7 +25,7 @@ def train_command(
     num_eval: Annotated[int, typer.Option(help="Eval prompts per domain kept out of the corpus "
                                           "(same split as bench with this many prompts).")
                         ] = DEFAULT_NUM_EVAL,
-    max_texts: Annotated[int, typer.Option(help="Corpus texts used at most.")] = 120,
+    max_texts: Annotated[int, typer.Option(help="Corpus texts used at most.")] = 40,
     max_tokens: Annotated[int, typer.Option(help="Tokens per text at most.")] = 384,
     inner: Annotated[int, typer.Option(help="Head MLP width.")] = 1024,
     draft_vocab: Annotated[int, typer.Option(help="Draft vocabulary size (0 = full).")] = 32768,
@@ -34,7 +34,7 @@ def train_command(
     batch_size: Annotated[int, typer.Option(help="Positions per step.")] = 128,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
     max_minutes: Annotated[float, typer.Option(help="Training wall clock per head (the "
-                                               "extraction is extra).")] = 13.0,
+                                               "extraction is extra).")] = 6.0,
     seed: Annotated[int, typer.Option(help="Data split and training seed.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Output directory (default "
                                              "<cache>/heads).")] = None,

@@ -41,7 +41,7 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     reg_weight: float = 0.1
-    max_seconds: float | None = 780.0  # training wall clock (extraction not included)
+    max_seconds: float | None = 360.0  # training wall clock (extraction not included)
     holdout: float = 0.1  # fraction of the texts held out for the agreement figures
     seed: int = 0
 
