@@ -50,3 +50,19 @@ def drafter_models() -> list[LlamaForCausalLM]:
         for p in good.parameters():
             p.add_(0.01 * torch.randn_like(p))
     return [small, good]
+
+
+@pytest.fixture(scope="session")
+def tiny_head(target_model):
+    """A draft head trained for a few seconds on the tiny target's states (tests/heads)."""
+    from specmux.heads.extract import extract_one
+    from specmux.heads.train import TrainConfig, train_head
+
+    gen = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(2, VOCAB, (48,), generator=gen).tolist() for _ in range(40)]
+    shards = [extract_one(target_model, s) for s in seqs]
+    cfg = TrainConfig(inner=64, draft_vocab=40, depth=2, epochs=4, batch_size=64, lr=3e-3,
+                      holdout=0.1, max_seconds=20)
+    head = train_head(target_model, shards, cfg, meta={"domain": "tiny"})
+    head.meta["name"] = "head:tiny"
+    return head

@@ -29,6 +29,7 @@ try:  # typer, rich, torch & co. load here: a Ctrl-C now exits quietly, as later
     )
     from specmux.config import DEFAULT_TARGET
     from specmux.errors import SpecmuxError
+    from specmux.heads import cli as heads_cli
     from specmux.server import cli as server_cli
     from specmux.sim import cli as sim_cli
 except KeyboardInterrupt:
@@ -129,6 +130,7 @@ def models_install(
 bench_cli.register(app)  # bench, report
 sim_cli.register(app)  # simulate
 server_cli.register(app)  # serve
+heads_cli.register(app)  # heads train | list
 
 
 def main() -> None:

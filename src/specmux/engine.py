@@ -147,6 +147,10 @@ class SpeculativeDecoder:
     ) -> None:
         self.target: Target = as_target(target)
         self.drafters = _check_drafters(drafters, self.target.vocab_size)
+        for d in self.drafters:  # draft heads read the target's hidden states
+            bind = getattr(d, "bind_target", None)
+            if bind is not None:
+                bind(self.target)
         names = [d.name for d in self.drafters]
         self.selector = Selector(
             make_arms(names, num_speculative_tokens), policy, drafter_names=names, loss=loss,

@@ -8,7 +8,11 @@ the requested sequence (:func:`specmux.target.prefix_to_keep`), crops the cache 
 round the target is fed the drafted tokens plus the one committed last round.
 
 It also remembers the logit rows of its last calls, so a drafter asked to score the path it
-just drafted (counterfactual feedback) gets them without another forward pass.
+just drafted (counterfactual feedback) gets them without another forward pass.  Once
+:meth:`CachedLM.enable_hidden_states` is called it keeps, for the same rows, the final-layer
+hidden states the LM head read (a forward pre-hook on the LM head: no extra pass, and the
+logits are computed exactly as before): draft heads (:mod:`specmux.drafters.head`) draft
+from them.
 """
 
 from __future__ import annotations
@@ -52,13 +56,45 @@ class CachedLM:
         self._cache_kw = cache_kwarg(model)
         self.num_forward_calls = 0
         self.num_tokens_fed = 0
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._grabbed: torch.Tensor | None = None
         self.reset()
+
+    def enable_hidden_states(self) -> None:
+        """Keep the LM head's input rows of every call (see :meth:`hidden_states`)."""
+        if self._hook is None:
+            head = self.model.get_output_embeddings()
+            self._hook = head.register_forward_pre_hook(self._grab)
+
+    def _grab(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        self._grabbed = args[0]  # [1, rows kept, H]
+
+    def hidden_states(self, num_last: int = 1, ids: Sequence[int] | None = None) -> torch.Tensor:
+        """Final-layer hidden states [num_last, H] (float32) at the last ``num_last``
+        positions of ``ids`` (default: the ids of the most recent :meth:`logits` call), taken
+        from that call's rows: row ``j`` is the state the LM head read to predict the token
+        after ``ids[: len(ids) - num_last + j + 1]``.  No forward pass; raises ``LookupError``
+        when those rows were not computed (``ids`` must be a prefix of the cached sequence)."""
+        if self._hook is None:
+            raise LookupError("hidden states are off; call enable_hidden_states() first")
+        ids = self.cached_ids[: self.last_len] if ids is None else ids
+        n = len(ids)
+        if not 1 <= num_last <= n or n > len(self.cached_ids):
+            raise LookupError(f"no hidden states for {num_last} rows of a {n}-token sequence")
+        wanted = range(n - num_last + 1, n + 1)
+        if any(i not in self.hidden for i in wanted) or common_prefix_length(
+            self.cached_ids[:n], ids
+        ) < n:
+            raise LookupError("those hidden states were not computed by the last passes")
+        return torch.stack([self.hidden[i] for i in wanted])
 
     def reset(self) -> None:
         """Drop the KV cache."""
         self.cache = DynamicCache()
         self.cached_ids: list[int] = []
         self.rows: dict[int, torch.Tensor] = {}  # i -> logits [V] after cached_ids[:i]
+        self.hidden: dict[int, torch.Tensor] = {}  # i -> LM-head input [H] after cached_ids[:i]
+        self.last_len = 0  # len(ids) of the most recent logits() call
 
     @torch.inference_mode()
     def logits(self, ids: Sequence[int], num_last: int = 1) -> torch.Tensor:
@@ -73,6 +109,7 @@ class CachedLM:
         start = first
         while start <= n and start <= common and start in self.rows:
             start += 1  # already computed for this very prefix
+        self.last_len = n
         if start > n:
             return torch.stack([self.rows[i] for i in range(first, n + 1)])
         keep = prefix_to_keep(self.cached_ids, ids, start)
@@ -83,6 +120,11 @@ class CachedLM:
         if len(self.rows) > self.max_saved_rows:
             for i in sorted(self.rows)[: len(self.rows) - self.max_saved_rows]:
                 del self.rows[i]
+        if self._grabbed is not None:
+            grabbed, self._grabbed = self._grabbed[0].float(), None  # [n - start + 1, H]
+            self.hidden = {i: h for i, h in self.hidden.items() if i in self.rows}
+            self.hidden.update({start + j: grabbed[j] for j in range(grabbed.shape[0])
+                                if start + j in self.rows})
         return torch.stack([self.rows[i] for i in range(first, n + 1)])
 
     def feed(self, ids: Sequence[int], keep: int, **kwargs: Any) -> Any:

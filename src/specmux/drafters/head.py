@@ -1,0 +1,168 @@
+"""A draft head on the target's own hidden states (Hydra / EAGLE family) as a pool member.
+
+Where it reads from (no extra target pass): after a round commits ``a`` accepted tokens plus
+one, the next context is ``c = ctx_prev + draft[:a] + [x]``.  The verification pass already
+computed the target's final state after ``c[:-1] = ctx_prev + draft[:a]`` (it is row ``a`` of
+that pass), and ``x`` is known, so the head drafts from ``(h(c[:-1]), e(x))``: EAGLE's
+"feature one step behind + the token just sampled".  :class:`~specmux.lm.CachedLM` keeps
+those rows (``enable_hidden_states``); the engine hands the drafter its target through
+:meth:`HeadDrafter.bind_target`.
+
+The first round of a query has no target pass yet: the head drafts nothing there (and its
+counterfactual row is "no proposal", ``-1``), exactly as it would have drafted.
+
+Drafting ``k`` tokens costs ``k`` MLP steps and ``k`` products with the ``[V_d, H]`` draft
+rows of the LM head; the distributions along a path (counterfactual scoring) run the same
+chain over the path's tokens.  Tokens outside the draft vocabulary get ``q = 0``; greedy and
+sampled verification stay exact for any ``q`` (:mod:`specmux.verify`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedModel
+
+from specmux.drafters.base import Drafter
+from specmux.errors import ConfigError
+from specmux.heads.net import HeadNet
+from specmux.heads.store import HeadFile
+from specmux.types import Draft, PathDistributions, SamplingParams
+from specmux.verify import process_logits, sample
+
+_NONE = torch.zeros(0, dtype=torch.long)
+
+
+class HeadDrafter(Drafter):
+    """Drafts with a :class:`~specmux.heads.net.HeadNet` through the target's frozen LM head.
+
+    ``model``: the target (its input embedding and LM head are read, not copied, apart from
+    the ``[V_d, H]`` float32 draft rows).  ``draft_vocab_size`` keeps only the first (most
+    frequent) ids of the head's draft vocabulary.  ``target``: the
+    :class:`~specmux.lm.CachedLM` the engine verifies with (else bound by the engine).
+    """
+
+    def __init__(
+        self,
+        head: HeadFile,
+        model: PreTrainedModel,
+        *,
+        name: str | None = None,
+        draft_vocab_size: int | None = None,
+        target: object | None = None,
+    ) -> None:
+        out = model.get_output_embeddings().weight  # [V, H]
+        vocab, hidden = int(out.shape[0]), int(out.shape[1])
+        if head.net.hidden_size != hidden:
+            raise ConfigError(f"head {head.name!r} has hidden size {head.net.hidden_size}, the "
+                              f"target {hidden}: it was trained for another model")
+        if int(head.draft_vocab.max()) >= vocab:
+            raise ConfigError(f"head {head.name!r} drafts token ids beyond the target's "
+                              f"vocabulary ({vocab})")
+        self.name = name or head.name
+        self.vocab_size = vocab
+        self.net: HeadNet = head.net
+        self.meta = head.meta
+        self.draft_vocab = head.draft_vocab[:draft_vocab_size].clone()  # [V_d]
+        self.w_draft = out.detach()[self.draft_vocab].float().contiguous()  # [V_d, H]
+        self.embedding = model.get_input_embeddings().weight.detach()  # [V, H]
+        self.target = None
+        self._drafted: tuple[list[int], list[int], torch.Tensor] | None = None  # last propose
+        if target is not None:
+            self.bind_target(target)
+
+    def bind_target(self, target: object) -> None:
+        """Read hidden states from ``target`` (anything with ``enable_hidden_states`` and
+        ``hidden_states(num_last, ids=...)``)."""
+        if not hasattr(target, "hidden_states") or not hasattr(target, "enable_hidden_states"):
+            raise ConfigError(f"drafter {self.name!r} needs a target that exposes its hidden "
+                              f"states; {type(target).__name__} does not")
+        target.enable_hidden_states()
+        self.target = target
+
+    def state_before(self, context: Sequence[int]) -> torch.Tensor | None:
+        """The target's state [H] after ``context[:-1]`` if a pass computed it, else None."""
+        if self.target is None or len(context) < 2:
+            return None
+        try:
+            return self.target.hidden_states(1, ids=list(context[:-1]))[0]
+        except LookupError:
+            return None
+
+    def embed(self, tokens: Sequence[int]) -> torch.Tensor:
+        return self.embedding[torch.as_tensor(list(tokens), dtype=torch.long)].float()  # [n, H]
+
+    @torch.inference_mode()
+    def chain(self, h: torch.Tensor, tokens: Sequence[int]) -> torch.Tensor:
+        """Features [len(tokens), H]: step j reads the previous feature and ``tokens[j]``."""
+        e = self.embed(tokens)
+        f, out = h[None], []
+        for j in range(len(tokens)):
+            f = self.net(f, e[j:j + 1])
+            out.append(f)
+        return torch.cat(out)
+
+    def full_logits(self, logits_d: torch.Tensor) -> torch.Tensor:
+        """[n, V_d] draft logits -> [n, V] with -inf outside the draft vocabulary."""
+        full = torch.full((logits_d.shape[0], self.vocab_size), float("-inf"))
+        full[:, self.draft_vocab] = logits_d
+        return full
+
+    @torch.inference_mode()
+    def propose(
+        self,
+        context: Sequence[int],
+        k: int,
+        sampling: SamplingParams,
+        generator: torch.Generator | None = None,
+    ) -> Draft:
+        h = self.state_before(context)
+        if h is None or k < 1:
+            return Draft(tokens=_NONE)
+        f, tok = h[None], int(context[-1])
+        tokens: list[int] = []
+        probs: list[torch.Tensor] = []
+        rows: list[torch.Tensor] = []
+        for _ in range(k):
+            f = self.net(f, self.embed([tok]))  # [1, H]
+            z = f @ self.w_draft.T  # [1, V_d]
+            rows.append(z)
+            if sampling.greedy:
+                tok = int(self.draft_vocab[int(z.argmax())])
+            else:
+                q = process_logits(self.full_logits(z), sampling)[0]  # [V]
+                tok = sample(q, generator)
+                probs.append(q)
+            tokens.append(tok)
+        self._drafted = (list(context), tokens, torch.cat(rows))
+        return Draft(tokens=torch.tensor(tokens, dtype=torch.long),
+                     probs=torch.stack(probs) if probs else None)
+
+    def _drafted_rows(self, context: Sequence[int], path: Sequence[int]) -> torch.Tensor | None:
+        """The logit rows [L, V_d] this head computed while drafting, when they cover
+        ``path`` (row j is reusable while ``path[:j]`` equals what it drafted): when it was
+        the chosen drafter, scoring its path costs nothing."""
+        if self._drafted is None or not path:
+            return None
+        ctx, tokens, rows = self._drafted
+        n = len(path)
+        if n > len(tokens) or list(path[: n - 1]) != tokens[: n - 1] or ctx != list(context):
+            return None
+        return rows[:n]
+
+    @torch.inference_mode()
+    def distributions(
+        self, context: Sequence[int], path: Sequence[int], sampling: SamplingParams
+    ) -> PathDistributions:
+        z = self._drafted_rows(context, path)
+        if z is None:
+            h = self.state_before(context)
+            if h is None or not path:
+                return PathDistributions(tokens=torch.full((len(path),), -1, dtype=torch.long))
+            feats = self.chain(h, [context[-1], *path[:-1]])  # [L, H]
+            z = feats @ self.w_draft.T  # [L, V_d]
+        if sampling.greedy:
+            return PathDistributions(tokens=self.draft_vocab[z.argmax(-1)])
+        probs = process_logits(self.full_logits(z), sampling)
+        return PathDistributions(tokens=probs.argmax(-1), probs=probs)

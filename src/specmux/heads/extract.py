@@ -1,0 +1,86 @@
+"""Target hidden states of a corpus, extracted once and cached on disk (resumable).
+
+One shard per text, named by the text's sha256: ``HASH.safetensors`` with ``ids`` [T] (the
+tokens), ``hidden`` [T, H] (bf16: the final-layer state the LM head reads after
+``ids[:t+1]``) and ``argmax`` [T] (the target's greedy next token there).  Shards are
+written atomically, so an interrupted run (or one over more texts) resumes at the first
+missing one.  The cache directory is keyed by the model, dtype and token limit, the file
+names by the texts themselves, so a changed corpus never reuses stale states.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from specmux.heads.store import _atomic_write
+
+ARGMAX_CHUNK = 64  # rows per full-vocabulary LM-head matmul (bounds the [rows, V] buffer)
+
+
+def extraction_key(model_label: str, dtype: str, max_tokens: int) -> str:
+    return hashlib.sha256(json.dumps([model_label, dtype, max_tokens]).encode()).hexdigest()[:16]
+
+
+def shard_name(text: str) -> str:
+    return f"{hashlib.sha256(text.encode()).hexdigest()[:24]}.safetensors"
+
+
+@dataclass
+class Shard:
+    ids: torch.Tensor  # [T] int64
+    hidden: torch.Tensor  # [T, H] bf16
+    argmax: torch.Tensor  # [T] int64
+
+
+@torch.inference_mode()
+def extract_one(model: PreTrainedModel, ids: list[int]) -> Shard:
+    """One forward pass of the base model; the LM head only for the greedy tokens."""
+    x = torch.tensor([ids], dtype=torch.long)
+    hidden = model.base_model(input_ids=x).last_hidden_state[0]  # [T, H], after the final norm
+    head = model.get_output_embeddings()
+    argmax = torch.cat([head(hidden[i:i + ARGMAX_CHUNK]).argmax(-1)
+                        for i in range(0, hidden.shape[0], ARGMAX_CHUNK)])
+    return Shard(x[0], hidden.to(torch.bfloat16), argmax)
+
+
+def extract(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    directory: pathlib.Path,
+    *,
+    max_tokens: int = 512,
+    on_text: Callable[[int, int], None] | None = None,
+) -> list[pathlib.Path]:
+    """Extract every text (truncated to ``max_tokens``) into ``directory``; existing shards
+    are kept.  ``on_text(tokens, done)`` reports progress.  Returns the shard paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, text in enumerate(texts):
+        path = directory / shard_name(text)
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])[:max_tokens]
+        if len(ids) >= 3:
+            if not path.is_file():
+                s = extract_one(model, ids)
+                tensors = {"ids": s.ids, "hidden": s.hidden.contiguous(), "argmax": s.argmax}
+                _atomic_write(path, lambda p, t=tensors: save_file(t, str(p)))
+            paths.append(path)
+        if on_text is not None:
+            on_text(len(ids), i + 1)
+    return paths
+
+
+def load_shards(paths: Sequence[pathlib.Path]) -> list[Shard]:
+    out = []
+    for p in paths:
+        t = load_file(str(p))
+        out.append(Shard(t["ids"].long(), t["hidden"], t["argmax"].long()))
+    return out
