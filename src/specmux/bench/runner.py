@@ -55,6 +55,7 @@ from specmux.errors import ConfigError
 from specmux.lm import CachedLM
 from specmux.policies import POLICIES, Policy, make_policy
 from specmux.types import Feedback, SamplingParams
+from specmux.versions import package_versions
 
 log = logging.getLogger(__name__)
 
@@ -687,6 +688,7 @@ def machine_info() -> dict[str, Any]:
         "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
         "device": "cpu" if not torch.cuda.is_available() else "cuda",
         "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "versions": package_versions(),
     }
 
 
