@@ -46,7 +46,8 @@ from pydantic import (
 from specmux.errors import ConfigError
 
 DEFAULT_TARGET = "embedded:qwen2.5-coder-1.5b"
-DEFAULT_DRAFTERS: tuple[str, ...] = ("embedded:qwen2.5-coder-0.5b", "ngram")
+DEFAULT_DRAFTER_MODEL = "embedded:qwen2.5-coder-0.5b"
+DEFAULT_DRAFTERS: tuple[str, ...] = (DEFAULT_DRAFTER_MODEL, "ngram")
 DEFAULT_POLICY = "hedge"
 DEFAULT_NUM_SPECULATIVE_TOKENS = 4
 

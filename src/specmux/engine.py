@@ -119,6 +119,8 @@ class SpeculativeDecoder:
     afresh on every query; otherwise it keeps learning across queries.
     """
 
+    config: SpeculativeConfig | None = None  # set by from_config (the one validated config)
+
     def __init__(
         self,
         target: PreTrainedModel | CachedLM,

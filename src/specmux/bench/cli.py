@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from specmux.bench.runner import DEFAULT_DOMAINS, DEFAULT_POLICIES
+from specmux.config import DEFAULT_DRAFTER_MODEL, DEFAULT_TARGET
 
 QUICK_PROMPTS = 1
 QUICK_TOKENS = 16
@@ -49,10 +50,10 @@ def bench(
         "bench-out"),
     target: Annotated[
         str, typer.Option(help="Target model: HF id, local dir, .gguf or embedded:NAME.")
-    ] = "embedded:qwen2.5-coder-1.5b",
+    ] = DEFAULT_TARGET,
     drafter_model: Annotated[
         str, typer.Option(help="LM drafter and HF assistant model (same tokenizer as target).")
-    ] = "embedded:qwen2.5-coder-0.5b",
+    ] = DEFAULT_DRAFTER_MODEL,
     num_speculative_tokens: Annotated[
         int, typer.Option("--num-speculative-tokens", "-k", help="Tokens drafted per round.")
     ] = 4,

@@ -46,6 +46,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from specmux.api import Pipeline
 from specmux.bench.datasets import ORDERS, DomainSplit, Example, mixed_stream
+from specmux.config import DEFAULT_DRAFTER_MODEL, DEFAULT_TARGET
 from specmux.drafters.base import Drafter
 from specmux.drafters.hf import HFDrafter
 from specmux.drafters.ngram import NgramDrafter
@@ -75,8 +76,8 @@ class BenchConfig:
     ``ngram`` and ``lm`` (the drafter model); ``None`` = one corpus drafter per domain, plus
     ``ngram`` and ``lm``."""
 
-    target: str = "embedded:qwen2.5-coder-1.5b"
-    drafter_model: str = "embedded:qwen2.5-coder-0.5b"
+    target: str = DEFAULT_TARGET
+    drafter_model: str = DEFAULT_DRAFTER_MODEL
     domains: tuple[str, ...] = DEFAULT_DOMAINS
     prompts_per_domain: int = 2
     max_new_tokens: int = 56
