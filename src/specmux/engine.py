@@ -201,8 +201,7 @@ class SpeculativeDecoder:
         stop = self.eos_token_ids if stop_token_ids is None else frozenset(stop_token_ids)
         generator = _generator(sampling)
         if self.reset_per_query:  # a fresh learner: its random stream restarts too
-            self.policy.reset()
-            self.policy.rng = np.random.default_rng(seed_entropy(self.policy.seed))
+            self.policy.restart()
         self.tracker.reset()
         for d in self.drafters:
             d.start_query(prompt_ids)
