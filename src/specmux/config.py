@@ -240,8 +240,9 @@ def shown_value(error: Any) -> str:
 def describe_error(e: ValidationError, with_key: bool = True) -> str:
     """One readable line for the first error of ``e``: ``key: problem (got VALUE)``."""
     first = e.errors()[0]
-    loc = [str(p) for p in first.get("loc", ()) if isinstance(p, int) or (
-        p in SpeculativeConfig.model_fields or p not in _UNION_TAGS and "[" not in p)]
+    loc = [str(p) if isinstance(p, int) or str(p).isidentifier() else repr(p)[:30]
+           for p in first.get("loc", ()) if isinstance(p, int) or (
+               p in SpeculativeConfig.model_fields or p not in _UNION_TAGS and "[" not in p)]
     msg = plain_message(first)
     where = f"{'.'.join(loc)}: " if loc and with_key else ""
     if first.get("type") == "extra_forbidden":

@@ -102,12 +102,6 @@ def _check_prompt(prompt_ids: Sequence[int], max_context: int, max_new_tokens: i
         )
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if len(prompt_ids) + max_new_tokens > max_context:
-        raise PromptError(
-            f"the model's context is {max_context} tokens, but {len(prompt_ids)} prompt tokens "
-            f"+ {max_new_tokens} new tokens = {len(prompt_ids) + max_new_tokens}; shorten the "
-            f"prompt or ask for at most {max_context - len(prompt_ids)} new tokens"
-        )
 
 
 class SpeculativeDecoder:
