@@ -138,7 +138,7 @@ def in_memory_pipeline():
     cli_module.pipeline_from_config = original
 
 
-@fuzz_settings(1000)
+@fuzz_settings(500)  # with the 1,000 config cases above: 1,500 for (b)
 @given(options=st.dictionaries(st.sampled_from(sorted(OPTIONS)), st.just(None), max_size=5)
        .flatmap(lambda d: st.fixed_dictionaries({k: OPTIONS[k] for k in d})))
 def test_fuzz_cli_option_values(options: dict[str, str]) -> None:
