@@ -45,6 +45,7 @@ from specmux.adapt.ensemble import EnsembleHead
 from specmux.adapt.replay import Recording, RecordingDrafter, ReplayLM, ReplayTarget
 from specmux.drafters.hf import HFDrafter
 from specmux.engine import GenerationResult, SpeculativeDecoder
+from specmux.versions import versions_line
 
 log = logging.getLogger("benchmarks.adapt")
 
@@ -455,8 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     est_wall = sum(q.wall_s for q in check.queries)
     log.info("timing model check: frozen real %.1fs, frozen replayed (estimated) %.1fs (%+.2f%%)",
              real_wall, est_wall, 100 * (est_wall / real_wall - 1))
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-               f"{torch.get_num_threads()} threads")
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores, "
+               f"{torch.get_num_threads()} threads, {versions_line()}")
     title = (f"{args.domain}: {len(prompts)} prompts x {args.max_new_tokens} new tokens, k="
              f"{args.k}, greedy, S={args.stride}; target {TARGET}, drafter {DRAFTER}")
     files = plot(runs, args.out, title, window=10, ens_lrs=args.ens_lrs)

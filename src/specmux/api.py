@@ -274,6 +274,17 @@ class Pipeline:
             raise PromptError("the prompt is empty")
         return ids
 
+    def check_fits(self, prompt_ids: Sequence[int], max_new_tokens: int) -> None:
+        """PromptError (with the numbers, as vLLM) unless prompt + ``max_new_tokens`` fit the
+        target's context.  The engine itself stops at the context limit (finish "length");
+        the CLI and the server refuse such requests up front instead."""
+        context = self.decoder.target.max_context
+        if len(prompt_ids) + max_new_tokens > context:
+            raise PromptError(
+                f"the model's context is {context} tokens, but {len(prompt_ids)} prompt tokens "
+                f"+ {max_new_tokens} new tokens = {len(prompt_ids) + max_new_tokens}; shorten "
+                f"the prompt or ask for at most {max(context - len(prompt_ids), 0)} new tokens")
+
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Token ids of a conversation through the tokenizer's chat template."""
         return encode_chat(self.tokenizer, messages)

@@ -84,7 +84,9 @@ def generate(
             speculative_config, drafter=drafter, policy=policy,
             num_speculative_tokens=num_speculative_tokens, seed=seed, backend=backend)
         pipe = pipeline_from_config(cfg, target, install=install, threads=threads)
-        out = pipe.generate(prompt, max_new_tokens=max_new_tokens, sampling=sampling, chat=chat)
+        ids = pipe.encode(prompt, chat)
+        pipe.check_fits(ids, max_new_tokens)
+        out = pipe.generate(ids, max_new_tokens=max_new_tokens, sampling=sampling)
     console.print(out.text, markup=False, highlight=False, soft_wrap=True)
     s = out.stats
     share = ", ".join(f"{k} {v:.0%}" for k, v in s.selection_share().items())

@@ -46,7 +46,8 @@ from pydantic import (
 from specmux.errors import ConfigError
 
 DEFAULT_TARGET = "embedded:qwen2.5-coder-1.5b"
-DEFAULT_DRAFTERS: tuple[str, ...] = ("embedded:qwen2.5-coder-0.5b", "ngram")
+DEFAULT_DRAFTER_MODEL = "embedded:qwen2.5-coder-0.5b"
+DEFAULT_DRAFTERS: tuple[str, ...] = (DEFAULT_DRAFTER_MODEL, "ngram")
 DEFAULT_POLICY = "hedge"
 DEFAULT_NUM_SPECULATIVE_TOKENS = 4
 
@@ -251,8 +252,9 @@ def shown_value(error: Any) -> str:
 def describe_error(e: ValidationError, with_key: bool = True) -> str:
     """One readable line for the first error of ``e``: ``key: problem (got VALUE)``."""
     first = e.errors()[0]
-    loc = [str(p) for p in first.get("loc", ()) if isinstance(p, int) or (
-        p in SpeculativeConfig.model_fields or p not in _UNION_TAGS and "[" not in p)]
+    loc = [str(p) if isinstance(p, int) or str(p).isidentifier() else repr(p)[:30]
+           for p in first.get("loc", ()) if isinstance(p, int) or (
+               p in SpeculativeConfig.model_fields or p not in _UNION_TAGS and "[" not in p)]
     msg = plain_message(first)
     where = f"{'.'.join(loc)}: " if loc and with_key else ""
     if first.get("type") == "extra_forbidden":

@@ -103,12 +103,6 @@ def _check_prompt(prompt_ids: Sequence[int], max_context: int, max_new_tokens: i
         )
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if len(prompt_ids) + max_new_tokens > max_context:
-        raise PromptError(
-            f"the model's context is {max_context} tokens, but {len(prompt_ids)} prompt tokens "
-            f"+ {max_new_tokens} new tokens = {len(prompt_ids) + max_new_tokens}; shorten the "
-            f"prompt or ask for at most {max_context - len(prompt_ids)} new tokens"
-        )
 
 
 class SpeculativeDecoder:
@@ -127,6 +121,8 @@ class SpeculativeDecoder:
     second with it, and ``score_rate < 1`` runs expensive drafters along the path on that
     share of rounds only (:mod:`specmux.scoring`).
     """
+
+    config: SpeculativeConfig | None = None  # set by from_config (the one validated config)
 
     def __init__(
         self,

@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 
-from specmux.config import seed_entropy
 from specmux.costmodel import CostModel
 from specmux.errors import ConfigError
 from specmux.feedback import CounterfactualTracker
@@ -152,8 +151,7 @@ class Selector:
     def start_query(self) -> None:
         """A query starts: forget everything in reset-per-query mode; empty the tracker."""
         if self.reset_per_query:  # a fresh learner: its random stream restarts too
-            self.policy.reset()
-            self.policy.rng = np.random.default_rng(seed_entropy(self.policy.seed))
+            self.policy.restart()
         self.tracker.reset()
         self._final = None
 

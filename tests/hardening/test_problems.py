@@ -106,10 +106,12 @@ def test_2_simulate_out_existing_file(tmp_path: Path) -> None:
     assert out.read_text() == "keep me"
 
 
-def test_2_generate_beyond_the_context_is_refused_with_numbers() -> None:
+def test_2_generate_beyond_the_context_is_refused_with_numbers(model_dirs) -> None:
     pipe = tiny_pipeline()
     with pytest.raises(PromptError, match=r"512 tokens.*3 prompt tokens \+ 600"):
-        pipe.generate("abc", max_new_tokens=600)
+        pipe.check_fits(pipe.encode("abc"), 600)
+    result = generate(model_dirs, "--max-new-tokens", "600")
+    assert result.exit_code == 2 and "context is 512" in one_error_line(result.output)
 
 
 # -- 4. state file (the server side is in tests/server/test_hardening_server.py) --------------

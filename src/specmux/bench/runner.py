@@ -63,6 +63,7 @@ from specmux.backends import check_backend
 from specmux.backends.llamacpp import LlamaCppLM
 from specmux.bench.datasets import ALL_CATEGORIES, ORDERS, DomainSplit, Example, mixed_stream
 from specmux.bench.prompts_file import PromptsFileInfo, example_at, iter_examples
+from specmux.config import DEFAULT_DRAFTER_MODEL, DEFAULT_TARGET
 from specmux.drafters.base import Drafter
 from specmux.drafters.head import HeadDrafter
 from specmux.drafters.hf import HFDrafter
@@ -77,6 +78,7 @@ from specmux.heads.store import find_heads, load_head
 from specmux.lm import as_target
 from specmux.policies import POLICIES
 from specmux.types import SamplingParams
+from specmux.versions import package_versions
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +131,8 @@ class BenchConfig:
     ``prompts_file``: a JSONL workload (see :mod:`specmux.bench.prompts_file`) replacing
     the built-in categories."""
 
-    target: str = "embedded:qwen2.5-coder-1.5b"
-    drafter_model: str = "embedded:qwen2.5-coder-0.5b"
+    target: str = DEFAULT_TARGET
+    drafter_model: str = DEFAULT_DRAFTER_MODEL
     domains: tuple[str, ...] = DEFAULT_DOMAINS
     prompts_per_domain: int = 2
     max_new_tokens: int = 56
@@ -917,6 +919,7 @@ def machine_info() -> dict[str, Any]:
         "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
         "device": "cpu" if not torch.cuda.is_available() else "cuda",
         "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "versions": package_versions(),
     }
 
 

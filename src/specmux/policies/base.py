@@ -71,6 +71,13 @@ class Policy(ABC):
     def reset(self) -> None:
         """Forget everything learned (used by per-query reset mode)."""
 
+    def restart(self) -> None:
+        """:meth:`reset`, and the random stream back to its seed: a fresh learner (per-query
+        reset mode), so that a seeded query repeats exactly."""
+        self.reset()
+        if hasattr(self, "seed"):  # wrappers that skip __init__ have no stream of their own
+            self.rng = np.random.default_rng(seed_entropy(self.seed))
+
     def probabilities(self) -> np.ndarray:
         """The current selection distribution over arms [num_arms] (for metrics and plots).
 

@@ -184,6 +184,8 @@ class LearnerStore:
         """Load the state file if there is one; a bad file is quarantined, never fatal."""
         state = load_json_or_quarantine(self.path)
         if state is None:
+            if self.path.exists():  # the file holds JSON null
+                quarantine(self.path, "it holds no state (JSON null)")
             self._protect_unmovable()
             return False
         selector = self.pipeline.selector

@@ -1044,8 +1044,9 @@ def machine() -> str:
                     break
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} CPU core(s), Python {platform.python_version()}, "
-            f"numpy {np.__version__}")
+    from specmux.versions import versions_line
+
+    return f"{cpu}, {os.cpu_count()} CPU core(s), {versions_line(('specmux', 'numpy'))}"
 
 
 def run_experiments(
