@@ -28,6 +28,10 @@ that produced a draft since it was last considered gets a second chance) and an 
 frozen corpus store (shared between forks).  The candidate with the larger expected
 number of accepted tokens (the sum of its path probabilities) wins.
 
+With ``index_prompts`` an output enters the global store after its prompt (one document),
+so repeated prompts (agentic loops, templated requests) are drafted from too; ``fork()``
+gives a drafter with the same settings and shared corpus but its own learned store.
+
 The drafter is deterministic (``Draft.probs is None``): verification keeps the output
 exactly the target's whatever it proposes.
 """
