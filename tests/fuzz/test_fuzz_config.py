@@ -96,8 +96,8 @@ def test_fuzz_speculative_config(text: str) -> None:
         assert "\n" not in str(e)
         return
     event("built")
-    assert decoder.config.ks == cfg.ks and decoder.policy.name == cfg.policy
-    assert decoder.max_k < TARGET.config.max_position_embeddings
+    assert decoder.config.ks == cfg.ks and decoder.selector.name == cfg.policy
+    assert decoder.selector.max_k < TARGET.config.max_position_embeddings
 
 
 # -- the CLI --------------------------------------------------------------------------------
