@@ -101,9 +101,9 @@ def damaged_state(draw: st.DrawFn, snapshot: dict[str, Any]) -> bytes:
 
 
 def check_learner_usable(pipe: Pipeline) -> None:
-    policy = pipe.decoder.policy
+    policy = pipe.selector.policy
     probs = np.asarray(policy.probabilities(), dtype=float)
-    assert probs.shape == (len(pipe.decoder.arms),) and np.all(np.isfinite(probs))
+    assert probs.shape == (len(pipe.selector.arms),) and np.all(np.isfinite(probs))
     assert abs(probs.sum() - 1.0) < 1e-6
     arm = policy.select()
     assert 0 <= arm < policy.num_arms
@@ -119,7 +119,7 @@ def check_learner_usable(pipe: Pipeline) -> None:
 def test_fuzz_state_file(policy: str, data: st.DataObject) -> None:
     pipe, snapshot = pipeline(policy)
     raw = data.draw(damaged_state(snapshot))
-    saved = json.dumps(pipe.decoder.policy.state_dict())
+    saved = json.dumps(pipe.selector.policy.state_dict())
     with tempfile.TemporaryDirectory() as d:
         store = LearnerStore(d, pipe)
         (Path(d) / STATE_FILE).write_bytes(raw)
@@ -128,8 +128,8 @@ def test_fuzz_state_file(policy: str, data: st.DataObject) -> None:
         if not loaded:
             assert not (Path(d) / STATE_FILE).exists()  # moved aside, never left in the way
             assert list(Path(d).glob(f"{STATE_FILE}.corrupt-*"))
-            assert json.dumps(pipe.decoder.policy.state_dict()) == saved  # unchanged
+            assert json.dumps(pipe.selector.policy.state_dict()) == saved  # unchanged
         check_learner_usable(pipe)
         store.save()
         json.loads((Path(d) / STATE_FILE).read_text())  # strict JSON on disk
-    pipe.decoder.policy.load_state_dict(json.loads(saved))  # next case starts the same
+    pipe.selector.policy.load_state_dict(json.loads(saved))  # next case starts the same
