@@ -15,6 +15,7 @@ from specmux.adapt.checkpoint import atomic_torch_save, torch_load
 from specmux.adapt.drafter import (
     AdaptiveHFDrafter,
     AdaptiveLM,
+    HeadAdaptedLM,
     KLRecord,
     UpdateRecord,
     adaptive_drafter,
@@ -34,6 +35,7 @@ __all__ = [
     "DistillBatch",
     "EnsembleHead",
     "ExpWeights",
+    "HeadAdaptedLM",
     "KLRecord",
     "OnlineOptimizer",
     "LowRankHeadAdapter",
