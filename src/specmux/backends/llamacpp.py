@@ -255,7 +255,7 @@ class LlamaCppLM:
     def token_pieces(self) -> list[bytes]:
         """Every token's text as llama.cpp stores it (for tokenizer comparisons)."""
         get = self._lc.llama_vocab_get_text
-        return [ctypes.string_at(get(self._vocab, i)) if get(self._vocab, i) else b""
+        return [ctypes.string_at(p) if (p := get(self._vocab, i)) else b""
                 for i in range(self.vocab_size)]
 
     def vocab_fingerprint(self) -> str:
