@@ -44,6 +44,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from specmux.bench.runner import fix_lm_head_strides
 from specmux.exact import set_exact
+from specmux.lm import cache_kwarg
 
 TEXT = ("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    a, b = 0, 1\n"
         "    for _ in range(n):\n        a, b = b, a + b\n    return a\n\n"
@@ -90,7 +91,7 @@ def components(model: PreTrainedModel, ids: list[int], k: int) -> dict[str, list
     """{component: [rows differing, rows]} for one (k+1)-token pass after a prefill."""
     m = k + 1
     cache = DynamicCache()
-    model(input_ids=torch.tensor([ids[:-m]]), past_key_values=cache, use_cache=True)
+    model(input_ids=torch.tensor([ids[:-m]]), **{cache_kwarg(model): cache}, use_cache=True)
     captured: list[tuple[str, torch.nn.Module, tuple[Any, ...], Any]] = []
     hooks = []
     for name, module in model.named_modules():
@@ -109,7 +110,7 @@ def components(model: PreTrainedModel, ids: list[int], k: int) -> dict[str, list
 
     ALL_ATTENTION_FUNCTIONS[impl] = capture
     try:
-        model(input_ids=torch.tensor([ids[-m:]]), past_key_values=cache, use_cache=True)
+        model(input_ids=torch.tensor([ids[-m:]]), **{cache_kwarg(model): cache}, use_cache=True)
     finally:
         del ALL_ATTENTION_FUNCTIONS[impl]
         for h in hooks:
@@ -172,11 +173,12 @@ def end_to_end(model: PreTrainedModel, ids: list[int], k: int) -> dict[str, Any]
     m = k + 1
     prefix = torch.tensor([ids[:-m]])
     c1, c2 = DynamicCache(), DynamicCache()
-    model(input_ids=prefix, past_key_values=c1, use_cache=True)
-    model(input_ids=prefix, past_key_values=c2, use_cache=True)
-    steps = [model(input_ids=torch.tensor([[t]]), past_key_values=c1, use_cache=True).logits[0, -1]
+    kw = cache_kwarg(model)
+    model(input_ids=prefix, **{kw: c1}, use_cache=True)
+    model(input_ids=prefix, **{kw: c2}, use_cache=True)
+    steps = [model(input_ids=torch.tensor([[t]]), **{kw: c1}, use_cache=True).logits[0, -1]
              for t in ids[-m:]]
-    batch = model(input_ids=torch.tensor([ids[-m:]]), past_key_values=c2, use_cache=True).logits[0]
+    batch = model(input_ids=torch.tensor([ids[-m:]]), **{kw: c2}, use_cache=True).logits[0]
     rows = [bool(torch.equal(s, b)) for s, b in zip(steps, batch, strict=True)]
     argmax = [int(s.argmax()) == int(b.argmax()) for s, b in zip(steps, batch, strict=True)]
     diff = [float((s.float() - b.float()).abs().max()) for s, b in zip(steps, batch, strict=True)]
@@ -192,7 +194,7 @@ def cost(model: PreTrainedModel, ids: list[int], k: int, repeats: int) -> dict[s
     """Median seconds of a one-token step and of a (k+1)-token pass after a cached prefix."""
     m = k + 1
     cache = DynamicCache()
-    model(input_ids=torch.tensor([ids[:-m]]), past_key_values=cache, use_cache=True)
+    model(input_ids=torch.tensor([ids[:-m]]), **{cache_kwarg(model): cache}, use_cache=True)
     out = {}
     times = []
     for _ in range(max(repeats // 2, 1) + 1):
@@ -204,7 +206,7 @@ def cost(model: PreTrainedModel, ids: list[int], k: int, repeats: int) -> dict[s
         times = []
         for _ in range(repeats + 1):
             t0 = time.perf_counter()
-            model(input_ids=torch.tensor([new]), past_key_values=cache, use_cache=True,
+            model(input_ids=torch.tensor([new]), **{cache_kwarg(model): cache}, use_cache=True,
                   logits_to_keep=len(new))
             times.append(time.perf_counter() - t0)
             cache.crop(-len(new))

@@ -10,7 +10,7 @@ from specmux.drafters.hf import HFDrafter
 from specmux.drafters.ngram import NgramDrafter
 from specmux.engine import SpeculativeDecoder, autoregressive_generate
 from specmux.exact import is_exact, set_exact
-from specmux.lm import CachedLM
+from specmux.lm import CachedLM, cache_kwarg
 from specmux.policies import POLICIES
 
 VOCAB = 512
@@ -46,13 +46,14 @@ def _one_token_and_batched(model, ids: list[int], m: int):
     prefill of ids[:-m]."""
     prefix = torch.tensor([ids[:-m]])
     c1, c2 = DynamicCache(), DynamicCache()
-    model(input_ids=prefix, past_key_values=c1, use_cache=True)
-    model(input_ids=prefix, past_key_values=c2, use_cache=True)
+    kw = cache_kwarg(model)  # the KV cache argument's name in this transformers version
+    model(input_ids=prefix, **{kw: c1}, use_cache=True)
+    model(input_ids=prefix, **{kw: c2}, use_cache=True)
     steps = torch.stack([
-        model(input_ids=torch.tensor([[t]]), past_key_values=c1, use_cache=True).logits[0, -1]
+        model(input_ids=torch.tensor([[t]]), **{kw: c1}, use_cache=True).logits[0, -1]
         for t in ids[-m:]
     ])
-    batch = model(input_ids=torch.tensor([ids[-m:]]), past_key_values=c2, use_cache=True)
+    batch = model(input_ids=torch.tensor([ids[-m:]]), **{kw: c2}, use_cache=True)
     return steps, batch.logits[0], c1, c2
 
 
