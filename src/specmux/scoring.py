@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from specmux.config import seed_entropy
 from specmux.costmodel import CostModel
 
 
@@ -50,7 +51,7 @@ class ScoringPlan:
         self.names = list(names)
         self.rate = float(rate)
         self.expensive_fraction = float(expensive_fraction)
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(seed_entropy(seed))  # any 64-bit seed
         self.num_runs = np.zeros(len(self.names), dtype=int)  # scoring runs per drafter
         self.num_skipped = np.zeros(len(self.names), dtype=int)
 

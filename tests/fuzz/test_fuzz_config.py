@@ -126,7 +126,8 @@ def in_memory_pipeline():
     """``specmux generate`` builds its pipeline from the tiny in-memory models."""
     original = cli_options.pipeline_from_config
 
-    def build(cfg: SpeculativeConfig, target: str, *, install: bool) -> Pipeline:
+    def build(cfg: SpeculativeConfig, target: str, *, install: bool,
+              threads: int | None = None) -> Pipeline:
         specs = [DRAFTER if s == "tiny" else s for s in (cfg.drafter_specs() or ["ngram"])]
         return Pipeline(TARGET, specs, config=cfg.model_copy(update={"drafters": None}),
                         tokenizer=tiny_tokenizer())
