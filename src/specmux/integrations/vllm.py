@@ -249,7 +249,9 @@ class CostAwareTracker(CounterfactualTracker):
         self.token_cost = token_cost
         self._by_k = [(int(k), self.k_of_arm == k) for k in np.unique(self.k_of_arm)]
 
-    def _losses(self, gamma: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    def _losses(self, gamma: np.ndarray, weight: np.ndarray, meta: object = None) -> np.ndarray:
+        # every drafter is scored every step here (model-free drafters): ``meta`` carries no
+        # importance factors or modelled costs that this loss would need
         beta, big_k = self.token_cost(), self.max_k
         losses = np.empty(len(self.k_of_arm))
         for k, sel in self._by_k:
