@@ -6,9 +6,28 @@ and exits with code 2.
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Annotated
 
+_interrupted = False  # set by Ctrl-C: libraries may turn the KeyboardInterrupt into another
+# error (transformers re-raises it as ModuleNotFoundError inside a lazy import)
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+def _quit_if_interrupted(err: BaseException) -> None:
+    """Exit 130 with one line if ``err`` is (or was caused by) a Ctrl-C."""
+    if _interrupted or isinstance(err, KeyboardInterrupt):
+        sys.stderr.write("interrupted\n")
+        raise SystemExit(130) from None
+
+
+signal.signal(signal.SIGINT, _on_sigint)
 try:  # typer, rich, torch & co. load here: a Ctrl-C now exits quietly, as later in main()
     import typer
 
@@ -32,9 +51,9 @@ try:  # typer, rich, torch & co. load here: a Ctrl-C now exits quietly, as later
     from specmux.heads import cli as heads_cli
     from specmux.server import cli as server_cli
     from specmux.sim import cli as sim_cli
-except KeyboardInterrupt:
-    sys.stderr.write("interrupted\n")
-    raise SystemExit(130) from None
+except BaseException as err:  # noqa: BLE001 - only a Ctrl-C is turned into exit 130
+    _quit_if_interrupted(err)
+    raise
 
 __all__ = ["app", "console", "err_console", "main", "setup_logging", "user_errors"]
 
@@ -139,6 +158,9 @@ def main() -> None:
     """Console-script entry point (Ctrl-C anywhere: one line, exit 130, no traceback)."""
     try:
         app()
+    except Exception as err:  # noqa: BLE001 - only a Ctrl-C is turned into exit 130
+        _quit_if_interrupted(err)
+        raise
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
