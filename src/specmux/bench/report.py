@@ -670,16 +670,21 @@ def render_markdown(summary: Summary) -> str:
                 "mode.")
         parts += [f"{head} Where each output left target-only, with the target's logit gap "
                   "between its own token and the method's, recomputed one token at a time. "
-                  "Verdicts: *near-tie* = a gap within 2 ulp of the logits' precision outside "
-                  "exact mode (a one-token step and a verification pass round differently); "
-                  "*mismatch* = a larger gap, or any difference in exact mode, where both "
-                  "passes compute a position bitwise alike:", ""]
+                  "Verdicts: *near-tie* = outside exact mode, a gap within 2 ulp of the "
+                  "logits' precision, or a verification-sized pass over the same position "
+                  "that prefers the method's token (a one-token step and a verification pass "
+                  "round differently); *mismatch* = a larger gap that no pass size reproduces, "
+                  "or any difference in exact mode, where both passes compute a position "
+                  "bitwise alike:", ""]
         for r in mismatched:
             for d in r.divergences:
                 gap = d.get("logit_gap")
                 verdict = d.get("verdict") or ("near-tie" if d.get("near_tie") else "mismatch")
                 detail = ("" if gap is None else f", logit gap {gap:.4f} = "
-                          f"{abs(gap) / d['ulp']:.1f} ulp") + f": **{verdict}**"
+                          f"{abs(gap) / d['ulp']:.1f} ulp") + (
+                    "" if d.get("batched_gap") is None
+                    else f", in a verification-sized pass {d['batched_gap']:.4f}") + (
+                    f": **{verdict}**")
                 parts.append(f"- {r.label}, `{d['question_id']}`: token {d.get('index')}, "
                              f"target-only {d.get('reference_token')} vs "
                              f"{d.get('method_token')}{detail}")

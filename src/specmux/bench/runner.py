@@ -849,9 +849,16 @@ class BenchRunner:
         argmax there depends on rounding, which differs between a one-token step and a
         (k+1)-token verification pass.
 
+        The same position is also computed as the first row of a verification-sized pass
+        (``context`` plus the method's next ``max k`` tokens): when that row prefers the
+        method's token (``batched_gap <= 0``), the flip is shown to come from the pass size,
+        whatever the backend's rounding (llama.cpp's quantized batched kernels round far
+        beyond float32 ulp).
+
         ``verdict``: ``"near-tie"`` (a rounding flip outside exact mode: expected, reported)
-        or ``"mismatch"`` (a gap above the rounding, or any difference in exact mode, where
-        every pass computes a position bitwise alike: a bug)."""
+        or ``"mismatch"`` (a gap above the rounding that no pass-size change reproduces, or
+        any difference in exact mode, where every pass computes a position bitwise alike: a
+        bug)."""
         i = next((j for j, (a, b) in enumerate(zip(ref, mine, strict=False)) if a != b),
                  min(len(ref), len(mine)))
         info: dict[str, Any] = {"index": i, "reference_token": ref[i] if i < len(ref) else None,
@@ -865,13 +872,20 @@ class BenchRunner:
         if len(context) > 1:
             self.target.logits(context[:-1], 1)
         row = self.target.logits(context, 1)[0]
+        k = max(self.cfg.learner_ks() + self.cfg.single_k_list())
+        batch = [*context, *mine[i:i + k]]  # a verification-sized pass over the same position
+        self.target.reset()
+        if len(context) > 1:
+            self.target.logits(context[:-1], 1)
+        brow = self.target.logits(batch, len(batch) - len(context) + 1)[0]
         self.target.reset()
         gap = float(row[info["reference_token"]] - row[info["method_token"]])
+        batched_gap = float(brow[info["reference_token"]] - brow[info["method_token"]])
         top = max(abs(float(row.max())), 1e-30)
         dtype = getattr(self.models.target, "dtype", torch.float32)  # llama.cpp: float32
         ulp = torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(top))
-        near_tie = abs(gap) <= NEAR_TIE_ULP * ulp
-        info.update(logit_gap=gap, ulp=ulp, near_tie=near_tie,
+        near_tie = abs(gap) <= NEAR_TIE_ULP * ulp or batched_gap <= 0.0
+        info.update(logit_gap=gap, batched_gap=batched_gap, ulp=ulp, near_tie=near_tie,
                     verdict="near-tie" if near_tie and not info["exact"] else "mismatch")
         return info
 
