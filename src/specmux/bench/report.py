@@ -259,7 +259,8 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
         total = sum(row.share.values())
         row.share = {k: v / total for k, v in sorted(row.share.items())}
         rows[oracle] = row
-    singles = [r for r in rows.values() if r.kind == "single" and OVERALL in r.cells]
+    singles = [r for r in rows.values() if r.kind == "single" and OVERALL in r.cells
+               and not r.method.startswith(FAST_PREFIX)]  # baselines run in the same mode
     if singles:
         best = max(singles, key=lambda r: r.cells[OVERALL].tokens_per_second)
         fixed = Row(ORACLE_FIXED, f"{label(ORACLE_FIXED)}: {best.label}", "oracle")
@@ -349,7 +350,8 @@ def _add_overheads(rows: dict[str, Row], records: list[dict[str, Any]]) -> None:
 
 def best_fixed(summary: Summary) -> Row | None:
     """The single-drafter row with the best overall speedup (the best fixed drafter)."""
-    singles = [r for r in summary.rows if r.kind == "single" and OVERALL in r.cells]
+    singles = [r for r in summary.rows if r.kind == "single" and OVERALL in r.cells
+               and not r.method.startswith(FAST_PREFIX)]  # baselines run in the same mode
     return max(singles, key=lambda r: summary.speedup(r) or 0.0, default=None)
 
 
