@@ -52,10 +52,8 @@ bounded and freed once the request leaves the runner; at most ``max_requests`` a
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import sys
 import time
 import weakref
@@ -82,6 +80,7 @@ from specmux.drafters.suffix import SuffixDrafter
 from specmux.errors import ConfigError
 from specmux.feedback import CounterfactualTracker, expected_accepted
 from specmux.policies import POLICIES, Arm, Policy, make_policy
+from specmux.state import atomic_write_json
 from specmux.types import Feedback, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -95,7 +94,7 @@ NO_SPEC = "none"  # drafter name of the k = 0 arm
 class VllmOptions(BaseModel):
     """specmux options for the vLLM proposer (keys of the speculative config)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # stats stay strict JSON
 
     drafters: list[str] = Field(default_factory=lambda: ["ngram", "suffix"], min_length=1)
     policy: str = "normalhedge"
@@ -474,10 +473,7 @@ class ProposerCore:
 
     def write_stats(self) -> None:
         """Write :meth:`stats_dict` to ``stats_file`` atomically."""
-        path = Path(str(self.opts.stats_file))
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.stats_dict(), indent=1))
-        os.replace(tmp, path)
+        atomic_write_json(Path(str(self.opts.stats_file)), self.stats_dict())
 
 
 def fast_lookup(tokens: np.ndarray, end: int, max_n: int, min_n: int, k: int) -> np.ndarray:
