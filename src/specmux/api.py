@@ -34,7 +34,8 @@ __all__ = ["DEFAULT_DRAFTERS", "DEFAULT_POLICY", "DEFAULT_TARGET", "Pipeline", "
            "make_drafter"]
 
 CONFIG_KEYS = ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "loss",
-               "score_rate", "delayed_feedback", "reset_per_query", "seed", "exact", "backend")
+               "score_rate", "delayed_feedback", "reset_per_query", "contextual", "seed", "exact",
+               "backend")
 
 DrafterSpec = str | Drafter | PreTrainedModel
 

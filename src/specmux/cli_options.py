@@ -62,8 +62,8 @@ SpeculativeConfigOption = Annotated[
     typer.Option(
         help="JSON with vLLM keys (method: ngram | draft_model | suffix | pool, model, "
         "num_speculative_tokens, prompt_lookup_max, prompt_lookup_min) and specmux keys "
-        "(drafters, policy, loss, score_rate, delayed_feedback, reset_per_query, seed, exact, "
-        "backend). Checked "
+        "(drafters, policy, loss, score_rate, delayed_feedback, reset_per_query, contextual, "
+        "seed, exact, backend). Checked "
         "strictly (no strings for numbers, no unknown keys); its keys override the options "
         "above. method 'suffix' takes the corpus path as 'model'.",
     ),

@@ -91,7 +91,8 @@ class SpeculativeConfig(BaseModel):
     ``num_speculative_tokens`` (k, or a list of k values: arms are every drafter x k),
     ``prompt_lookup_max`` and ``prompt_lookup_min``.  specmux adds ``drafters`` (a pool of
     drafter specs), ``policy`` (the learner), ``loss``, ``delayed_feedback``,
-    ``reset_per_query``, ``seed`` (the learner's seed), ``backend`` (``transformers`` or
+    ``reset_per_query``, ``contextual`` (one learner per drafter-signal context), ``seed``
+    (the learner's seed), ``backend`` (``transformers`` or
     ``llama.cpp``) and ``exact`` (batch-invariant target
     passes, see :mod:`specmux.exact`: greedy output bit-identical to target-only in bf16 too).
     """
@@ -115,6 +116,8 @@ class SpeculativeConfig(BaseModel):
                               "scored counterfactually (importance-weighted)")
     delayed_feedback: bool = True
     reset_per_query: bool = False
+    contextual: bool = Field(False, description="one learner per context: which model-free "
+                             "drafter has a match now, and how long (specmux.selector)")
     seed: Seed = 0
     exact: bool = True
     backend: Literal["transformers", "llama.cpp"] = "transformers"

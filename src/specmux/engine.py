@@ -140,6 +140,7 @@ class SpeculativeDecoder:
         seed: int = 0,
         cost_model: CostModel | None = None,
         score_rate: float = 1.0,
+        contextual: bool = False,
     ) -> None:
         self.target: Target = as_target(target)
         self.drafters = _check_drafters(drafters, self.target.vocab_size)
@@ -152,7 +153,7 @@ class SpeculativeDecoder:
             make_arms(names, num_speculative_tokens), policy, drafter_names=names, loss=loss,
             delayed_feedback=delayed_feedback, reset_per_query=reset_per_query,
             score_all=score_all, policy_kwargs=policy_kwargs, seed=seed,
-            cost_model=cost_model, score_rate=score_rate,
+            cost_model=cost_model, score_rate=score_rate, contextual=contextual,
         )
         k_max = self.selector.max_k
         if k_max >= self.target.max_context:  # a round scores context + k + 1 positions
@@ -179,7 +180,7 @@ class SpeculativeDecoder:
         decoder = cls(target, drafters, policy, num_speculative_tokens=config.ks,
                       loss=config.loss, delayed_feedback=config.delayed_feedback,
                       reset_per_query=config.reset_per_query, seed=config.seed,
-                      score_rate=config.score_rate, **kwargs)
+                      score_rate=config.score_rate, contextual=config.contextual, **kwargs)
         decoder.config = config
         return decoder
 
@@ -227,7 +228,9 @@ class SpeculativeDecoder:
     ) -> Step:
         """One round: select, propose, score, verify, commit, observe; extends ``context``."""
         t0 = time.perf_counter()
-        a = self.selector.select()
+        signals = ([d.signal(context, self.selector.max_k) for d in self.drafters]
+                   if self.selector.contextual else None)
+        a = self.selector.select(signals)
         arm = self.selector.arms[a]
         drafter = self.drafters[self.selector.arm_drafter[a]] if arm.k else None
         room = self.target.max_context - len(context) - 1

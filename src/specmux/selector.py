@@ -12,6 +12,18 @@ time its policy takes.  The engine and the regret simulator drive it the same wa
                          scores)                   # (gamma, w) [n, N] if needs_scores
     selector.end_query()                           # always, also when a query stops early
 
+Contextual selection (``contextual=True``).  Which arm is fastest changes within a query:
+where the output copies the prompt, prompt lookup drafts eight tokens for free; elsewhere
+the LM drafter wins.  Model-free drafters say, before each round and for a fraction of a
+millisecond, whether they have a guess (:meth:`specmux.drafters.base.Drafter.signal`:
+0 none, 1 weak, 2 strong).  The selector turns the signals into one context key, *which
+drafter is surest and how sure* (:meth:`Selector.context_key`: ``1 + 2 * drafter +
+level - 1``, or ``0`` when no drafter has a guess), and keeps one learner per key, each
+fed the losses of its own rounds only (Hedge over a finite set of contexts: the regret
+bound holds per context, against the best arm *for that context*).  A key's learner plays
+once it has :data:`CONTEXT_WARMUP` loss vectors (bandits: updates); until then the global
+learner, which sees every round, plays for it.
+
 Feedback to the policy.  Bandit policies learn from the played arm's realized
 :class:`Outcome`; full-information policies from loss vectors over all arms, computed by
 the tracker from every drafter's scores along the verified path.  Those losses arrive late
@@ -24,6 +36,7 @@ query finished, or on their own when it was closed early.  The policy sees exact
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -41,6 +54,7 @@ from specmux.types import Feedback
 
 Scores = tuple[np.ndarray, np.ndarray]  # gamma, w: [n, N] along a round's verified path
 NO_DRAFT = "none"  # the drafter name of the no-speculation arm (k = 0)
+CONTEXT_WARMUP = 8  # loss vectors (bandits: updates) a context's learner needs to play
 
 
 @dataclass(frozen=True)
@@ -89,6 +103,8 @@ class Selector:
     fed by the caller with measured timings) prices every arm; ``loss="time"`` turns it
     into Dinkelbach's tokens-per-second loss; ``score_rate < 1`` scores expensive drafters
     on that share of rounds only (:meth:`plan_scoring`, :mod:`specmux.scoring`).
+    ``contextual``: one learner per context key (module docstring; :meth:`select` takes the
+    drafters' signals).
     """
 
     def __init__(
@@ -105,6 +121,7 @@ class Selector:
         seed: int = 0,
         cost_model: CostModel | None = None,
         score_rate: float = 1.0,
+        contextual: bool = False,
     ) -> None:
         if not arms:
             raise ConfigError("at least one arm is needed")
@@ -140,9 +157,14 @@ class Selector:
             delayed_feedback,
         )
         self.reset_per_query = reset_per_query
+        self.contextual = contextual
+        self.contexts: dict[int, Policy] = {}  # context key -> its own learner
+        self.context_counts: dict[int, int] = {}  # key -> loss vectors (bandits: updates)
+        self._key: int | None = None  # context key of the round being played
         self.stats = SpecStats()
         self.policy_seconds = 0.0
-        self._final: Feedback | None = None  # the finished round's feedback, for end_query
+        # The finished round's feedback, its losses' tags and context key, for end_query.
+        self._final: tuple[Feedback, list[int], int | None] | None = None
 
     @property
     def name(self) -> str:
@@ -152,21 +174,56 @@ class Selector:
         """A query starts: forget everything in reset-per-query mode; empty the tracker."""
         if self.reset_per_query:  # a fresh learner: its random stream restarts too
             self.policy.restart()
+            self.contexts.clear()
+            self.context_counts.clear()
         self.tracker.reset()
         self._final = None
 
-    def select(self) -> int:
-        """The arm to play this round (an index into :attr:`arms`)."""
+    def context_key(self, signals: Sequence[int | None]) -> int:
+        """The context of a round from the drafters' signals (one per drafter, in
+        :attr:`drafter_names` order; ``None`` for drafters without one): ``0`` when no
+        drafter has a guess, else ``1 + 2 * i + level - 1`` for the first drafter ``i``
+        with the highest level.
+
+        >>> s = Selector(make_arms(["lm", "ngram", "suffix"], 4), contextual=True)
+        >>> s.context_key([None, 0, 0]), s.context_key([None, 1, 2]), s.context_key([None, 2, 2])
+        (0, 6, 4)
+        """
+        best, first = 0, 0
+        for i, level in enumerate(signals):
+            if level is not None and level > best:
+                best, first = min(int(level), 2), i
+        return 0 if best == 0 else 1 + 2 * first + best - 1
+
+    def select(self, signals: Sequence[int | None] | None = None) -> int:
+        """The arm to play this round (an index into :attr:`arms`).  ``signals``: the
+        drafters' :meth:`~specmux.drafters.base.Drafter.signal` (contextual mode only)."""
         t0 = time.perf_counter()
-        arm = self.policy.select()
+        self._key = (self.context_key(signals)
+                     if self.contextual and signals is not None else None)
+        arm = self._playing().select()
         self.policy_seconds += time.perf_counter() - t0
         return arm
+
+    def _playing(self) -> Policy:
+        """The learner that plays this round: its context's, once warmed up."""
+        key = self._key
+        if key is not None and self.context_counts.get(key, 0) >= CONTEXT_WARMUP:
+            return self.contexts[key]
+        return self.policy
 
     def plan_scoring(self, arm: int, context: int) -> tuple[list[bool], np.ndarray | None]:
         """Which drafters to run along this round's path (``arm`` was played after
         ``context`` tokens), and their importance factors for :meth:`observe`."""
         played = self.arm_drafter[arm] if self.arms[arm].k else None
-        return self.scoring.decide(played, self.cost_model, context, self.tracker.needs)
+        mass = None
+        if self.scoring.rate < 1.0:  # each drafter's selection probability this round
+            probs = self._playing().probabilities()  # [num_arms]
+            mass = np.zeros(len(self.drafter_names))
+            drafting = np.array([a.k > 0 for a in self.arms])
+            np.add.at(mass, np.array(self.arm_drafter)[drafting], probs[drafting])
+        return self.scoring.decide(played, self.cost_model, context, self.tracker.needs,
+                                   mass)
 
     def observe(self, outcome: Outcome, scores: Scores | None = None,
                 factors: np.ndarray | None = None) -> None:
@@ -181,40 +238,77 @@ class Selector:
             if self.tracker.loss == "time":  # modelled seconds per arm [num_arms], tokens/s
                 costs = self.cost_model.round_seconds(self._arm_specs, outcome.context)
                 rho = self.cost_model.throughput()
-            released = self.tracker.add_round_tagged(scores[0], scores[1], outcome.arm,
+            tag = outcome.arm + len(self.arms) * (0 if self._key is None else 1 + self._key)
+            released = self.tracker.add_round_tagged(scores[0], scores[1], tag,
                                                      costs=costs, rho=rho, factors=factors)
             for tag, losses in released:
-                self.stats.record_losses(tag, losses)
+                self.stats.record_losses(tag % len(self.arms), losses)
         feedback = Feedback(
             arm=outcome.arm, k=self.arms[outcome.arm].k, max_k=self.max_k,
             num_draft_tokens=outcome.num_draft_tokens,
             num_accepted_tokens=outcome.num_accepted_tokens, divergence=outcome.divergence,
             losses=tuple(losses for _, losses in released), seconds=outcome.seconds,
         )
+        tags = [tag for tag, _ in released]
         if outcome.finished:
-            self._final = feedback
+            self._final = (feedback, tags, self._key)
         else:
-            self._update(feedback)
+            self._update(feedback, tags, self._key)
 
     def end_query(self) -> None:
         """The query ended (finished, or closed early): deliver the delayed feedback."""
         resolved = self.tracker.flush_tagged() if self.needs_scores else []
         for tag, losses in resolved:
-            self.stats.record_losses(tag, losses)
+            self.stats.record_losses(tag % len(self.arms), losses)
         final, self._final = self._final, None
         flushed = tuple(losses for _, losses in resolved)
+        tags = [tag for tag, _ in resolved]
         if final is not None:
-            self._update(replace(final, losses=final.losses + flushed))
+            feedback, final_tags, key = final
+            self._update(replace(feedback, losses=feedback.losses + flushed),
+                         final_tags + tags, key)
         elif resolved and self.policy.full_information:
             self._update(Feedback(
-                arm=resolved[-1][0], k=0, max_k=self.max_k, num_draft_tokens=0,
-                num_accepted_tokens=0, losses=flushed,
-            ))
+                arm=resolved[-1][0] % len(self.arms), k=0, max_k=self.max_k,
+                num_draft_tokens=0, num_accepted_tokens=0, losses=flushed,
+            ), tags, None)
 
-    def _update(self, feedback: Feedback) -> None:
+    def _update(self, feedback: Feedback, tags: Sequence[int] = (),
+                key: int | None = None) -> None:
+        """``feedback`` to the global learner; in contextual mode each of its loss vectors
+        (tagged by :meth:`observe`) also to its round's context learner, and the played
+        arm's outcome to the context ``key`` of this round."""
         t0 = time.perf_counter()
         self.policy.update(feedback)
+        if self.contextual:
+            self._update_contexts(feedback, tags, key)
         self.policy_seconds += time.perf_counter() - t0
+
+    def _update_contexts(self, feedback: Feedback, tags: Sequence[int],
+                         key: int | None) -> None:
+        groups: dict[int, list[np.ndarray]] = {}
+        for tag, losses in zip(tags, feedback.losses, strict=True):
+            if tag >= len(self.arms):  # rounds played without a context carry none
+                groups.setdefault(tag // len(self.arms) - 1, []).append(losses)
+        full = self.policy.full_information
+        if key is not None:  # this round's own outcome (what bandits learn from)
+            mine = groups.pop(key, [])
+            self._context(key).update(replace(feedback, losses=tuple(mine)))
+            self.context_counts[key] += len(mine) if full else 1
+        if full:
+            for other, losses in groups.items():
+                self._context(other).update(replace(feedback, losses=tuple(losses)))
+                self.context_counts[other] += len(losses)
+
+    def _context(self, key: int) -> Policy:
+        """The learner of context ``key`` (a fresh copy of the global one's kind)."""
+        if key not in self.contexts:
+            policy = copy.deepcopy(self.policy)
+            policy.seed = (int(self.policy.seed) * 1_000_003 + key + 1) % 2**63
+            policy.restart()
+            self.contexts[key] = policy
+            self.context_counts[key] = 0
+        return self.contexts[key]
 
     def probabilities(self) -> np.ndarray:
         """The policy's current selection distribution over arms [num_arms]."""
@@ -223,14 +317,41 @@ class Selector:
     def reset(self) -> None:
         """Forget everything learned and every statistic."""
         self.policy.reset()
+        self.contexts.clear()
+        self.context_counts.clear()
         self.tracker.reset()
         self.stats = SpecStats()
         self._final = None
 
     def state_dict(self) -> dict[str, Any]:
-        """The policy's JSON-able learned state (what a server persists)."""
-        return self.policy.state_dict()
+        """The policy's JSON-able learned state (what a server persists); in contextual
+        mode with ``"contexts"``: ``{key: {"count": n, "state": policy state}}``."""
+        state = self.policy.state_dict()
+        if self.contextual:
+            state["contexts"] = {str(key): {"count": self.context_counts[key],
+                                            "state": policy.state_dict()}
+                                 for key, policy in sorted(self.contexts.items())}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; ConfigError if it is for another policy or pool."""
+        """Restore :meth:`state_dict`; ConfigError if it is for another policy or pool.
+        Everything is checked before anything changes."""
+        contexts: dict[int, Policy] = {}
+        counts: dict[int, int] = {}
+        raw = state.get("contexts", {}) if isinstance(state, dict) else {}
+        if self.contextual and raw:
+            if not isinstance(raw, dict):
+                raise ConfigError("policy state 'contexts' must be a JSON object")
+            for name, entry in raw.items():
+                key = int(name) if isinstance(name, str) and name.isdigit() else -1
+                if not 0 <= key <= 2 * len(self.drafter_names) or not isinstance(entry, dict):
+                    raise ConfigError(f"policy state has a bad context {str(name)[:20]!r}")
+                count = entry.get("count")
+                if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                    raise ConfigError(f"policy state context {key}: bad count")
+                policy = copy.deepcopy(self.policy)
+                policy.load_state_dict(entry.get("state"))  # type: ignore[arg-type]
+                contexts[key], counts[key] = policy, count
         self.policy.load_state_dict(state)
+        if self.contextual:
+            self.contexts, self.context_counts = contexts, counts

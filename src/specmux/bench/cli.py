@@ -95,8 +95,14 @@ def bench(
     ] = None,
     loss: Annotated[
         str, typer.Option(help="Full-information learners' loss: time (tokens per second, "
-                          "cost model), length or acceptance. A policy NAME:LOSS overrides it.")
+                          "cost model), length or acceptance. A policy NAME:LOSS overrides it "
+                          "(hedge:time:ctx also sets --contextual).")
     ] = _D.loss,
+    contextual: Annotated[
+        bool, typer.Option(help="Learners keep one learner per context: which model-free "
+                           "drafter has a match this round, and how strong. A policy "
+                           "NAME:ctx or NAME:noctx overrides it.")
+    ] = _D.contextual,
     score_rate: Annotated[
         float, typer.Option(help="Share of rounds an expensive (LM) drafter not played is "
                             "scored counterfactually, importance-weighted (1 = every round).")
@@ -175,7 +181,8 @@ def bench(
             num_speculative_tokens=ks[0] if len(ks) == 1 else _D.num_speculative_tokens,
             k_choices=ks if len(ks) > 1 else None,
             single_ks=_ints(single_k, "--single-k") if single_k else None,
-            loss=loss, score_rate=score_rate, temperature=temperature, seed=seed,
+            loss=loss, contextual=contextual, score_rate=score_rate, temperature=temperature,
+            seed=seed,
             hf_baseline=not no_hf_baseline and check_backend(backend) == "transformers",
             single_drafters=single_drafters, order=order,
             reset_per_query=reset_per_query,

@@ -61,8 +61,9 @@ def label(method: str, meta: dict[str, Any] | None = None) -> str:
         return "oracle: best single drafter per query (time)"
     if method == ORACLE_FIXED:
         return "best fixed single drafter of the stream in hindsight (time)"
-    name, _, loss = method.partition(":")
-    return POLICY_LABELS.get(name, name) + (f" [{loss} loss]" if loss else "")
+    name, *mods = method.split(":")
+    notes = [{"ctx": "contextual", "noctx": "not contextual"}.get(m, f"{m} loss") for m in mods]
+    return POLICY_LABELS.get(name, name) + (f" [{', '.join(notes)}]" if notes else "")
 
 
 @dataclass

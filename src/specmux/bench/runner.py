@@ -122,6 +122,33 @@ def _trained_heads(target: str) -> dict[str, Path]:
     return out
 
 
+CONTEXT_FLAGS = {"ctx": True, "noctx": False}
+
+
+def parse_policy_spec(spec: str) -> tuple[str, str | None, bool | None]:
+    """``NAME[:LOSS][:ctx|:noctx]`` -> ``(name, loss or None, contextual or None)``;
+    ConfigError on an unknown policy, loss or flag.
+
+    >>> parse_policy_spec("hedge:time:ctx"), parse_policy_spec("ucb")
+    (('hedge', 'time', True), ('ucb', None, None))
+    """
+    name, *mods = spec.split(":")
+    if name not in POLICIES or name == "fixed":
+        known = ", ".join(p for p in sorted(POLICIES) if p != "fixed")
+        raise ConfigError(f"unknown policy {spec!r}; known: {known}")
+    loss: str | None = None
+    contextual: bool | None = None
+    for mod in mods:
+        if mod in LOSSES and loss is None:
+            loss = mod
+        elif mod in CONTEXT_FLAGS and contextual is None:
+            contextual = CONTEXT_FLAGS[mod]
+        else:
+            raise ConfigError(f"bad policy spec {spec!r}: after the name, at most one loss "
+                              f"({', '.join(LOSSES)}) and one of ctx, noctx")
+    return name, loss, contextual
+
+
 @dataclass
 class BenchConfig:
     """What :func:`run_bench` runs.  ``drafters`` names the pool: ``suffix:<domain>`` (a
@@ -142,6 +169,7 @@ class BenchConfig:
     k_choices: tuple[int, ...] | None = None  # learners' k set; None: (num_speculative_tokens,)
     single_ks: tuple[int, ...] | None = None  # k of the single-drafter runs; None: k_choices
     loss: str = "length"  # full-information learners' loss unless NAME:LOSS says otherwise
+    contextual: bool = False  # learners keep one learner per drafter-signal context
     score_rate: float = 1.0  # share of rounds an expensive drafter is scored when not played
     temperature: float = 0.0
     seed: int = 0
@@ -189,14 +217,10 @@ class BenchConfig:
                               f"{', '.join(ALL_CATEGORIES)}")
         if self.order not in ORDERS:
             raise ConfigError(f"unknown order {self.order!r}; known: {', '.join(ORDERS)}")
-        bad = [p for p in self.policies
-               if p.partition(":")[0] not in POLICIES or p.startswith("fixed")]
-        if bad:
-            known = ", ".join(p for p in sorted(POLICIES) if p != "fixed")
-            raise ConfigError(f"unknown policy {bad[0]!r}; known: {known}")
-        losses = {self.loss, *(p.partition(":")[2] for p in self.policies if ":" in p)}
-        if not losses <= set(LOSSES):
-            raise ConfigError(f"unknown loss in {sorted(losses)}; known: {', '.join(LOSSES)}")
+        for spec in self.policies:
+            parse_policy_spec(spec)  # ConfigError if malformed
+        if self.loss not in LOSSES:
+            raise ConfigError(f"unknown loss {self.loss!r}; known: {', '.join(LOSSES)}")
         ks = self.learner_ks()
         if any(k < 0 for k in ks) or max(ks) < 1 or len(set(ks)) != len(ks):
             raise ConfigError(f"--num-speculative-tokens: bad k set {list(ks)}")
@@ -580,7 +604,7 @@ class BenchRunner:
             methods += [_Method(a, "anchor") for a in ANCHORS]
         ks = cfg.learner_ks()
         for spec in cfg.policies:
-            name, _, loss = spec.partition(":")
+            name, loss, contextual = parse_policy_spec(spec)
             full_information = POLICIES[name].full_information
             decoder = SpeculativeDecoder(
                 self.target, self.factory.pool(), name,
@@ -588,6 +612,7 @@ class BenchRunner:
                 reset_per_query=cfg.reset_per_query, seed=cfg.seed,
                 loss=(loss or cfg.loss) if full_information else "length",
                 score_rate=cfg.score_rate,
+                contextual=cfg.contextual if contextual is None else contextual,
             )
             methods.append(_Method(spec, "policy", decoder, exact=cfg.exact))
         return methods

@@ -40,6 +40,14 @@ class Drafter(ABC):
         Row ``j`` is conditioned on ``context + path[:j]`` (used for counterfactual scoring).
         """
 
+    def signal(self, context: Sequence[int], k: int) -> int | None:
+        """How sure a cheap drafter is of its next draft of up to ``k`` tokens after
+        ``context``: ``0`` no guess, ``1`` a weak one, ``2`` a strong one; ``None`` (the
+        default) for drafters that give no signal.  A contextual selector
+        (:mod:`specmux.selector`) keeps one learner per signal, so it must cost about as
+        little as a proposal of a model-free drafter (well under a millisecond)."""
+        return None
+
     def observe(self, context: Sequence[int], committed: Sequence[int]) -> None:  # noqa: B027
         """Called after every round with the tokens just committed after ``context``."""
 

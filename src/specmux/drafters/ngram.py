@@ -17,12 +17,20 @@ from specmux.drafters.base import Drafter
 from specmux.errors import ConfigError
 from specmux.types import Draft, PathDistributions, SamplingParams
 
+STRONG_MATCH = 3  # a matched n-gram this long is a strong signal (:meth:`NgramDrafter.signal`)
+
 
 def lookup(tokens: np.ndarray, end: int, max_n: int, min_n: int, k: int) -> np.ndarray:
     """Continuation (up to ``k`` tokens) of the latest earlier match of ``tokens[end-n:end]``.
 
     Only ``tokens[:end]`` is searched.  Returns an empty array when nothing matches.
     """
+    return match(tokens, end, max_n, min_n, k)[0]
+
+
+def match(tokens: np.ndarray, end: int, max_n: int, min_n: int,
+          k: int) -> tuple[np.ndarray, int]:
+    """:func:`lookup`'s continuation and the length ``n`` of the matched suffix (0: none)."""
     for n in range(min(max_n, end - 1), min_n - 1, -1):
         pattern = tokens[end - n : end]
         # Windows starting at 0..end-n-1 (the pattern's own position end-n is excluded).
@@ -30,8 +38,8 @@ def lookup(tokens: np.ndarray, end: int, max_n: int, min_n: int, k: int) -> np.n
         hits = np.flatnonzero((windows == pattern).all(axis=1))
         if hits.size:
             start = int(hits[-1]) + n
-            return tokens[start : min(start + k, end)]
-    return tokens[:0]
+            return tokens[start : min(start + k, end)], n
+    return tokens[:0], 0
 
 
 class NgramDrafter(Drafter):
@@ -64,6 +72,19 @@ class NgramDrafter(Drafter):
         tokens = np.asarray(context, dtype=np.int64)
         guess = lookup(tokens, len(tokens), self.max_n, self.min_n, k)
         return Draft(tokens=torch.from_numpy(guess.copy()))
+
+    def signal(self, context: Sequence[int], k: int) -> int:
+        """``2`` when the context's last ``STRONG_MATCH`` tokens (or ``prompt_lookup_max``,
+        if smaller) occurred before, ``1`` for a shorter match, ``0`` for none.
+
+        >>> NgramDrafter().signal([5, 6, 7, 8, 5, 6, 7], k=4), NgramDrafter().signal([1, 2], 4)
+        (2, 0)
+        """
+        tokens = np.asarray(context, dtype=np.int64)
+        guess, n = match(tokens, len(tokens), self.max_n, self.min_n, k)
+        if not guess.size:
+            return 0
+        return 2 if n >= min(STRONG_MATCH, self.max_n) else 1
 
     def distributions(
         self, context: Sequence[int], path: Sequence[int], sampling: SamplingParams

@@ -55,6 +55,8 @@ from specmux.types import Draft, PathDistributions, SamplingParams
 SEP = -1
 EVICTIONS = ("fifo", "lru")
 
+STRONG_SCORE = 2.0  # expected accepted tokens of a strong candidate (signal)
+
 
 class TokenStore:
     """Documents in one buffer plus an ``n``-gram -> following-positions index.
@@ -384,8 +386,10 @@ class SuffixTreeDrafter(Drafter):
 
     # ------------------------------------------------------------------ drafting
 
-    def _candidate(self, seq: np.ndarray, k: int) -> tuple[list[int], list[float]]:
-        """Best draft of at most ``k`` tokens after ``seq`` over all stores."""
+    def _candidate(self, seq: np.ndarray, k: int,
+                   mark: bool = True) -> tuple[list[int], list[float]]:
+        """Best draft of at most ``k`` tokens after ``seq`` over all stores (``mark``: count
+        a hit of the learned store for its LRU eviction)."""
         tail = seq[-self.max_match :]
         best: tuple[list[int], list[float]] = ([], [])
         best_score, best_store, best_pos = 0.0, None, None
@@ -402,7 +406,7 @@ class SuffixTreeDrafter(Drafter):
             score = sum(probs)
             if score > best_score:
                 best, best_score, best_store, best_pos = (tokens, probs), score, store, positions
-        if best_store is self.learned and best_pos is not None and best_pos.size:
+        if mark and best_store is self.learned and best_pos is not None and best_pos.size:
             self.learned.mark_hit(int(best_pos[-1]))
         return best
 
@@ -416,6 +420,23 @@ class SuffixTreeDrafter(Drafter):
         self.request.sync(context)
         tokens, _ = self._candidate(self.request.buf[1 : 1 + len(self.request.tokens)], k)
         return Draft(tokens=torch.tensor(tokens, dtype=torch.long))
+
+    def signal(self, context: Sequence[int], k: int) -> int:
+        """From the best candidate's score (its tokens' frequency-estimated probabilities
+        summed, the expected accepted length): ``2`` at ``>= STRONG_SCORE``, ``1`` below,
+        ``0`` without a candidate.
+
+        >>> d = SuffixTreeDrafter(name="toy")
+        >>> d.start_query([1, 2, 3, 4, 5, 9, 1, 2, 3])
+        >>> d.signal([1, 2, 3, 4, 5, 9, 1, 2, 3], k=4), d.signal([1, 2, 3, 4, 5, 9, 7], k=4)
+        (2, 0)
+        """
+        self.request.sync(context)
+        tokens, probs = self._candidate(self.request.buf[1 : 1 + len(self.request.tokens)], k,
+                                        mark=False)
+        if not tokens:
+            return 0
+        return 2 if sum(probs) >= STRONG_SCORE else 1
 
     def distributions(
         self, context: Sequence[int], path: Sequence[int], sampling: SamplingParams
