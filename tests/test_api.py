@@ -51,3 +51,21 @@ def test_api_errors(pipe) -> None:
         parse_speculative_config('{"policy": 3}')
     with pytest.raises(ConfigError, match="prompt_lookup_min"):
         parse_speculative_config('{"prompt_lookup_min": 5, "prompt_lookup_max": 2}')
+
+
+def test_suffix_and_contextual_config_keys_reach_the_pool(target_model) -> None:
+    pipe = Pipeline(target_model, ["suffix", "ngram"], "hedge", tokenizer=tiny_tokenizer(),
+                    num_speculative_tokens=[0, 2, 4], contextual=True,
+                    suffix_decoding_max_spec_factor=2.5, suffix_decoding_eviction="lru",
+                    suffix_decoding_max_tree_depth=8)
+    suffix = pipe.decoder.drafters[0]
+    assert (suffix.max_spec_factor, suffix.learned.eviction, suffix.max_match) == (2.5, "lru", 8)
+    assert pipe.decoder.selector.contextual
+    out = pipe.generate("def add(a, b): return a + b\ndef add(a, b):", max_new_tokens=12)
+    ids = pipe.encode("def add(a, b): return a + b\ndef add(a, b):")
+    eos = [pipe.tokenizer.eos_token_id]
+    assert out.token_ids == autoregressive_generate(target_model, ids, 12, stop_token_ids=eos)
+    for bad in ({"suffix_decoding_eviction": "random"}, {"suffix_decoding_min_token_prob": 2.0},
+                {"suffix_decoding_max_tree_depth": 0}):
+        with pytest.raises(ConfigError, match="suffix_decoding"):
+            Pipeline(target_model, ["suffix"], tokenizer=tiny_tokenizer(), **bad)

@@ -33,7 +33,10 @@ log = logging.getLogger(__name__)
 __all__ = ["DEFAULT_DRAFTERS", "DEFAULT_POLICY", "DEFAULT_TARGET", "Pipeline", "generate",
            "make_drafter"]
 
-CONFIG_KEYS = ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "loss",
+CONFIG_KEYS = ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+               "suffix_decoding_max_tree_depth", "suffix_decoding_max_spec_factor",
+               "suffix_decoding_min_token_prob", "suffix_decoding_max_cached_tokens",
+               "suffix_decoding_eviction", "loss",
                "score_rate", "delayed_feedback", "reset_per_query", "contextual", "seed", "exact",
                "backend")
 
@@ -61,13 +64,16 @@ def make_drafter(
     backend: str = "transformers",
     target_lm: Any = None,
     threads: int | None = None,
+    suffix_options: dict[str, Any] | None = None,
 ) -> Drafter:
     """A drafter from a spec: ``ngram``, ``suffix`` (SuffixDecoding over the request and
     earlier outputs), ``suffix:PATH`` (the same, seeded with a corpus) or a model (HF id,
     dir, .gguf, ``embedded:NAME``), or an already-built :class:`Drafter` / HF model.
 
     With ``backend="llama.cpp"`` a model spec (a GGUF) runs on llama.cpp with ``threads``
-    threads; its vocabulary is checked against ``target_lm`` (a ``LlamaCppLM``) if given."""
+    threads; its vocabulary is checked against ``target_lm`` (a ``LlamaCppLM``) if given.
+    ``suffix_options``: keyword arguments of the suffix drafters
+    (:meth:`SpeculativeConfig.suffix_options`)."""
     if isinstance(spec, Drafter):
         return spec
     if isinstance(spec, PreTrainedModel):
@@ -77,7 +83,7 @@ def make_drafter(
     if spec == "ngram":
         return NgramDrafter(prompt_lookup_max, prompt_lookup_min)
     if spec == "suffix":  # SuffixDecoding: the request + every earlier output
-        return SuffixTreeDrafter()
+        return SuffixTreeDrafter(**(suffix_options or {}))
     if spec.startswith("suffix:"):
         if tokenizer is None:
             raise ConfigError("a suffix drafter needs the target's tokenizer")
@@ -85,7 +91,7 @@ def make_drafter(
         if not path.strip():
             raise ConfigError("drafter 'suffix:' needs a corpus path: suffix:PATH (a text or "
                               ".jsonl file, or a directory of them), or plain 'suffix'")
-        return SuffixTreeDrafter.from_path(path, tokenizer)
+        return SuffixTreeDrafter.from_path(path, tokenizer, **(suffix_options or {}))
     if check_backend(backend) == "llama.cpp":
         from specmux.backends.llamacpp import LlamaCppDrafter, LlamaCppLM, check_same_vocab
 
@@ -231,7 +237,8 @@ class Pipeline:
         pool = [
             make_drafter(d, tokenizer, prompt_lookup_max=config.prompt_lookup_max,
                          prompt_lookup_min=config.prompt_lookup_min, install=install,
-                         backend=self.backend, target_lm=model, threads=threads)
+                         backend=self.backend, target_lm=model, threads=threads,
+                         suffix_options=config.suffix_options())
             for d in specs
         ]
         _unique_corpus_names(pool, specs)

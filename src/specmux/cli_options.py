@@ -61,8 +61,11 @@ SpeculativeConfigOption = Annotated[
     str | None,
     typer.Option(
         help="JSON with vLLM keys (method: ngram | draft_model | suffix | pool, model, "
-        "num_speculative_tokens, prompt_lookup_max, prompt_lookup_min) and specmux keys "
-        "(drafters, policy, loss, score_rate, delayed_feedback, reset_per_query, contextual, "
+        "num_speculative_tokens, prompt_lookup_max, prompt_lookup_min, "
+        "suffix_decoding_max_tree_depth, suffix_decoding_max_spec_factor, "
+        "suffix_decoding_min_token_prob) and specmux keys "
+        "(suffix_decoding_max_cached_tokens, suffix_decoding_eviction, "
+        "drafters, policy, loss, score_rate, delayed_feedback, reset_per_query, contextual, "
         "seed, exact, backend). Checked "
         "strictly (no strings for numbers, no unknown keys); its keys override the options "
         "above. method 'suffix' takes the corpus path as 'model'.",

@@ -89,7 +89,11 @@ class SpeculativeConfig(BaseModel):
     drafter model for ``draft_model``; for ``suffix`` an optional corpus path: without one,
     SuffixDecoding drafts from the request and earlier outputs),
     ``num_speculative_tokens`` (k, or a list of k values: arms are every drafter x k),
-    ``prompt_lookup_max`` and ``prompt_lookup_min``.  specmux adds ``drafters`` (a pool of
+    ``prompt_lookup_max``, ``prompt_lookup_min`` and the SuffixDecoding options
+    ``suffix_decoding_max_tree_depth`` (longest suffix matched), ``_max_spec_factor`` (draft
+    length cap per matched token), ``_min_token_prob`` (tokens below it are pruned), plus
+    ``suffix_decoding_max_cached_tokens`` and ``_eviction`` (``fifo`` or ``lru``) for the
+    store of earlier outputs.  specmux adds ``drafters`` (a pool of
     drafter specs), ``policy`` (the learner), ``loss``, ``delayed_feedback``,
     ``reset_per_query``, ``contextual`` (one learner per drafter-signal context), ``seed``
     (the learner's seed), ``backend`` (``transformers`` or
@@ -108,6 +112,13 @@ class SpeculativeConfig(BaseModel):
         DEFAULT_NUM_SPECULATIVE_TOKENS)
     prompt_lookup_max: Annotated[int, Field(ge=1, le=MAX_NGRAM)] = 4
     prompt_lookup_min: Annotated[int, Field(ge=1, le=MAX_NGRAM)] = 1
+    # SuffixDecoding drafters (vLLM's suffix_decoding_* keys; the global store is bounded in
+    # tokens rather than cached requests, with FIFO or LRU eviction).
+    suffix_decoding_max_tree_depth: Annotated[int, Field(ge=1, le=1024)] = 24
+    suffix_decoding_max_spec_factor: float = Field(1.0, gt=0.0, le=64.0)
+    suffix_decoding_min_token_prob: float = Field(0.1, ge=0.0, le=1.0)
+    suffix_decoding_max_cached_tokens: Annotated[int, Field(ge=1, le=10**9)] = 1_000_000
+    suffix_decoding_eviction: Literal["fifo", "lru"] = "fifo"
     drafters: Annotated[list[NonEmpty], Field(min_length=1)] | None = None
     policy: str = DEFAULT_POLICY
     loss: Literal["length", "acceptance", "time"] = "length"
@@ -156,6 +167,14 @@ class SpeculativeConfig(BaseModel):
         if self.method == "pool" and not self.drafters:
             raise ValueError("method 'pool' needs 'drafters'")
         return self
+
+    def suffix_options(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`~specmux.drafters.suffix_tree.SuffixTreeDrafter`."""
+        return {"max_match": self.suffix_decoding_max_tree_depth,
+                "max_spec_factor": self.suffix_decoding_max_spec_factor,
+                "min_token_prob": self.suffix_decoding_min_token_prob,
+                "max_tokens": self.suffix_decoding_max_cached_tokens,
+                "eviction": self.suffix_decoding_eviction}
 
     @property
     def ks(self) -> list[int]:
