@@ -116,10 +116,13 @@ def test_greedy_identical_with_contexts(policy, target_model, drafter_models) ->
         target_model, pool(drafter_models), policy, num_speculative_tokens=[0, 1, 3, 6],
         loss="time" if full_info else "length", score_rate=0.5, seed=2, contextual=True,
     )
+    keys = set()
     for prompt in PROMPTS * 2:
         out = decoder.generate(prompt, max_new_tokens=30)
         assert out.token_ids == autoregressive_generate(target_model, prompt, 30)
-    assert decoder.selector.contexts  # rounds were played in some context
+        keys |= {s.context for s in out.steps}
+    assert None not in keys and keys <= set(decoder.selector.contexts)
+    assert len(keys) >= 2  # rounds with and without a prompt-lookup match
 
 
 def test_sampling_with_contexts_matches_target_distribution(

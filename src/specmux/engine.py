@@ -265,7 +265,7 @@ class SpeculativeDecoder:
             tokens=tuple(committed), seconds=t4 - t0, draft_seconds=t2 - t1,
             verify_seconds=t3 - t2, learner_seconds=(t1 - t0) + (t4 - t3),
             finished=finish_reason is not None, finish_reason=finish_reason,
-            gammas=self._gammas(scores),
+            gammas=self._gammas(scores), context=self.selector.round_context,
         )
         self.stats.record(step)
         return step

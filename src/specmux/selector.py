@@ -205,6 +205,11 @@ class Selector:
         self.policy_seconds += time.perf_counter() - t0
         return arm
 
+    @property
+    def round_context(self) -> int | None:
+        """The context key of the round last selected (``None`` when not contextual)."""
+        return self._key
+
     def _playing(self) -> Policy:
         """The learner that plays this round: its context's, once warmed up."""
         key = self._key

@@ -142,3 +142,4 @@ class Step:
     # Counterfactual acceptance per drafter name along this round's verified path:
     # gamma[name][j] = sum_x min(p_j(x), q_j(x)) (greedy: the argmax indicator).
     gammas: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    context: int | None = None  # the round's context key (contextual selection), else None

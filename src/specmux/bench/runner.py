@@ -697,7 +697,7 @@ class BenchRunner:
                 "learner_seconds": step.learner_seconds,
                 "policy_seconds": policy_now - policy_before,
                 "gammas": {k: list(v) for k, v in step.gammas.items()},
-                "scored": sorted(step.gammas),
+                "scored": sorted(step.gammas), "context": step.context,
             })
             policy_before = policy_now
             tokens.extend(step.tokens)
