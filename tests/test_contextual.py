@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from specmux.bench.runner import BenchConfig, parse_policy_spec
+from specmux.bench.runner import BenchConfig, PolicySpec, parse_policy_spec
 from specmux.config import SpeculativeConfig
 from specmux.drafters.hf import HFDrafter
 from specmux.drafters.ngram import NgramDrafter
@@ -150,9 +150,11 @@ def test_config_and_bench_specs() -> None:
     assert SpeculativeConfig.model_validate({"contextual": True}).contextual
     with pytest.raises(ValueError):
         SpeculativeConfig.model_validate({"contextual": "yes"})
-    assert parse_policy_spec("hedge:ctx:time") == ("hedge", "time", True)
-    assert parse_policy_spec("ucb:noctx") == ("ucb", None, False)
-    for bad in ("hedge:ctx:ctx", "hedge:time:length", "hedge:fast", "nope:ctx", "fixed"):
+    assert parse_policy_spec("hedge:ctx:time") == PolicySpec("hedge", "time", True)
+    assert parse_policy_spec("ucb:noctx") == PolicySpec("ucb", None, False)
+    assert parse_policy_spec("normalhedge:argmax").selection == "argmax"
+    for bad in ("hedge:ctx:ctx", "hedge:time:length", "hedge:fast", "nope:ctx", "fixed",
+                "ucb:argmax", "hedge:argmax:sample"):
         with pytest.raises(ConfigError):
             parse_policy_spec(bad)
     with pytest.raises(ConfigError, match="bad policy spec"):

@@ -191,22 +191,3 @@ def test_sampling_with_k_choices_matches_target_distribution(
     assert_distribution(counts.sum(0), joint.sum(0))
     assert_distribution(counts, joint)
 
-
-def test_scoring_share_follows_the_learners_probability() -> None:
-    """An expensive drafter the learner still plays with probability m is scored on
-    max(rate, m) of the rounds, weighted by the inverse share (unbiased)."""
-    model = CostModel()
-    model.observe_verify(1, 100, 0.15)
-    model.observe_score("lm", 0.06)
-    plan = ScoringPlan(["ngram", "lm"], rate=0.1, seed=3)
-    runs, factors = [], []
-    for _ in range(4000):
-        run, f = plan.decide(played=0, model=model, context=100, needs=lambda i: False,
-                             mass=np.array([0.3, 0.7]))
-        runs.append(run[1])
-        factors.append(f[1] if f is not None else 1.0)
-    assert abs(np.mean(runs) - 0.7) < 0.03
-    assert np.mean(factors) == pytest.approx(1.0, abs=0.06)  # E[factor] = 1
-    low = [plan.decide(0, model, 100, lambda i: False, np.array([0.99, 0.01]))[0][1]
-           for _ in range(4000)]
-    assert abs(np.mean(low) - 0.1) < 0.02  # the floor

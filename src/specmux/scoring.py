@@ -7,13 +7,9 @@ a third of a target step whenever a cheap drafter was played.  The plan here:
 * a drafter whose measured scoring time is below ``expensive_fraction`` of a one-position
   target pass (or never measured yet) is scored every round, exactly (``factor 1``);
 * the drafter that drafted this round is scored exactly too: its rows come from the draft;
-* any other (expensive) drafter ``i`` is scored on a random share ``pi_i`` of the rounds,
-  with the importance factor ``1 / pi_i`` (an independent coin: the estimate stays
-  unbiased, see :mod:`specmux.feedback`), else its factor is 0 (its arms get their
-  baseline).  ``pi_i = max(rate, m_i)`` with ``m_i`` the probability the learner gave the
-  drafter's arms this round (when the caller passes it): a drafter the learner still
-  considers is scored as often as it would be played, one it has left behind on the floor
-  ``rate`` only, which is what makes full information cheap once the learner has settled;
+* any other (expensive) drafter is scored on a random ``rate`` of the rounds, with the
+  importance factor ``1 / rate`` (an independent coin: the estimate stays unbiased, see
+  :mod:`specmux.feedback`), else its factor is 0 (its arms get their baseline);
 * a drafter some pending round still needs (its window is not complete) is run too, with
   factor 0 for the current round.  Such a run is also the LM drafter's KV catch-up: the
   next proposal only feeds what is new.
@@ -71,11 +67,10 @@ class ScoringPlan:
 
     def decide(
         self, played: int | None, model: CostModel, context: int,
-        needs: Callable[[int], bool], mass: np.ndarray | None = None,
+        needs: Callable[[int], bool],
     ) -> tuple[list[bool], np.ndarray | None]:
         """``(run, factors)``: run drafter i along the path?  ``factors`` [N] or ``None``
-        when every drafter is scored exactly this round.  ``mass`` [N]: the learner's
-        selection probability of each drafter's arms (raises its scoring share)."""
+        when every drafter is scored exactly this round."""
         if self.rate >= 1.0:
             self.num_runs += 1
             return [True] * len(self.names), None
@@ -86,10 +81,9 @@ class ScoringPlan:
             if not is_dear or i == played:
                 run.append(True)
                 continue
-            share = self.rate if mass is None else min(1.0, max(self.rate, float(mass[i])))
-            if self.rng.random() < share:
+            if self.rng.random() < self.rate:
                 run.append(True)
-                factors[i] = 1.0 / share
+                factors[i] = 1.0 / self.rate
             else:
                 run.append(needs(i))
                 factors[i] = 0.0

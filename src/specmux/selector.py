@@ -221,14 +221,7 @@ class Selector:
         """Which drafters to run along this round's path (``arm`` was played after
         ``context`` tokens), and their importance factors for :meth:`observe`."""
         played = self.arm_drafter[arm] if self.arms[arm].k else None
-        mass = None
-        if self.scoring.rate < 1.0:  # each drafter's selection probability this round
-            probs = self._playing().probabilities()  # [num_arms]
-            mass = np.zeros(len(self.drafter_names))
-            drafting = np.array([a.k > 0 for a in self.arms])
-            np.add.at(mass, np.array(self.arm_drafter)[drafting], probs[drafting])
-        return self.scoring.decide(played, self.cost_model, context, self.tracker.needs,
-                                   mass)
+        return self.scoring.decide(played, self.cost_model, context, self.tracker.needs)
 
     def observe(self, outcome: Outcome, scores: Scores | None = None,
                 factors: np.ndarray | None = None) -> None:

@@ -46,7 +46,8 @@ def bench(
                               ] = _D.max_new_tokens,
     policies: Annotated[
         list[str] | None,
-        typer.Option(help="Learners to compare (repeatable or comma-separated). Default: "
+        typer.Option(help="Learners to compare (repeatable or comma-separated), each "
+                     "NAME[:LOSS][:ctx|:noctx][:sample|:argmax], e.g. hedge:time:ctx. Default: "
                      + ",".join(DEFAULT_POLICIES) + "."),
     ] = None,
     drafters: Annotated[

@@ -62,7 +62,9 @@ def label(method: str, meta: dict[str, Any] | None = None) -> str:
     if method == ORACLE_FIXED:
         return "best fixed single drafter of the stream in hindsight (time)"
     name, *mods = method.split(":")
-    notes = [{"ctx": "contextual", "noctx": "not contextual"}.get(m, f"{m} loss") for m in mods]
+    words = {"ctx": "contextual", "noctx": "not contextual", "argmax": "plays the best arm",
+             "sample": "samples"}
+    notes = [words.get(m, f"{m} loss") for m in mods]
     return POLICY_LABELS.get(name, name) + (f" [{', '.join(notes)}]" if notes else "")
 
 

@@ -49,7 +49,7 @@ import platform
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -123,30 +123,43 @@ def _trained_heads(target: str) -> dict[str, Path]:
 
 
 CONTEXT_FLAGS = {"ctx": True, "noctx": False}
+SELECTIONS = ("sample", "argmax")  # a full-information learner's selection rule
 
 
-def parse_policy_spec(spec: str) -> tuple[str, str | None, bool | None]:
-    """``NAME[:LOSS][:ctx|:noctx]`` -> ``(name, loss or None, contextual or None)``;
-    ConfigError on an unknown policy, loss or flag.
+@dataclass(frozen=True)
+class PolicySpec:
+    """A bench learner: ``NAME[:LOSS][:ctx|:noctx][:sample|:argmax]``."""
 
-    >>> parse_policy_spec("hedge:time:ctx"), parse_policy_spec("ucb")
-    (('hedge', 'time', True), ('ucb', None, None))
+    name: str
+    loss: str | None = None  # None: BenchConfig.loss
+    contextual: bool | None = None  # None: BenchConfig.contextual
+    selection: str | None = None  # Hedge/NormalHedge: draw from the weights, or play the best
+
+
+def parse_policy_spec(spec: str) -> PolicySpec:
+    """Parse a ``--policies`` entry; ConfigError on an unknown policy, loss or flag.
+
+    >>> parse_policy_spec("hedge:time:ctx:argmax")
+    PolicySpec(name='hedge', loss='time', contextual=True, selection='argmax')
     """
     name, *mods = spec.split(":")
     if name not in POLICIES or name == "fixed":
         known = ", ".join(p for p in sorted(POLICIES) if p != "fixed")
         raise ConfigError(f"unknown policy {spec!r}; known: {known}")
-    loss: str | None = None
-    contextual: bool | None = None
+    out = PolicySpec(name)
     for mod in mods:
-        if mod in LOSSES and loss is None:
-            loss = mod
-        elif mod in CONTEXT_FLAGS and contextual is None:
-            contextual = CONTEXT_FLAGS[mod]
+        if mod in LOSSES and out.loss is None:
+            out = replace(out, loss=mod)
+        elif mod in CONTEXT_FLAGS and out.contextual is None:
+            out = replace(out, contextual=CONTEXT_FLAGS[mod])
+        elif (mod in SELECTIONS and out.selection is None
+              and POLICIES[name].full_information):
+            out = replace(out, selection=mod)
         else:
             raise ConfigError(f"bad policy spec {spec!r}: after the name, at most one loss "
-                              f"({', '.join(LOSSES)}) and one of ctx, noctx")
-    return name, loss, contextual
+                              f"({', '.join(LOSSES)}), one of ctx, noctx and, for hedge and "
+                              f"normalhedge, one of {', '.join(SELECTIONS)}")
+    return out
 
 
 @dataclass
@@ -604,15 +617,16 @@ class BenchRunner:
             methods += [_Method(a, "anchor") for a in ANCHORS]
         ks = cfg.learner_ks()
         for spec in cfg.policies:
-            name, loss, contextual = parse_policy_spec(spec)
-            full_information = POLICIES[name].full_information
+            ps = parse_policy_spec(spec)
+            full_information = POLICIES[ps.name].full_information
             decoder = SpeculativeDecoder(
-                self.target, self.factory.pool(), name,
+                self.target, self.factory.pool(), ps.name,
                 num_speculative_tokens=list(ks), eos_token_ids=self.stop,
                 reset_per_query=cfg.reset_per_query, seed=cfg.seed,
-                loss=(loss or cfg.loss) if full_information else "length",
+                loss=(ps.loss or cfg.loss) if full_information else "length",
                 score_rate=cfg.score_rate,
-                contextual=cfg.contextual if contextual is None else contextual,
+                contextual=cfg.contextual if ps.contextual is None else ps.contextual,
+                policy_kwargs={"selection": ps.selection} if ps.selection else None,
             )
             methods.append(_Method(spec, "policy", decoder, exact=cfg.exact))
         return methods
