@@ -109,12 +109,14 @@ def test_drafter_signals() -> None:
     assert suffix.learned.num_tokens == 0  # a signal learns nothing
 
 
-@pytest.mark.parametrize("policy", sorted(set(POLICIES) - {"fixed"}))
+@pytest.mark.parametrize("policy", [*sorted(set(POLICIES) - {"fixed"}), "hedge:argmax"])
 def test_greedy_identical_with_contexts(policy, target_model, drafter_models) -> None:
+    policy, _, selection = policy.partition(":")
     full_info = POLICIES[policy].full_information
     decoder = SpeculativeDecoder(
         target_model, pool(drafter_models), policy, num_speculative_tokens=[0, 1, 3, 6],
         loss="time" if full_info else "length", score_rate=0.5, seed=2, contextual=True,
+        policy_kwargs={"selection": selection} if selection else None,
     )
     keys = set()
     for prompt in PROMPTS * 2:
