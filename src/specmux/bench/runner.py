@@ -792,9 +792,9 @@ class BenchRunner:
         The longest prompt of the stream is prefilled too: the first pass at a new, longer
         shape is slow again, and would land in whichever method's timing meets it first.
         Every pass size up to the largest k + 1 is run once: in bf16 on a CPU the first
-        pass of a new number of positions took seconds (a 2-position verification: 2.7 s median over the
-        first query, against 0.3 s once warm), which would be charged to whichever method
-        meets it first.
+        pass of a new number of positions took seconds (a 2-position verification: 2.7 s
+        median over the first query, against 0.3 s once warm), which would be charged to
+        whichever method meets it first.
         """
         longest = self.longest_prompt()
         short = longest[-8:]
