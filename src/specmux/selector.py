@@ -301,12 +301,16 @@ class Selector:
     def _context(self, key: int) -> Policy:
         """The learner of context ``key`` (a fresh copy of the global one's kind)."""
         if key not in self.contexts:
-            policy = copy.deepcopy(self.policy)
-            policy.seed = (int(self.policy.seed) * 1_000_003 + key + 1) % 2**63
-            policy.restart()
-            self.contexts[key] = policy
+            self.contexts[key] = self._fresh_context(key)
             self.context_counts[key] = 0
         return self.contexts[key]
+
+    def _fresh_context(self, key: int) -> Policy:
+        """A new learner of the global one's kind, with its own seed for context ``key``."""
+        policy = copy.deepcopy(self.policy)
+        policy.seed = (int(self.policy.seed) * 1_000_003 + key + 1) % 2**63
+        policy.restart()
+        return policy
 
     def probabilities(self) -> np.ndarray:
         """The policy's current selection distribution over arms [num_arms]."""
@@ -347,7 +351,7 @@ class Selector:
                 count = entry.get("count")
                 if isinstance(count, bool) or not isinstance(count, int) or count < 0:
                     raise ConfigError(f"policy state context {key}: bad count")
-                policy = copy.deepcopy(self.policy)
+                policy = self._fresh_context(key)
                 policy.load_state_dict(entry.get("state"))  # type: ignore[arg-type]
                 contexts[key], counts[key] = policy, count
         self.policy.load_state_dict(state)
