@@ -191,3 +191,123 @@ def test_sampling_with_k_choices_matches_target_distribution(
     assert_distribution(counts.sum(0), joint.sum(0))
     assert_distribution(counts, joint)
 
+
+
+# ------------------------------------------------------------------ round 3: robust costs,
+# proposal lengths, the best fixed arm's rate, deferred scoring
+
+
+def test_cost_model_clips_one_off_stalls_and_prices_short_proposals() -> None:
+    model = CostModel(half_life=64)
+    for _ in range(20):
+        for n in (1, 5, 9):
+            model.observe_verify(n, 100, 0.1 + 0.01 * n)
+    model.observe_verify(9, 100, 5.0)  # one stall of 25x: counts as 3x at most
+    assert model.verify_seconds(9, 100) < 0.25  # unclipped: 0.46
+    assert model.proposal_length("suffix", 8) == 8.0  # unmeasured: k
+    for drafted in (2, 4, 0, 0):  # empty proposals are not counted
+        model.observe_proposal("suffix", 8, drafted)
+    assert model.proposal_length("suffix", 8) == pytest.approx(3.0, rel=0.02)
+    arms = [("suffix", 8), ("lm", 8), (NO_DRAFT, 0)]
+    costs = model.round_seconds(arms, 100)
+    assert costs[0] == pytest.approx(0.14, rel=0.05)  # a 4-position pass, not 9
+    idle = model.round_seconds(arms, 100, idle=frozenset({"suffix"}))
+    assert idle[0] == pytest.approx(idle[2])  # nothing to offer: one plain step
+    assert "suffix@8" in model.snapshot()["proposal_length"]
+
+
+def test_engine_leaves_the_prefill_round_out_of_the_cost_model(
+    target_model, drafter_models
+) -> None:
+    decoder = SpeculativeDecoder(target_model, pool(drafter_models), "hedge",
+                                 num_speculative_tokens=[0, 2, 4], loss="time")
+    decoder.generate(PROMPTS[0], max_new_tokens=12)
+    contexts = {line.wx / line.w for line in decoder.cost_model.verify.values()}
+    assert all(c > len(PROMPTS[0]) for c in contexts)  # no pass right after the prompt
+
+
+def test_time_loss_rho_starts_at_the_best_fixed_arm() -> None:
+    """With rho from the learner's own (poor) throughput alone, an expensive arm that gives
+    many tokens looks best; the best fixed arm's rate, known from the counterfactuals,
+    corrects it: arm 1 (2 tokens in 0.1 s, 20 tok/s) beats arm 0 (5 tokens in 0.5 s)."""
+    arms = [(0, 4), (1, 4)]
+    gamma = np.array([[1.0, 1.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    costs = np.array([0.5, 0.1])
+    tracker = CounterfactualTracker(arms, "time", delayed=False)
+    first = tracker.add_round_tagged(gamma, gamma, 0, costs=costs, rho=2.0)[0][1]
+    assert np.argmin(first) == 0  # rho = 2 tok/s: 5 - 1 > 2 - 0.2
+    assert tracker.best_fixed_rate() == pytest.approx(20.0)
+    second = tracker.add_round_tagged(gamma, gamma, 0, costs=costs, rho=2.0)[0][1]
+    assert np.argmin(second) == 1  # rho = 20: 5 - 10 < 2 - 2
+    tracker.forget()
+    assert tracker.best_fixed_rate() == 0.0 and tracker.time_scale == 0.0
+
+
+def test_time_loss_scale_forgets_an_outlier() -> None:
+    arms = [(0, 2), (1, 2)]
+    tracker = CounterfactualTracker(arms, "time", delayed=False)
+    gamma = np.array([[1.0, 0.0], [1.0, 0.0]])
+    tracker.add_round_tagged(gamma, gamma, 0, costs=np.array([50.0, 0.0]), rho=1.0)
+    outlier = tracker.time_scale
+    for _ in range(2000):
+        tracker.add_round_tagged(gamma, gamma, 0, costs=np.array([0.1, 0.1]), rho=1.0)
+    assert outlier > 20 and tracker.time_scale == pytest.approx(1.0)  # the usual spread
+
+
+@pytest.mark.parametrize("loss", ["length", "time"])
+def test_deferred_scoring_gives_the_same_losses_as_scoring_every_row(loss) -> None:
+    """Drafter 1 is coin-scored.  Giving the tracker its column over every row at once, or
+    leaving it out and letting the tracker ask for it over each coin round's window in
+    one call, releases the same loss vectors in the same order."""
+    arms = [(0, 2), (0, 4), (1, 2), (1, 4)]
+    rng = np.random.default_rng(3)
+    truth = (rng.random((400, 2)) < [0.8, 0.6]).astype(float)  # per position scores
+    calls: list[tuple[int, int, int]] = []
+
+    def scorer(drafter: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        calls.append((drafter, lo, hi))
+        return truth[lo:hi, drafter], truth[lo:hi, drafter]
+
+    full = CounterfactualTracker(arms, loss)
+    deferred = CounterfactualTracker(arms, loss)
+    out_full, out_deferred, row = [], [], 0
+    costs = np.array([0.3, 0.5, 0.2, 0.3])
+    while row < 380:
+        n = int(rng.integers(1, 5))
+        coin = rng.random() < 0.3
+        factors = np.array([1.0, 1.0 / 0.3 if coin else 0.0])
+        rows = truth[row : row + n]
+        kwargs = {"costs": costs, "rho": 5.0, "factors": factors}
+        out_full += full.add_round_tagged(rows, rows, row, **kwargs)
+        partial = rows.copy()
+        partial[:, 1] = np.nan
+        out_deferred += deferred.add_round_tagged(partial, partial, row, **kwargs,
+                                                  deferred=[1] if coin else [],
+                                                  scorer=scorer)
+        row += n
+    out_full += full.flush_tagged()
+    out_deferred += deferred.flush_tagged(scorer)
+    assert [t for t, _ in out_full] == [t for t, _ in out_deferred]
+    np.testing.assert_allclose(np.array([v for _, v in out_full]),
+                               np.array([v for _, v in out_deferred]))
+    assert calls and all(hi - lo <= 2 * 4 for _, lo, hi in calls)
+    with pytest.raises(ValueError, match="scorer"):
+        CounterfactualTracker(arms, loss).add_round_tagged(
+            truth[:2], truth[:2], 0, costs=costs, deferred=[1])
+
+
+def test_deferred_scoring_runs_the_lm_once_per_coin(target_model, drafter_models) -> None:
+    """The expensive drafter is never played: each coin costs at most one run of it over
+    the coin round's window, and greedy output stays the target's."""
+    drafters = pool(drafter_models)
+    decoder = SpeculativeDecoder(target_model, drafters, "fixed", num_speculative_tokens=3,
+                                 score_all=True, score_rate=0.3, loss="time", seed=2,
+                                 policy_kwargs={"arm": 2})  # ngram plays
+    decoder.selector.scoring.expensive_fraction = 0.0
+    for prompt in PROMPTS:
+        out = decoder.generate(prompt, 40)
+        assert out.token_ids == autoregressive_generate(target_model, prompt, 40)
+    runs = int(decoder.selector.scoring.num_runs[1])  # coins, and exact runs while unmeasured
+    skipped = int(decoder.selector.scoring.num_skipped[1])
+    assert runs > 3 and skipped > runs
+    assert drafters[1].lm.num_forward_calls <= runs

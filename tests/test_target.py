@@ -51,3 +51,16 @@ def test_drafter_accepts_any_target(target_model, drafter_models) -> None:
     assert decoder.generate(prompt, 12).token_ids == autoregressive_generate(
         target_model, prompt, 12)
     assert lm.num_forward_calls > 0
+
+
+def test_cached_lm_returns_more_rows_than_it_remembers() -> None:
+    """A pass asked for more rows than ``max_saved_rows`` (a long window, a large k) returns
+    all of them, equal to one uncached pass."""
+    model = tiny_lm(3)
+    lm = CachedLM(model)
+    ids = [(7 * i) % VOCAB for i in range(40)]
+    lm.logits(ids[:10], 1)
+    rows = lm.logits(ids, 30)  # 30 > max_saved_rows
+    assert rows.shape == (30, VOCAB) and len(lm.rows) <= lm.max_saved_rows
+    fresh = CachedLM(model).logits(ids, 30)
+    torch.testing.assert_close(rows, fresh, rtol=1e-4, atol=1e-4)

@@ -15,8 +15,20 @@ when it gets busier and the context when it gets longer.
 * **Counterfactual scoring**, ``score_seconds(drafter)``: the decayed mean of the seconds
   the drafter's run along a verified path took (for an LM drafter one forward pass, which
   also catches its KV cache up: see :mod:`specmux.feedback`).
+* **Proposal length**, ``proposal_length(drafter, k)``: a model-free drafter often has
+  fewer than ``k`` tokens to offer (prompt lookup without a match offers none), and its
+  round then costs a pass over fewer positions.  The decayed mean length of its non-empty
+  proposals at each ``k`` (``k`` until measured) prices its arms; a drafter known to have
+  nothing this round (its :meth:`~specmux.drafters.base.Drafter.signal` is 0) is priced as
+  one plain step.
 * **Throughput**, ``throughput()``: decayed total tokens / decayed total seconds of the
   rounds played: a ratio of sums, not a mean of per-round ratios (Dinkelbach's ``rho``).
+
+One-off stalls (a page fault, another process) would stay in a decayed mean for a long
+time, so once a line has :data:`ROBUST_AFTER` points an observation is clipped to
+:data:`CLIP_FACTOR` times the line's prediction before it is added.  The caller leaves out
+passes that do work no other round repeats (the engine: a query's first round, which
+carries the prompt's prefill).
 
 Example (a target whose pass costs 0.1 s + 0.01 s per scored position):
 
@@ -38,6 +50,9 @@ from typing import Any
 
 import numpy as np
 
+ROBUST_AFTER = 8  # points a line needs before its observations are clipped
+CLIP_FACTOR = 3.0  # an observation counts at most this many times the prediction
+
 
 class DecayedLine:
     """Weighted least squares ``y = a + b x`` with exponentially decaying weights.
@@ -58,6 +73,10 @@ class DecayedLine:
         self.count = 0
 
     def observe(self, x: float, y: float) -> None:
+        if self.count >= ROBUST_AFTER:  # a one-off stall counts as a bounded outlier
+            limit = CLIP_FACTOR * self.predict(x)
+            if limit > 0:
+                y = min(y, limit)
         d = self.decay
         self.w = d * self.w + 1.0
         self.wx = d * self.wx + x
@@ -101,6 +120,8 @@ class CostModel:
         self.verify: dict[int, DecayedLine] = {}  # positions scored -> seconds(context)
         self.draft: dict[str, DecayedLine] = {}  # drafter -> seconds(k)
         self.score: dict[str, DecayedLine] = {}  # drafter -> seconds (x unused)
+        # (drafter, k) -> [decayed sum of non-empty proposal lengths, decayed count]
+        self.proposals: dict[tuple[str, int], list[float]] = {}
         self.tokens_sum = 0.0
         self.seconds_sum = 0.0
 
@@ -127,6 +148,21 @@ class CostModel:
         if line is None:
             line = self.score[drafter] = DecayedLine(self.decay)
         line.observe(0.0, float(seconds))
+
+    def observe_proposal(self, drafter: str, k: int, drafted: int) -> None:
+        """``drafter``, asked for ``k`` tokens, offered ``drafted`` (empty ones are not
+        counted: the caller knows them from the drafter's signal)."""
+        if k < 1 or drafted < 1:
+            return
+        entry = self.proposals.setdefault((drafter, int(k)), [0.0, 0.0])
+        entry[0] = self.decay * entry[0] + min(drafted, k)
+        entry[1] = self.decay * entry[1] + 1.0
+
+    def proposal_length(self, drafter: str, k: int) -> float:
+        """Mean length of ``drafter``'s non-empty proposals when asked for ``k`` (``k``
+        until measured)."""
+        entry = self.proposals.get((drafter, int(k)))
+        return float(k) if entry is None or entry[1] <= 0 else entry[0] / entry[1]
 
     def observe_round(self, tokens: int, seconds: float) -> None:
         """A played round committed ``tokens`` in ``seconds`` (wall clock, all included)."""
@@ -171,18 +207,30 @@ class CostModel:
         line = self.score.get(drafter)
         return math.nan if line is None else max(line.predict(0.0), 0.0)
 
-    def round_seconds(self, arms: Sequence[tuple[str, int]], context: int) -> np.ndarray:
-        """Modelled seconds of one round per arm ``(drafter, k)``: drafting + verification.
+    def round_seconds(self, arms: Sequence[tuple[str, int]], context: int,
+                      idle: frozenset[str] = frozenset()) -> np.ndarray:
+        """Modelled seconds of one round per arm ``(drafter, k)``: drafting + verification
+        of its (mean) proposal.  A drafter in ``idle`` has nothing to offer this round: its
+        arms cost one plain step.
 
         [num_arms]; a drafter never timed drafts for free (optimistic: a learner then
         tries it, and the first proposal measures it).
         """
         out = np.empty(len(arms))
         for i, (drafter, k) in enumerate(arms):
-            draft = self.draft_seconds(drafter, k)
-            verify = self.verify_seconds(k + 1, context)
+            length = 0.0 if k == 0 or drafter in idle else self.proposal_length(drafter, k)
+            draft = self.draft_seconds(drafter, math.ceil(length)) if length else 0.0
+            verify = self._verify_fractional(length + 1.0, context)
             out[i] = (0.0 if math.isnan(draft) else draft) + (0.0 if math.isnan(verify) else verify)
         return out
+
+    def _verify_fractional(self, positions: float, context: int) -> float:
+        """:meth:`verify_seconds` interpolated between whole numbers of positions."""
+        low = math.floor(positions)
+        cost = self.verify_seconds(low, context)
+        if positions > low:
+            cost += (positions - low) * (self.verify_seconds(low + 1, context) - cost)
+        return cost
 
     def snapshot(self, max_positions: int = 9, context: int = 256) -> dict[str, Any]:
         """The fitted model as plain numbers (for the trace, logs and ``/metrics``)."""
@@ -196,5 +244,7 @@ class CostModel:
                                         for d, line in self.draft.items()},
             "draft_seconds_fixed": {d: line.coefficients()[0] for d, line in self.draft.items()},
             "score_seconds": {d: self.score_seconds(d) for d in self.score},
+            "proposal_length": {f"{d}@{k}": self.proposal_length(d, k)
+                                for d, k in sorted(self.proposals)},
             "context": context,
         }

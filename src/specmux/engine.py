@@ -196,6 +196,8 @@ class SpeculativeDecoder:
         _check_prompt(prompt_ids, self.target.max_context, max_new_tokens)
         stop = self.eos_token_ids if stop_token_ids is None else frozenset(stop_token_ids)
         generator = _generator(sampling)
+        self._log = _RowLog(list(prompt_ids), sampling)
+        self.selector.span_scorer = self._score_span
         self.selector.start_query()
         for d in self.drafters:
             d.start_query(prompt_ids)
@@ -229,7 +231,7 @@ class SpeculativeDecoder:
         """One round: select, propose, score, verify, commit, observe; extends ``context``."""
         t0 = time.perf_counter()
         signals = ([d.signal(context, self.selector.max_k) for d in self.drafters]
-                   if self.selector.contextual else None)
+                   if self.selector.wants_signals else None)
         a = self.selector.select(signals)
         arm = self.selector.arms[a]
         drafter = self.drafters[self.selector.arm_drafter[a]] if arm.k else None
@@ -243,16 +245,23 @@ class SpeculativeDecoder:
         verdict, target_probs = verify(draft, logits, sampling, generator)
         t3 = time.perf_counter()
         model = self.selector.cost_model
-        if drafter is not None and len(draft):
+        timed = round_index > 0  # a query's first passes also prefill its prompt
+        if drafter is not None and k == arm.k:
+            model.observe_proposal(drafter.name, k, len(draft))
+        if timed and drafter is not None and len(draft):
             model.observe_draft(drafter.name, len(draft), t2 - t1)
-        model.observe_verify(len(draft) + 1, len(context), t3 - t2)
+        if timed:
+            model.observe_verify(len(draft) + 1, len(context), t3 - t2)
         committed, finish_reason = self._commit(verdict.tokens.tolist(), context, remaining,
                                                 stop)
-        scores, factors = self._scores(a, context, committed, target_probs, sampling)
+        scores, factors, deferred = self._scores(a, context, committed, target_probs,
+                                                 sampling, timed)
+        self._log.tokens.extend(committed)  # a deferred scoring run may read them now
         self.selector.observe(Outcome(
             a, len(draft), verdict.num_accepted_tokens, block_divergence(draft, target_probs, k),
             finished=finish_reason is not None, seconds=t3 - t0, context=len(context),
-        ), scores, factors)
+        ), scores, factors, deferred)
+        self._log.prune(self.selector.tracker.first_row)
         for d in self.drafters:
             d.observe_target(context, committed, logits[: len(committed)])
             d.observe(context, committed)
@@ -286,12 +295,14 @@ class SpeculativeDecoder:
 
     def _scores(
         self, arm: int, context: list[int], path: list[int], target_probs: torch.Tensor,
-        sampling: SamplingParams,
-    ) -> tuple[Scores | None, np.ndarray | None]:
+        sampling: SamplingParams, timed: bool = True,
+    ) -> tuple[Scores | None, np.ndarray | None, list[int]]:
         """Every drafter's ``(gamma, w)`` [n, N] along the verified ``path`` (no target
         call), when the selector needs them, and the drafters' importance factors: a
         drafter the selector's plan skips this round has ``nan`` columns.  Each drafter's
-        scoring run is timed into the cost model (the played one's rows are reused).
+        scoring run is timed into the cost model (the played one's rows are reused; not in
+        a query's first round, ``timed=False``, where an LM drafter also prefills the
+        prompt).
 
         With the ``"length"`` loss only the first ``max_k`` positions are scored.  A longer
         path (a fully accepted ``max_k`` draft plus its bonus token) ends at a position no
@@ -301,9 +312,10 @@ class SpeculativeDecoder:
         """
         selector = self.selector
         if not selector.needs_scores:
-            return None, None
+            return None, None, []
         scored = path if selector.tracker.loss == "acceptance" else path[: selector.max_k]
-        run, factors = selector.plan_scoring(arm, len(context))
+        run, factors, deferred = selector.plan_scoring(arm, len(context))
+        self._log.add(selector.tracker.next_row, len(context), target_probs[: len(scored)])
         played = selector.arm_drafter[arm] if selector.arms[arm].k else None
         dists: list[PathDistributions | None] = []
         for i, d in enumerate(self.drafters):
@@ -312,13 +324,33 @@ class SpeculativeDecoder:
                 continue
             t0 = time.perf_counter()
             dists.append(d.distributions(context, scored, sampling))
-            if i != played:  # the played drafter's rows come from its draft
+            if i != played and timed:  # the played drafter's rows come from its draft
                 selector.cost_model.observe_score(d.name, time.perf_counter() - t0)
         scores = position_scores(
             torch.tensor(scored, dtype=torch.long), target_probs[: len(scored)], dists,
             sampling.greedy,
         )
-        return scores, factors
+        return scores, factors, deferred
+
+    def _score_span(self, drafter: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """Deferred scoring (:mod:`specmux.scoring`): ``drafter``'s ``(gamma, w)`` [hi - lo]
+        over log rows ``lo..hi`` of this query, from ONE run of the drafter over the
+        tokens they span (which also catches an LM drafter's KV cache up)."""
+        log_ = self._log
+        positions = [log_.position[r] for r in range(lo, hi)]  # token index of each row
+        first, last = positions[0], positions[-1]
+        d = self.drafters[drafter]
+        t0 = time.perf_counter()
+        dist = d.distributions(log_.tokens[:first], log_.tokens[first : last + 1],
+                               log_.sampling)  # [last - first + 1] rows
+        self.selector.cost_model.observe_score(d.name, time.perf_counter() - t0)
+        index = torch.tensor([p - first for p in positions], dtype=torch.long)
+        picked = PathDistributions(tokens=dist.tokens[index],
+                                   probs=None if dist.probs is None else dist.probs[index])
+        path = torch.tensor([log_.tokens[p] for p in positions], dtype=torch.long)  # [n]
+        target = torch.stack([log_.target[r] for r in range(lo, hi)])  # [n, V]
+        gamma, weight = position_scores(path, target, [picked], log_.sampling.greedy)
+        return gamma[:, 0], weight[:, 0]
 
     def _gammas(self, scores: Scores | None) -> dict[str, tuple[float, ...]]:
         """Per drafter run this round, its gamma along the path (skipped ones left out)."""
@@ -345,6 +377,29 @@ class SpeculativeDecoder:
             token_ids=tokens, steps=steps, stats=query,
             finish_reason=steps[-1].finish_reason or "length", prompt_ids=list(prompt_ids),
         )
+
+
+class _RowLog:
+    """A query's tokens, and per counterfactual-log row its token index and the target's
+    distribution there (what a deferred scoring run needs; rows before the tracker's
+    :attr:`~specmux.feedback.CounterfactualTracker.first_row` are dropped)."""
+
+    def __init__(self, prompt: list[int], sampling: SamplingParams) -> None:
+        self.tokens = prompt  # prompt + committed tokens
+        self.sampling = sampling
+        self.position: dict[int, int] = {}  # row -> token index
+        self.target: dict[int, torch.Tensor] = {}  # row -> target probs [V]
+
+    def add(self, row: int, context: int, target_probs: torch.Tensor) -> None:
+        """Rows ``row, row + 1, ...`` are the tokens after ``context``; ``target_probs``
+        [n, V] the target's distributions there."""
+        for j in range(target_probs.shape[0]):
+            self.position[row + j] = context + j
+            self.target[row + j] = target_probs[j]
+
+    def prune(self, first_row: int) -> None:
+        for row in [r for r in self.position if r < first_row]:
+            del self.position[row], self.target[row]
 
 
 def _check_drafters(drafters: Sequence[Drafter], vocab_size: int) -> list[Drafter]:

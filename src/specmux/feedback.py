@@ -37,16 +37,21 @@ Losses, each in [0, 1]:
   (:class:`specmux.costmodel.CostModel`) and ``rho`` the running throughput (tokens/s),
   the gain ``g_a = T_a - rho * c_a`` is maximized.  The loss is
   ``1/2 + (m - g_a) / (2 D)``: ``m`` is the round's mean gain over the arms scored exactly
-  (a per-round shift, which exponential weights ignore), ``D`` the largest ``|g_a - m|``
-  seen so far (a scale that only grows, fixed after the first rounds, so the objective
-  is not reweighted; the worst-case bound ``max_k + rho * max c`` would shrink the loss
-  differences tenfold and slow Hedge down as much).  Losses lie in [0, 1] except in a
-  round that raises ``D``, by the raise.  Throughput is a ratio of
-  expectations, ``sum T / sum c``; an arm beats ``rho`` exactly when its gain is positive,
-  and as ``rho`` follows the learner's own throughput, the arm with the largest gain is
-  the one with the best long-run tokens/second (Dinkelbach 1967).  The no-speculation arm
-  (``k = 0``) has ``T = 1``.  Both terms come from the same verified path, so the loss is
-  exact under greedy decoding and unbiased under sampling, like ``"length"``.
+  (a per-round shift, which exponential weights ignore), ``D`` a decayed maximum of
+  ``|g_a - m|`` (half-life :data:`SCALE_HALF_LIFE` rounds, never below this round's
+  spread: the losses of the exactly scored arms lie in [0, 1]; the worst-case bound
+  ``max_k + rho * max c`` would shrink the loss differences tenfold and slow Hedge down
+  as much, and an all-time maximum would let one outlier round do the same for good).
+  Throughput is a ratio of expectations, ``sum T / sum c``; an arm beats ``rho`` exactly
+  when its gain is positive (Dinkelbach 1967).  ``rho`` is the larger of the learner's
+  own throughput and the best *fixed* arm's, ``sum T_a / sum c_a`` over the rounds it was
+  scored in (full information gives it for free).  Both are lower bounds of the best
+  achievable throughput ``rho*``, and for any ``rho <= rho*`` the arm of largest gain in
+  each context makes ``sum (T - rho c) >= 0``, i.e. at least ``rho`` tokens/second
+  (Dinkelbach's lemma): starting from the best fixed arm's rate, the learner can only
+  improve on it.  The no-speculation arm (``k = 0``) has ``T = 1``.  Both terms come from
+  the same verified path, so the loss is exact under greedy decoding and unbiased under
+  sampling, like ``"length"``.
 
 **Cheap counterfactuals (sub-sampled scoring).**  Running an LM drafter along the path
 costs a forward pass.  The caller may skip a drafter ``i`` in a round and pass a per-drafter
@@ -55,14 +60,18 @@ are reused), ``1/pi`` (scored because a coin of probability ``pi`` came up) or `
 scored: its column is ``nan``).  The loss of each arm of drafter ``i`` is then
 ``b_a + factors[i] * (loss_a - b_a)``, with ``b_a`` a baseline (decayed mean of the arm's
 exactly scored losses, known before the round): unbiased, because the coin is independent
-of the path.  While a round with ``factors[i] > 0`` is pending, :meth:`needs` tells the
-caller to keep scoring ``i`` so that its window gets complete.
+of the path.  A coin-scored drafter needs its scores over the round's whole window: the
+caller passes it in ``deferred`` (its columns ``nan`` for now) with a ``scorer``, and once
+the window is verified the tracker asks ``scorer(drafter, lo, hi)`` for the drafter's
+``(gamma, w)`` over log rows ``lo..hi`` (:attr:`CounterfactualTracker.next_row` numbers
+them): one run of the drafter over all of them instead of one per round.  Rounds whose
+window a request overlaps wait for it.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,6 +81,10 @@ from specmux.types import PathDistributions
 from specmux.verify import acceptance_probability
 
 LOSSES = ("length", "acceptance", "time")
+# scorer(drafter, lo, hi) -> (gamma, w), each [hi - lo]: a drafter's scores over log rows
+SpanScorer = Callable[[int, int, int], tuple[np.ndarray, np.ndarray]]
+SCALE_HALF_LIFE = 256.0  # rounds: how fast the "time" loss's scale D forgets a large spread
+RATE_HALF_LIFE = 128.0  # rounds: the fixed arms' throughput estimates
 
 
 def position_scores(
@@ -168,7 +181,12 @@ class CounterfactualTracker:
         self._decay = 0.5 ** (1.0 / baseline_half_life)
         self._base_sum = np.zeros(len(self.k_of_arm))
         self._base_w = np.zeros(len(self.k_of_arm))
-        self.time_scale = 0.0  # D of the "time" loss: largest |gain - mean gain| seen
+        self.time_scale = 0.0  # D of the "time" loss: decayed max of |gain - mean gain|
+        self._scale_decay = 0.5 ** (1.0 / SCALE_HALF_LIFE)
+        # Per arm, decayed sums of counterfactual tokens and modelled seconds ("time" loss).
+        self._rate_decay = 0.5 ** (1.0 / RATE_HALF_LIFE)
+        self._arm_tokens = np.zeros(len(self.k_of_arm))
+        self._arm_seconds = np.zeros(len(self.k_of_arm))
         # Arms grouped by k once: (k, arm mask, drafter of each selected arm).
         self._groups = [
             (int(k), sel, self.drafter_of_arm[sel])
@@ -176,6 +194,13 @@ class CounterfactualTracker:
             for sel in [self.k_of_arm == k]
         ]
         self.reset()
+
+    def forget(self) -> None:
+        """Forget what the ``"time"`` loss learned across queries (its scale, the fixed
+        arms' rates)."""
+        self.time_scale = 0.0
+        self._arm_tokens[:] = 0.0
+        self._arm_seconds[:] = 0.0
 
     def reset(self) -> None:
         """Start a new query (pending rounds of the previous one must be flushed first)."""
@@ -185,6 +210,17 @@ class CounterfactualTracker:
         self._len = 0
         self._offset = 0  # positions dropped from the front of the log
         self._pending: deque[_Pending] = deque()
+        self._requests: list[list[int]] = []  # [drafter, lo, hi): deferred scoring (rows)
+
+    @property
+    def next_row(self) -> int:
+        """The log row number the next round's first position gets (0 at query start)."""
+        return self._offset + self._len
+
+    @property
+    def first_row(self) -> int:
+        """The oldest log row still kept (a :data:`SpanScorer` is asked for no older)."""
+        return self._offset
 
     def add_round(self, gamma: np.ndarray, weight: np.ndarray) -> list[np.ndarray]:
         """Record one round's path scores; return the loss vectors that became known."""
@@ -197,13 +233,17 @@ class CounterfactualTracker:
     def add_round_tagged(
         self, gamma: np.ndarray, weight: np.ndarray, tag: int, *,
         costs: np.ndarray | None = None, rho: float = 0.0, factors: np.ndarray | None = None,
+        deferred: Sequence[int] = (), scorer: SpanScorer | None = None,
     ) -> list[tuple[int, np.ndarray]]:
         """As :meth:`add_round`, pairing each released loss vector with its round's ``tag``.
 
         ``costs`` [num_arms] (modelled round seconds) and ``rho`` (tokens/s) are needed by
         the ``"time"`` loss; ``factors`` [N] are the drafters' scoring importances (see the
-        module docstring; ``None``: every drafter scored exactly).
+        module docstring; ``None``: every drafter scored exactly).  ``deferred``: drafters
+        to score over this round's window later, with ``scorer`` (module docstring).
         """
+        if deferred and scorer is None:
+            raise ValueError("deferred scoring needs a scorer")
         if self.loss == "time" and costs is None:
             raise ValueError("the 'time' loss needs the arms' modelled costs")
         meta = _Pending(-1, tag, costs, float(rho) if np.isfinite(rho) else 0.0, factors)
@@ -218,22 +258,49 @@ class CounterfactualTracker:
         meta.start = self._offset + self._len
         self._len += n
         self._pending.append(meta)
+        for drafter in deferred:
+            self._request(int(drafter), meta.start, meta.start + self.max_k)
+        self._fill_due(scorer, final=False)
         return self._release(final=False)
 
-    def needs(self, drafter: int) -> bool:
-        """Whether a pending round still needs ``drafter`` scored on the next path: it was
-        scored at that round (``factors > 0``) and may still be accepted further."""
-        for pending in self._pending:
-            if pending.factors is None or pending.factors[drafter] > 0:
-                assert self._weight is not None
-                lo = pending.start - self._offset
-                if np.prod(self._weight[lo:self._len, drafter]) > 0:
-                    return True
-        return False
+    def _request(self, drafter: int, lo: int, hi: int) -> None:
+        """Ask for ``drafter``'s scores over rows ``lo..hi`` (past its open requests)."""
+        for request in self._requests:
+            if request[0] == drafter:
+                lo = max(lo, request[2])
+        if hi > lo:
+            self._requests.append([drafter, lo, hi])
 
-    def flush_tagged(self) -> list[tuple[int, np.ndarray]]:
-        """As :meth:`flush`, with tags."""
-        out = self._release(final=True) if self._gamma is not None else []
+    def _fill_due(self, scorer: SpanScorer | None, final: bool) -> None:
+        """Fill the requests whose rows are all verified (at the query's end: every one,
+        cut at the last row), each drafter's adjacent ones in one ``scorer`` call."""
+        end = self._offset + self._len
+        due = [r for r in self._requests if final or r[2] <= end]
+        if not due:
+            return
+        if scorer is None:
+            raise ValueError("deferred scoring needs a scorer")
+        assert self._gamma is not None and self._weight is not None
+        self._requests = [r for r in self._requests if not (final or r[2] <= end)]
+        spans: list[list[int]] = []
+        for drafter, lo, hi in sorted(due):
+            hi = min(hi, end)
+            if spans and spans[-1][0] == drafter and spans[-1][2] >= lo:
+                spans[-1][2] = max(spans[-1][2], hi)
+            elif hi > lo:
+                spans.append([drafter, lo, hi])
+        for drafter, lo, hi in spans:
+            gamma, weight = scorer(drafter, lo, hi)
+            rows = slice(lo - self._offset, hi - self._offset)
+            self._gamma[rows, drafter] = gamma
+            self._weight[rows, drafter] = weight
+
+    def flush_tagged(self, scorer: SpanScorer | None = None) -> list[tuple[int, np.ndarray]]:
+        """As :meth:`flush`, with tags; ``scorer`` fills the deferred requests first."""
+        out: list[tuple[int, np.ndarray]] = []
+        if self._gamma is not None:
+            self._fill_due(scorer, final=True)
+            out = self._release(final=True)
         self.reset()
         return out
 
@@ -258,6 +325,8 @@ class CounterfactualTracker:
             lo = pending[0].start - self._offset
             hi = min(lo + self.max_k, self._len)
             complete = end - pending[0].start >= self.max_k
+            if any(r[1] < pending[0].start + self.max_k for r in self._requests):
+                break  # a deferred scoring run will fill part of its window
             if not (complete or final):
                 # No drafter can get past the known positions: the rest contributes nothing.
                 dead = hi > lo and not np.any(np.prod(self._weight[lo:hi], axis=0) > 0)
@@ -305,22 +374,34 @@ class CounterfactualTracker:
         self._base_w[f > 0] += 1.0
         return base + f * (losses - base)
 
+    def best_fixed_rate(self) -> float:
+        """The best fixed arm's throughput so far, ``sum T_a / sum c_a`` (tokens per
+        modelled second; 0 before any round)."""
+        ok = self._arm_seconds > 0
+        if not ok.any():
+            return 0.0
+        return float(np.max(self._arm_tokens[ok] / self._arm_seconds[ok]))
+
     def _time_losses(self, tokens: np.ndarray, meta: _Pending) -> np.ndarray:
         """Dinkelbach's gain ``T - rho * c`` per arm, shifted and scaled (module docstring)."""
         assert meta.costs is not None
-        gain = tokens - meta.rho * meta.costs  # [num_arms], in tokens
+        rho = max(meta.rho, self.best_fixed_rate())
+        gain = tokens - rho * meta.costs  # [num_arms], in tokens
         exact = (np.ones(len(gain), dtype=bool) if meta.factors is None
                  else meta.factors[self.drafter_of_arm] == 1.0)
         if not exact.any():
             exact[:] = True
         mean = float(gain[exact].mean())
         spread = float(np.abs(gain[exact] - mean).max())
-        seen = None if meta.factors is None else meta.factors[self.drafter_of_arm] > 0
-        if seen is not None and seen.any():  # scored by a coin: known exactly too
+        seen = exact if meta.factors is None else meta.factors[self.drafter_of_arm] > 0
+        if seen.any():  # scored by a coin: known exactly too
             spread = max(spread, float(np.abs(gain[seen] - mean).max()))
-        scale = self.time_scale if self.time_scale > 0 else max(spread, 1e-9)
-        self.time_scale = max(self.time_scale, spread)
-        return 0.5 + (mean - gain) / (2.0 * scale)
+        # This round's tokens and costs feed the fixed arms' rates only after its loss.
+        d = self._rate_decay
+        self._arm_tokens[seen] = d * self._arm_tokens[seen] + tokens[seen]
+        self._arm_seconds[seen] = d * self._arm_seconds[seen] + meta.costs[seen]
+        self.time_scale = max(self.time_scale * self._scale_decay, spread, 1e-9)
+        return 0.5 + (mean - gain) / (2.0 * self.time_scale)
 
     def tokens(self, gamma: np.ndarray, weight: np.ndarray) -> np.ndarray:
         """Expected tokens per round ``E[min(A, k)] + 1`` of every arm [num_arms]."""

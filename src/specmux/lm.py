@@ -117,6 +117,7 @@ class CachedLM:
         fresh = out.logits[0].float()  # [n - start + 1, V]
         self.rows = {i: r for i, r in self.rows.items() if i <= keep}
         self.rows.update({start + j: fresh[j] for j in range(fresh.shape[0])})
+        out_rows = torch.stack([self.rows[i] for i in range(first, n + 1)])  # [num_last, V]
         if len(self.rows) > self.max_saved_rows:
             for i in sorted(self.rows)[: len(self.rows) - self.max_saved_rows]:
                 del self.rows[i]
@@ -125,7 +126,7 @@ class CachedLM:
             self.hidden = {i: h for i, h in self.hidden.items() if i in self.rows}
             self.hidden.update({start + j: grabbed[j] for j in range(grabbed.shape[0])
                                 if start + j in self.rows})
-        return torch.stack([self.rows[i] for i in range(first, n + 1)])
+        return out_rows
 
     def feed(self, ids: Sequence[int], keep: int, **kwargs: Any) -> Any:
         """Crop the KV cache to its first ``keep`` positions, run the model on ``ids[keep:]``

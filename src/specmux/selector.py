@@ -46,7 +46,7 @@ import numpy as np
 
 from specmux.costmodel import CostModel
 from specmux.errors import ConfigError
-from specmux.feedback import CounterfactualTracker
+from specmux.feedback import CounterfactualTracker, SpanScorer
 from specmux.metrics import SpecStats
 from specmux.policies import Arm, Policy, make_policy
 from specmux.scoring import ScoringPlan
@@ -161,6 +161,9 @@ class Selector:
         self.contexts: dict[int, Policy] = {}  # context key -> its own learner
         self.context_counts: dict[int, int] = {}  # key -> loss vectors (bandits: updates)
         self._key: int | None = None  # context key of the round being played
+        self._idle: frozenset[str] = frozenset()  # drafters with nothing to offer this round
+        # Scores a drafter over rows of the query's log (set by the engine: deferred scoring)
+        self.span_scorer: SpanScorer | None = None
         self.stats = SpecStats()
         self.policy_seconds = 0.0
         # The finished round's feedback, its losses' tags and context key, for end_query.
@@ -174,6 +177,7 @@ class Selector:
         """A query starts: forget everything in reset-per-query mode; empty the tracker."""
         if self.reset_per_query:  # a fresh learner: its random stream restarts too
             self.policy.restart()
+            self.tracker.forget()
             self.contexts.clear()
             self.context_counts.clear()
         self.tracker.reset()
@@ -201,9 +205,19 @@ class Selector:
         t0 = time.perf_counter()
         self._key = (self.context_key(signals)
                      if self.contextual and signals is not None else None)
+        self._idle = frozenset() if signals is None else frozenset(
+            name for name, level in zip(self.drafter_names, signals, strict=True)
+            if level == 0)
         arm = self._playing().select()
         self.policy_seconds += time.perf_counter() - t0
         return arm
+
+    @property
+    def wants_signals(self) -> bool:
+        """Whether :meth:`select` wants the drafters' signals: for the context key, and
+        for the ``"time"`` loss, which prices a drafter with nothing to offer as one plain
+        step."""
+        return self.contextual or (self.needs_scores and self.tracker.loss == "time")
 
     @property
     def round_context(self) -> int | None:
@@ -217,28 +231,36 @@ class Selector:
             return self.contexts[key]
         return self.policy
 
-    def plan_scoring(self, arm: int, context: int) -> tuple[list[bool], np.ndarray | None]:
+    def plan_scoring(
+        self, arm: int, context: int,
+    ) -> tuple[list[bool], np.ndarray | None, list[int]]:
         """Which drafters to run along this round's path (``arm`` was played after
-        ``context`` tokens), and their importance factors for :meth:`observe`."""
+        ``context`` tokens), their importance factors for :meth:`observe`, and the drafters
+        to score over the round's window later (only with a :attr:`span_scorer` and a
+        delayed ``length``/``time`` loss; :mod:`specmux.scoring`)."""
         played = self.arm_drafter[arm] if self.arms[arm].k else None
-        return self.scoring.decide(played, self.cost_model, context, self.tracker.needs)
+        defer = (self.span_scorer is not None and self.tracker.delayed
+                 and self.tracker.loss != "acceptance")
+        return self.scoring.decide(played, self.cost_model, context, defer)
 
     def observe(self, outcome: Outcome, scores: Scores | None = None,
-                factors: np.ndarray | None = None) -> None:
+                factors: np.ndarray | None = None, deferred: Sequence[int] = ()) -> None:
         """Learn from one round.  ``scores``: every drafter's ``(gamma, w)`` [n, N] along
         the round's verified path, when :attr:`needs_scores` (``nan`` columns for drafters
-        :meth:`plan_scoring` skipped, with their ``factors``).  The losses that became known
-        go to the policy with the outcome; a finished round's feedback waits for
-        :meth:`end_query`, which adds the still-pending losses to it."""
+        :meth:`plan_scoring` skipped or ``deferred``, with their ``factors``).  The losses
+        that became known go to the policy with the outcome; a finished round's feedback
+        waits for :meth:`end_query`, which adds the still-pending losses to it."""
         released: list[tuple[int, np.ndarray]] = []
         if scores is not None:
             costs, rho = None, 0.0
             if self.tracker.loss == "time":  # modelled seconds per arm [num_arms], tokens/s
-                costs = self.cost_model.round_seconds(self._arm_specs, outcome.context)
+                costs = self.cost_model.round_seconds(self._arm_specs, outcome.context,
+                                                      self._idle)
                 rho = self.cost_model.throughput()
             tag = outcome.arm + len(self.arms) * (0 if self._key is None else 1 + self._key)
-            released = self.tracker.add_round_tagged(scores[0], scores[1], tag,
-                                                     costs=costs, rho=rho, factors=factors)
+            released = self.tracker.add_round_tagged(
+                scores[0], scores[1], tag, costs=costs, rho=rho, factors=factors,
+                deferred=deferred, scorer=self.span_scorer)
             for tag, losses in released:
                 self.stats.record_losses(tag % len(self.arms), losses)
         feedback = Feedback(
@@ -255,7 +277,7 @@ class Selector:
 
     def end_query(self) -> None:
         """The query ended (finished, or closed early): deliver the delayed feedback."""
-        resolved = self.tracker.flush_tagged() if self.needs_scores else []
+        resolved = self.tracker.flush_tagged(self.span_scorer) if self.needs_scores else []
         for tag, losses in resolved:
             self.stats.record_losses(tag % len(self.arms), losses)
         final, self._final = self._final, None
@@ -322,6 +344,7 @@ class Selector:
         self.contexts.clear()
         self.context_counts.clear()
         self.tracker.reset()
+        self.tracker.forget()
         self.stats = SpecStats()
         self._final = None
 

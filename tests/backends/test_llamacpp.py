@@ -106,6 +106,9 @@ def test_long_prompt_is_fed_in_batches(ggufs) -> None:
     with pytest.raises(PromptError, match="vocabulary"):
         lm.logits([1, 2, VOCAB])  # llama_decode would fail on it; the cache stays usable
     torch.testing.assert_close(lm.logits(ids, 3), rows, atol=1e-4, rtol=1e-4)
+    many = lm.logits([*ids, 3], 30)  # more rows than it remembers (max_saved_rows)
+    assert many.shape == (30, VOCAB) and len(lm.rows) <= lm.max_saved_rows
+    torch.testing.assert_close(many[-2], rows[-1], atol=1e-4, rtol=1e-4)
     lm.close()
 
 

@@ -206,10 +206,11 @@ class LlamaCppLM:
         self.cached_ids = list(ids)
         self.rows = {i: r for i, r in self.rows.items() if i <= keep}
         self.rows.update({start + j: fresh[j] for j in range(fresh.shape[0])})
-        if len(self.rows) > self.max_saved_rows:
+        out = torch.stack([self.rows[i] for i in range(first, n + 1)])  # [num_last, V]
+        if len(self.rows) > self.max_saved_rows:  # remember the last rows only
             for i in sorted(self.rows)[: len(self.rows) - self.max_saved_rows]:
                 del self.rows[i]
-        return torch.stack([self.rows[i] for i in range(first, n + 1)])
+        return out
 
     def _decode(self, ids: Sequence[int], keep: int, start: int) -> torch.Tensor:
         """Roll the KV cache back to ``keep`` tokens, feed ``ids[keep:]`` in batches of at
