@@ -311,3 +311,27 @@ def test_deferred_scoring_runs_the_lm_once_per_coin(target_model, drafter_models
     skipped = int(decoder.selector.scoring.num_skipped[1])
     assert runs > 3 and skipped > runs
     assert drafters[1].lm.num_forward_calls <= runs
+
+
+def test_played_lm_scores_its_bonus_row_later_without_an_extra_pass(
+    target_model, drafter_models
+) -> None:
+    """After a fully accepted LM draft the bonus position's row is deferred: the next
+    proposal computes it (the LM is played every round here), and the losses are the ones
+    scoring every row at once gives."""
+    results = {}
+    for defer in (False, True):
+        drafters = pool(drafter_models)
+        decoder = SpeculativeDecoder(target_model, drafters, "fixed",
+                                     num_speculative_tokens=[1, 2, 4], score_all=True,
+                                     policy_kwargs={"arm": 3})  # good@k=1: often all accepted
+        decoder.selector.scoring.expensive_fraction = 0.0 if defer else math.inf
+        outs = [decoder.generate(p, 40).token_ids for p in PROMPTS]
+        assert outs == [autoregressive_generate(target_model, p, 40) for p in PROMPTS]
+        results[defer] = (drafters[1].lm.num_forward_calls, decoder.stats.arm_loss_sum,
+                          decoder.stats.num_scored_rounds)
+    (calls_now, losses_now, rounds_now), (calls_later, losses_later, rounds_later) = (
+        results[False], results[True])
+    assert rounds_now == rounds_later
+    np.testing.assert_allclose(losses_later, losses_now, atol=1e-12)
+    assert calls_later < 0.8 * calls_now

@@ -255,7 +255,7 @@ class SpeculativeDecoder:
         committed, finish_reason = self._commit(verdict.tokens.tolist(), context, remaining,
                                                 stop)
         scores, factors, deferred = self._scores(a, context, committed, target_probs,
-                                                 sampling, timed)
+                                                 sampling, timed, len(draft))
         self._log.tokens.extend(committed)  # a deferred scoring run may read them now
         self.selector.observe(Outcome(
             a, len(draft), verdict.num_accepted_tokens, block_divergence(draft, target_probs, k),
@@ -295,8 +295,8 @@ class SpeculativeDecoder:
 
     def _scores(
         self, arm: int, context: list[int], path: list[int], target_probs: torch.Tensor,
-        sampling: SamplingParams, timed: bool = True,
-    ) -> tuple[Scores | None, np.ndarray | None, list[int]]:
+        sampling: SamplingParams, timed: bool = True, drafted: int = 0,
+    ) -> tuple[Scores | None, np.ndarray | None, list[int | tuple[int, int, int]]]:
         """Every drafter's ``(gamma, w)`` [n, N] along the verified ``path`` (no target
         call), when the selector needs them, and the drafters' importance factors: a
         drafter the selector's plan skips this round has ``nan`` columns.  Each drafter's
@@ -309,6 +309,13 @@ class SpeculativeDecoder:
         arm's counterfactual reaches: every pending round started at or before this one and
         looks ``max_k`` positions ahead.  Skipping it saves each LM drafter a forward pass
         in most rounds of a good drafter.
+
+        The played drafter's rows come from its draft (``drafted`` tokens), except after a
+        fully accepted draft: the bonus position's row needs one more pass of an LM
+        drafter, which its next proposal makes anyway (it feeds the last drafted token and
+        the bonus token together).  When the selector can defer, an expensive played
+        drafter's rows past its draft are requested for later
+        (:mod:`specmux.scoring`) instead of paying that pass now.
         """
         selector = self.selector
         if not selector.needs_scores:
@@ -317,19 +324,26 @@ class SpeculativeDecoder:
         run, factors, deferred = selector.plan_scoring(arm, len(context))
         self._log.add(selector.tracker.next_row, len(context), target_probs[: len(scored)])
         played = selector.arm_drafter[arm] if selector.arms[arm].k else None
+        late = (played is not None and len(scored) > drafted and selector.defers
+                and selector.scoring.expensive(selector.cost_model, len(context))[played])
         dists: list[PathDistributions | None] = []
         for i, d in enumerate(self.drafters):
-            if not run[i]:
+            if not run[i] or (late and i == played):
                 dists.append(None)
                 continue
             t0 = time.perf_counter()
             dists.append(d.distributions(context, scored, sampling))
             if i != played and timed:  # the played drafter's rows come from its draft
                 selector.cost_model.observe_score(d.name, time.perf_counter() - t0)
-        scores = position_scores(
-            torch.tensor(scored, dtype=torch.long), target_probs[: len(scored)], dists,
-            sampling.greedy,
-        )
+        path_ids = torch.tensor(scored, dtype=torch.long)  # [n]
+        scores = position_scores(path_ids, target_probs[: len(scored)], dists, sampling.greedy)
+        if late and played is not None:  # rows of the draft now, the rest when due
+            mine = self.drafters[played].distributions(context, scored[:drafted], sampling)
+            gamma, weight = position_scores(path_ids[:drafted], target_probs[:drafted],
+                                            [mine], sampling.greedy)
+            scores[0][:drafted, played] = gamma[:, 0]
+            scores[1][:drafted, played] = weight[:, 0]
+            deferred = [*deferred, (played, drafted, len(scored))]
         return scores, factors, deferred
 
     def _score_span(self, drafter: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:

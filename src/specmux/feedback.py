@@ -210,7 +210,7 @@ class CounterfactualTracker:
         self._len = 0
         self._offset = 0  # positions dropped from the front of the log
         self._pending: deque[_Pending] = deque()
-        self._requests: list[list[int]] = []  # [drafter, lo, hi): deferred scoring (rows)
+        self._requests: list[list[int]] = []  # [drafter, lo, hi, due]: deferred scoring
 
     @property
     def next_row(self) -> int:
@@ -233,14 +233,15 @@ class CounterfactualTracker:
     def add_round_tagged(
         self, gamma: np.ndarray, weight: np.ndarray, tag: int, *,
         costs: np.ndarray | None = None, rho: float = 0.0, factors: np.ndarray | None = None,
-        deferred: Sequence[int] = (), scorer: SpanScorer | None = None,
+        deferred: Sequence[int | tuple[int, int, int]] = (), scorer: SpanScorer | None = None,
     ) -> list[tuple[int, np.ndarray]]:
         """As :meth:`add_round`, pairing each released loss vector with its round's ``tag``.
 
         ``costs`` [num_arms] (modelled round seconds) and ``rho`` (tokens/s) are needed by
         the ``"time"`` loss; ``factors`` [N] are the drafters' scoring importances (see the
         module docstring; ``None``: every drafter scored exactly).  ``deferred``: drafters
-        to score over this round's window later, with ``scorer`` (module docstring).
+        to score over this round's window later, with ``scorer`` (module docstring); an
+        entry ``(drafter, lo, hi)`` asks for the round's rows ``lo..hi`` only.
         """
         if deferred and scorer is None:
             raise ValueError("deferred scoring needs a scorer")
@@ -258,32 +259,36 @@ class CounterfactualTracker:
         meta.start = self._offset + self._len
         self._len += n
         self._pending.append(meta)
-        for drafter in deferred:
-            self._request(int(drafter), meta.start, meta.start + self.max_k)
+        for entry in deferred:  # due once the round's window is verified
+            drafter, lo, hi = ((entry, 0, self.max_k) if isinstance(entry, (int, np.integer))
+                               else entry)
+            self._request(int(drafter), meta.start + lo, meta.start + hi,
+                          meta.start + self.max_k)
         self._fill_due(scorer, final=False)
         return self._release(final=False)
 
-    def _request(self, drafter: int, lo: int, hi: int) -> None:
-        """Ask for ``drafter``'s scores over rows ``lo..hi`` (past its open requests)."""
+    def _request(self, drafter: int, lo: int, hi: int, due: int) -> None:
+        """Ask for ``drafter``'s scores over rows ``lo..hi`` (past its open requests) once
+        ``due`` rows are verified."""
         for request in self._requests:
             if request[0] == drafter:
                 lo = max(lo, request[2])
         if hi > lo:
-            self._requests.append([drafter, lo, hi])
+            self._requests.append([drafter, lo, hi, due])
 
     def _fill_due(self, scorer: SpanScorer | None, final: bool) -> None:
         """Fill the requests whose rows are all verified (at the query's end: every one,
         cut at the last row), each drafter's adjacent ones in one ``scorer`` call."""
         end = self._offset + self._len
-        due = [r for r in self._requests if final or r[2] <= end]
+        due = [r for r in self._requests if final or r[3] <= end]
         if not due:
             return
         if scorer is None:
             raise ValueError("deferred scoring needs a scorer")
         assert self._gamma is not None and self._weight is not None
-        self._requests = [r for r in self._requests if not (final or r[2] <= end)]
+        self._requests = [r for r in self._requests if not (final or r[3] <= end)]
         spans: list[list[int]] = []
-        for drafter, lo, hi in sorted(due):
+        for drafter, lo, hi, _ in sorted(due):
             hi = min(hi, end)
             if spans and spans[-1][0] == drafter and spans[-1][2] >= lo:
                 spans[-1][2] = max(spans[-1][2], hi)

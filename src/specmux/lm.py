@@ -46,7 +46,7 @@ class CachedLM:
     Counters ``num_forward_calls`` and ``num_tokens_fed`` make the cache's effect testable.
     """
 
-    max_saved_rows = 16  # logit rows remembered for reuse ([V] float32 each)
+    max_saved_rows = 64  # logit rows remembered for reuse ([V] float32 each)
 
     def __init__(self, model: PreTrainedModel, name: str = "model") -> None:
         self.model = model.eval()

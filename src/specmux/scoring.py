@@ -4,8 +4,9 @@ Full information (HedgeSpec) runs every drafter along every verified path.  For 
 drafter that is a table lookup; for an LM drafter it is a forward pass, which on a CPU costs
 a third of a target step whenever a cheap drafter was played.  The plan here:
 
-* a drafter whose measured scoring time is below ``expensive_fraction`` of a one-position
-  target pass (or never measured yet) is scored every round, exactly (``factor 1``);
+* a drafter whose measured scoring time (or, before that, drafting time per token) is below
+  ``expensive_fraction`` of a one-position target pass (or never measured yet) is scored
+  every round, exactly (``factor 1``);
 * the drafter that drafted this round is scored exactly too: its rows come from the draft;
 * any other (expensive) drafter is scored on a random ``rate`` of the rounds, with the
   importance factor ``1 / rate`` (an independent coin: the estimate stays unbiased, see
@@ -58,11 +59,14 @@ class ScoringPlan:
         self.num_skipped = np.zeros(len(self.names), dtype=int)
 
     def expensive(self, model: CostModel, context: int) -> list[bool]:
-        """Per drafter: measured scoring time above the threshold (unmeasured: False)."""
+        """Per drafter: measured scoring time (else the time of one drafting step) above
+        the threshold (neither measured: False)."""
         step = model.verify_seconds(1, context)
         out = []
         for name in self.names:
             cost = model.score_seconds(name)
+            if math.isnan(cost):
+                cost = model.draft_seconds(name, 1)
             out.append(not (math.isnan(cost) or math.isnan(step))
                        and cost > self.expensive_fraction * step)
         return out

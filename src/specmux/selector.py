@@ -239,12 +239,18 @@ class Selector:
         to score over the round's window later (only with a :attr:`span_scorer` and a
         delayed ``length``/``time`` loss; :mod:`specmux.scoring`)."""
         played = self.arm_drafter[arm] if self.arms[arm].k else None
-        defer = (self.span_scorer is not None and self.tracker.delayed
-                 and self.tracker.loss != "acceptance")
-        return self.scoring.decide(played, self.cost_model, context, defer)
+        return self.scoring.decide(played, self.cost_model, context, self.defers)
+
+    @property
+    def defers(self) -> bool:
+        """Whether scoring runs can be deferred: a :attr:`span_scorer` is set and the
+        loss is a delayed ``length``/``time`` one (``acceptance`` is known at once)."""
+        return (self.span_scorer is not None and self.tracker.delayed
+                and self.tracker.loss != "acceptance")
 
     def observe(self, outcome: Outcome, scores: Scores | None = None,
-                factors: np.ndarray | None = None, deferred: Sequence[int] = ()) -> None:
+                factors: np.ndarray | None = None,
+                deferred: Sequence[int | tuple[int, int, int]] = ()) -> None:
         """Learn from one round.  ``scores``: every drafter's ``(gamma, w)`` [n, N] along
         the round's verified path, when :attr:`needs_scores` (``nan`` columns for drafters
         :meth:`plan_scoring` skipped or ``deferred``, with their ``factors``).  The losses

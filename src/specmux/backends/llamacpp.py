@@ -123,7 +123,7 @@ class LlamaCppLM:
     that drives it (its own ``generate``) must be followed by :meth:`reset`.
     """
 
-    max_saved_rows = 16  # logit rows remembered for reuse ([V] float32 each)
+    max_saved_rows = 64  # logit rows remembered for reuse ([V] float32 each)
 
     def __init__(self, llama: Llama, name: str = "model") -> None:
         lc = llama_cpp_module()

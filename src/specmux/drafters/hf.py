@@ -22,7 +22,8 @@ class HFDrafter(Drafter):
     """Autoregressive drafting with a Hugging Face causal LM.
 
     Each proposal costs ``k`` forward passes of one token each (the first also catches the
-    cache up with tokens committed since this drafter last ran).  ``distributions`` scores a
+    cache up with tokens committed since this drafter last ran, and keeps the row before
+    the last context token too).  ``distributions`` scores a
     whole path in one forward pass, so counterfactual scoring is cheap.
     """
 
@@ -41,8 +42,12 @@ class HFDrafter(Drafter):
         seq = list(context)
         tokens: list[int] = []
         probs: list[torch.Tensor] = []
-        for _ in range(k):
-            q = process_logits(self.lm.logits(seq, 1), sampling)[0]  # [V]
+        for j in range(k):
+            # The first pass also keeps the row before the last context token: after a
+            # fully accepted draft that is the bonus position's row, which counterfactual
+            # scoring asks for later (engine: deferred scoring), at no extra pass.
+            rows = self.lm.logits(seq, 2 if j == 0 and len(seq) > 1 else 1)  # [1 or 2, V]
+            q = process_logits(rows[-1:], sampling)[0]  # [V]
             x = int(q.argmax()) if sampling.greedy else sample(q, generator)
             tokens.append(x)
             probs.append(q)
