@@ -296,9 +296,12 @@ def test_deferred_scoring_gives_the_same_losses_as_scoring_every_row(loss) -> No
             truth[:2], truth[:2], 0, costs=costs, deferred=[1])
 
 
-def test_deferred_scoring_runs_the_lm_once_per_coin(target_model, drafter_models) -> None:
+def test_deferred_scoring_runs_the_lm_once_per_coin(
+    target_model, drafter_models, monkeypatch
+) -> None:
     """The expensive drafter is never played: each coin costs at most one run of it over
     the coin round's window, and greedy output stays the target's."""
+    monkeypatch.setattr("specmux.scoring.MIN_WATCH", 1.0)  # every query watches it
     drafters = pool(drafter_models)
     decoder = SpeculativeDecoder(target_model, drafters, "fixed", num_speculative_tokens=3,
                                  score_all=True, score_rate=0.3, loss="time", seed=2,
@@ -335,3 +338,25 @@ def test_played_lm_scores_its_bonus_row_later_without_an_extra_pass(
     assert rounds_now == rounds_later
     np.testing.assert_allclose(losses_later, losses_now, atol=1e-12)
     assert calls_later < 0.8 * calls_now
+
+
+def test_watched_queries_keep_coin_factors_unbiased() -> None:
+    """An expensive drafter the learner rarely plays is watched in a quarter of the queries;
+    its mean importance factor over many rounds stays 1 (unbiased losses), and it is
+    scored in about ``rate / 4`` of the rounds."""
+    model = CostModel()
+    model.observe_verify(1, 100, 0.2)
+    model.observe_score("lm", 0.1)
+    plan = ScoringPlan(["ngram", "lm"], rate=0.2, seed=5)
+    factors, runs = [], 0
+    for _ in range(4000):
+        plan.start_query([0.99, 0.01])
+        assert plan.watch_rate[1] == pytest.approx(0.25)
+        for _ in range(10):
+            _, f, deferred = plan.decide(played=0, model=model, context=100, defer=True)
+            factors.append(1.0 if f is None else f[1])
+            runs += bool(deferred)
+    assert np.mean(factors) == pytest.approx(1.0, abs=0.06)
+    assert runs / len(factors) == pytest.approx(0.05, abs=0.006)
+    plan.start_query([0.1, 0.9])  # a drafter it plays often: watched in every query
+    assert plan.watch_rate[1] == 1.0 and plan.watched[1]

@@ -17,6 +17,15 @@ a third of a target step whenever a cheap drafter was played.  The plan here:
   the round's own path at once would leave the rest of the window to later rounds, one
   forward pass each, and on a CPU a pass costs about the same for 1 position as for 8.
 
+Keeping an LM drafter ready to be scored also means feeding it every committed token (its
+KV catch-up), which costs about as much as scoring it.  So with ``rate < 1`` each expensive
+drafter is also **watched** in a query only with probability ``q = min(1, max(1/4,
+2 * share))``, ``share`` being the learner's probability of playing it when the query
+starts (drawn then, before any of the query's tokens: independent of its paths); in an
+unwatched query it is scored only where it is played, and its coin rounds weigh
+``1 / (q * rate)``.  A drafter the learner has learned to avoid costs nothing in three
+queries of four.
+
 ``rate = 1`` scores everything every round (the plain HedgeSpec behaviour).
 
 >>> from specmux.costmodel import CostModel
@@ -43,6 +52,8 @@ import numpy as np
 from specmux.config import seed_entropy
 from specmux.costmodel import CostModel
 
+MIN_WATCH = 0.25  # least probability that a query watches an expensive drafter
+
 
 class ScoringPlan:
     """Decides per round which drafters to score and with which importance factor."""
@@ -57,6 +68,18 @@ class ScoringPlan:
         self.rng = np.random.default_rng(seed_entropy(seed))  # any 64-bit seed
         self.num_runs = np.zeros(len(self.names), dtype=int)  # scoring runs per drafter
         self.num_skipped = np.zeros(len(self.names), dtype=int)
+        self.watch_rate = np.ones(len(self.names))  # q per drafter, this query
+        self.watched = np.ones(len(self.names), dtype=bool)
+
+    def start_query(self, shares: Sequence[float] | None = None) -> None:
+        """A query starts: draw which drafters it watches (module docstring); ``shares``
+        [N] are the learner's probabilities of playing each drafter (``None``: watch
+        all)."""
+        if self.rate >= 1.0 or shares is None:
+            self.watch_rate = np.ones(len(self.names))
+        else:
+            self.watch_rate = np.clip(2.0 * np.asarray(shares, dtype=float), MIN_WATCH, 1.0)
+        self.watched = self.rng.random(len(self.names)) < self.watch_rate
 
     def expensive(self, model: CostModel, context: int) -> list[bool]:
         """Per drafter: measured scoring time (else the time of one drafting step) above
@@ -89,8 +112,8 @@ class ScoringPlan:
             if not is_dear or i == played:
                 run.append(True)
                 continue
-            coin = self.rng.random() < self.rate
-            factors[i] = 1.0 / self.rate if coin else 0.0
+            coin = bool(self.watched[i]) and self.rng.random() < self.rate
+            factors[i] = 1.0 / (self.rate * self.watch_rate[i]) if coin else 0.0
             run.append(coin and not defer)
             if coin and defer:
                 deferred.append(i)

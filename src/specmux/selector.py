@@ -182,6 +182,13 @@ class Selector:
             self.context_counts.clear()
         self.tracker.reset()
         self._final = None
+        if self.needs_scores and self.scoring.rate < 1.0:  # which drafters it watches
+            probs = self.policy.probabilities()
+            shares = np.zeros(len(self.drafter_names))
+            for a, arm in enumerate(self.arms):
+                if arm.k:
+                    shares[self.arm_drafter[a]] += probs[a]
+            self.scoring.start_query(shares)
 
     def context_key(self, signals: Sequence[int | None]) -> int:
         """The context of a round from the drafters' signals (one per drafter, in
