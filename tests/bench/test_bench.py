@@ -421,3 +421,11 @@ def test_all_categories_many_arms_report(models: BenchModels, tmp_path: Path) ->
     assert drafter_family("lm@8") == "lm" and drafter_family("suffix:code") == "suffix"
     colors = drafter_colors(pool)
     assert len(set(colors.values())) == len(pool)
+
+
+def test_cost_goals_are_met_at_or_below_their_target() -> None:
+    from specmux.bench.report import Goal
+
+    assert Goal("scoring share", 0.01, 0.02, at_most=True).met
+    assert not Goal("scoring share", 0.05, 0.02, at_most=True).met
+    assert Goal("speedup", 2.1, 2.0).met and Goal("x", None, 1.0).met is None
