@@ -89,8 +89,9 @@ def test_time_loss_prefers_best_throughput_not_most_tokens() -> None:
         CounterfactualTracker(arms, "time").add_round(gamma, gamma)
 
 
-def test_subsampled_scores_are_unbiased() -> None:
-    """A drafter scored with probability 1/4 and factor 4 gets, on average, its exact loss."""
+def test_subsampled_scores_are_consistent() -> None:
+    """A drafter scored on a 1/4 coin: its unscored rounds get the mean of its coin rounds'
+    losses, so its losses average to the exact ones."""
     arms = [(0, 2), (1, 2)]
     rng = np.random.default_rng(0)
     exact, estimated = [], []
@@ -211,7 +212,7 @@ def test_cost_model_clips_one_off_stalls_and_prices_short_proposals() -> None:
     arms = [("suffix", 8), ("lm", 8), (NO_DRAFT, 0)]
     costs = model.round_seconds(arms, 100)
     assert costs[0] == pytest.approx(0.14, rel=0.05)  # a 4-position pass, not 9
-    idle = model.round_seconds(arms, 100, idle=frozenset({"suffix"}))
+    idle = model.round_seconds(arms, 100, lengths={"suffix": 0})
     assert idle[0] == pytest.approx(idle[2])  # nothing to offer: one plain step
     assert "suffix@8" in model.snapshot()["proposal_length"]
 
@@ -360,3 +361,58 @@ def test_watched_queries_keep_coin_factors_unbiased() -> None:
     assert runs / len(factors) == pytest.approx(0.05, abs=0.006)
     plan.start_query([0.1, 0.9])  # a drafter it plays often: watched in every query
     assert plan.watch_rate[1] == 1.0 and plan.watched[1]
+
+
+def test_time_loss_counts_a_short_proposal_as_what_it_would_draft() -> None:
+    """A model-free drafter offering 2 tokens this round: its k = 8 arm is worth at most 3
+    tokens (its later per-position guesses do not count) and costs a 3-position pass."""
+    arms = [(0, 8), (1, 8)]
+    gamma = np.ones((8, 2))
+    tracker = CounterfactualTracker(arms, "time", delayed=False)
+    assert tracker.tokens(gamma, gamma).tolist() == [9.0, 9.0]
+    assert tracker.tokens(gamma, gamma, np.array([2, 8])).tolist() == [3.0, 9.0]
+    model = CostModel()
+    for n in (1, 3, 9):
+        model.observe_verify(n, 10, 0.1 * n)
+    short = model.round_seconds([("suffix", 8), ("suffix", 2)], 10, lengths={"suffix": 2})
+    assert short.tolist() == pytest.approx([0.3, 0.3])
+
+
+def test_model_free_drafters_offer_their_signal_and_length() -> None:
+    from specmux.drafters.suffix_tree import SuffixTreeDrafter
+
+    ngram = NgramDrafter(prompt_lookup_max=3)
+    assert ngram.offer([5, 6, 7, 8, 9, 5, 6, 7], 8) == (2, 5)  # 8 9 5 6 7
+    assert ngram.offer([1, 2, 3], 8) == (0, 0)
+    tree = SuffixTreeDrafter(name="t")
+    tree.start_query([1, 2, 3, 4, 5, 9, 1, 2, 3])
+    level, length = tree.offer([1, 2, 3, 4, 5, 9, 1, 2, 3], 4)
+    assert level == tree.signal([1, 2, 3, 4, 5, 9, 1, 2, 3], 4) and 1 <= length <= 4
+    assert HFDrafter.offer is not NgramDrafter.offer  # LM drafters: (None, None)
+
+
+def test_imputed_losses_follow_the_context_and_ignore_played_rounds() -> None:
+    """Drafter 1 is good in context 0 and bad in context 1; it is scored by coins in both,
+    and exactly where it is played (context 1 only, where it looked good by chance): its
+    imputed losses are per context and not pulled toward the played rounds."""
+    arms = [(0, 2), (1, 2)]
+    tracker = CounterfactualTracker(arms, "length", delayed=False)
+    rng = np.random.default_rng(0)
+    out = {0: [], 1: []}
+    for _ in range(3000):
+        key = int(rng.integers(2))
+        good = key == 0
+        row = np.array([[1.0, 1.0 if good else 0.0], [1.0, 1.0 if good else 0.0]])
+        coin, played = rng.random() < 0.1, key == 1 and rng.random() < 0.3
+        seen = row.copy()
+        if not (coin or played):
+            seen[:, 1] = np.nan
+        factors = np.array([1.0, 10.0 if coin and not played else 1.0 if played else 0.0])
+        if played:  # a lucky round where it was played
+            seen[:, 1] = row[:, 1] = 1.0
+        tag = (1 if played else 0) + 2 * (1 + key)
+        (loss,) = [v for _, v in tracker.add_round_tagged(seen, seen, tag, factors=factors)]
+        if not (coin or played):
+            out[key].append(loss[1])
+    assert np.mean(out[0]) == pytest.approx(0.0, abs=0.01)  # 3 of 3 tokens: loss 0
+    assert np.mean(out[1]) == pytest.approx(2 / 3, abs=0.01)  # 1 of 3: not the played 0

@@ -17,10 +17,9 @@ when it gets busier and the context when it gets longer.
   also catches its KV cache up: see :mod:`specmux.feedback`).
 * **Proposal length**, ``proposal_length(drafter, k)``: a model-free drafter often has
   fewer than ``k`` tokens to offer (prompt lookup without a match offers none), and its
-  round then costs a pass over fewer positions.  The decayed mean length of its non-empty
-  proposals at each ``k`` (``k`` until measured) prices its arms; a drafter known to have
-  nothing this round (its :meth:`~specmux.drafters.base.Drafter.signal` is 0) is priced as
-  one plain step.
+  round then costs a pass over fewer positions.  A drafter that says what it has this
+  round (:meth:`~specmux.drafters.base.Drafter.offer`) is priced by that; otherwise the
+  decayed mean length of its non-empty proposals at each ``k`` (``k`` until measured).
 * **Throughput**, ``throughput()``: decayed total tokens / decayed total seconds of the
   rounds played: a ratio of sums, not a mean of per-round ratios (Dinkelbach's ``rho``).
 
@@ -45,7 +44,7 @@ Example (a target whose pass costs 0.1 s + 0.01 s per scored position):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -208,17 +207,23 @@ class CostModel:
         return math.nan if line is None else max(line.predict(0.0), 0.0)
 
     def round_seconds(self, arms: Sequence[tuple[str, int]], context: int,
-                      idle: frozenset[str] = frozenset()) -> np.ndarray:
+                      lengths: Mapping[str, int] | None = None) -> np.ndarray:
         """Modelled seconds of one round per arm ``(drafter, k)``: drafting + verification
-        of its (mean) proposal.  A drafter in ``idle`` has nothing to offer this round: its
-        arms cost one plain step.
+        of its proposal: ``min(k, lengths[drafter])`` tokens for a drafter that said what
+        it has this round (0: one plain step), else its mean proposal length.
 
         [num_arms]; a drafter never timed drafts for free (optimistic: a learner then
         tries it, and the first proposal measures it).
         """
+        lengths = lengths or {}
         out = np.empty(len(arms))
         for i, (drafter, k) in enumerate(arms):
-            length = 0.0 if k == 0 or drafter in idle else self.proposal_length(drafter, k)
+            if k == 0:
+                length = 0.0
+            elif drafter in lengths:
+                length = float(min(k, lengths[drafter]))
+            else:
+                length = self.proposal_length(drafter, k)
             draft = self.draft_seconds(drafter, math.ceil(length)) if length else 0.0
             verify = self._verify_fractional(length + 1.0, context)
             out[i] = (0.0 if math.isnan(draft) else draft) + (0.0 if math.isnan(verify) else verify)

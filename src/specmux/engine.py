@@ -230,9 +230,10 @@ class SpeculativeDecoder:
     ) -> Step:
         """One round: select, propose, score, verify, commit, observe; extends ``context``."""
         t0 = time.perf_counter()
-        signals = ([d.signal(context, self.selector.max_k) for d in self.drafters]
-                   if self.selector.wants_signals else None)
-        a = self.selector.select(signals)
+        offers = ([d.offer(context, self.selector.max_k) for d in self.drafters]
+                  if self.selector.wants_signals else None)  # (signal, proposal length)
+        a = self.selector.select(offers and [o[0] for o in offers],
+                                 offers and [o[1] for o in offers])
         arm = self.selector.arms[a]
         drafter = self.drafters[self.selector.arm_drafter[a]] if arm.k else None
         room = self.target.max_context - len(context) - 1

@@ -54,13 +54,21 @@ Losses, each in [0, 1]:
   sampling, like ``"length"``.
 
 **Cheap counterfactuals (sub-sampled scoring).**  Running an LM drafter along the path
-costs a forward pass.  The caller may skip a drafter ``i`` in a round and pass a per-drafter
-importance ``factors[i]``: ``1`` (scored exactly, e.g. the drafter was played and its rows
-are reused), ``1/pi`` (scored because a coin of probability ``pi`` came up) or ``0`` (not
-scored: its column is ``nan``).  The loss of each arm of drafter ``i`` is then
-``b_a + factors[i] * (loss_a - b_a)``, with ``b_a`` a baseline (decayed mean of the arm's
-exactly scored losses, known before the round): unbiased, because the coin is independent
-of the path.  A coin-scored drafter needs its scores over the round's whole window: the
+costs a forward pass.  The caller may skip a drafter ``i`` in a round and pass per-drafter
+``factors[i]``: ``1`` (scored exactly, e.g. the drafter was played and its rows are
+reused), ``1/pi > 1`` (scored because an independent coin of probability ``pi`` came up)
+or ``0`` (not scored: its column is ``nan``).  An arm of an unscored drafter gets its
+loss *imputed*: the decayed mean (half-life ``baseline_half_life`` samples) of that arm's
+losses in the rounds its drafter was scored by a coin, in the same context (the round's
+tag carries the context key, :mod:`specmux.selector`), else in any context.  Coin rounds
+are a random sample of the rounds, so the mean is a consistent estimate of the arm's loss
+there; rounds where the drafter was played are not used (the learner played it where it
+looked good: a biased sample).  The unbiased alternative, ``b + factors[i] * (loss -
+b)``, gives a coin round an importance weight of ``1/pi``: with ``pi`` = 1/80 (a 5% coin
+in a quarter of the queries) one coin moved an arm's cumulative loss by tens of rounds'
+worth, and learners that play their best arm locked onto whichever drafter a few coins
+happened to favour (BENCHMARKS.md, issue 11, third run).
+A coin-scored drafter needs its scores over the round's whole window: the
 caller passes it in ``deferred`` (its columns ``nan`` for now) with a ``scorer``, and once
 the window is verified the tracker asks ``scorer(drafter, lo, hi)`` for the drafter's
 ``(gamma, w)`` over log rows ``lo..hi`` (:attr:`CounterfactualTracker.next_row` numbers
@@ -156,6 +164,7 @@ class _Pending:
     costs: np.ndarray | None = None  # [num_arms] modelled seconds ("time" loss)
     rho: float = 0.0  # throughput (tokens/s) when the round was played ("time" loss)
     factors: np.ndarray | None = None  # [N] importance of each drafter's scores (None: all 1)
+    ks: np.ndarray | None = None  # [num_arms] tokens each arm would draft (None: its k)
 
 
 class CounterfactualTracker:
@@ -179,8 +188,8 @@ class CounterfactualTracker:
         self.delayed = delayed
         # Per-arm baselines for sub-sampled scoring: decayed sums of exact losses / counts.
         self._decay = 0.5 ** (1.0 / baseline_half_life)
-        self._base_sum = np.zeros(len(self.k_of_arm))
-        self._base_w = np.zeros(len(self.k_of_arm))
+        # Imputation baselines: key -> (decayed loss sums, decayed counts) [num_arms] each.
+        self._baselines: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.time_scale = 0.0  # D of the "time" loss: decayed max of |gain - mean gain|
         self._scale_decay = 0.5 ** (1.0 / SCALE_HALF_LIFE)
         # Per arm, decayed sums of counterfactual tokens and modelled seconds ("time" loss).
@@ -201,6 +210,7 @@ class CounterfactualTracker:
         self.time_scale = 0.0
         self._arm_tokens[:] = 0.0
         self._arm_seconds[:] = 0.0
+        self._baselines.clear()
 
     def reset(self) -> None:
         """Start a new query (pending rounds of the previous one must be flushed first)."""
@@ -234,6 +244,7 @@ class CounterfactualTracker:
         self, gamma: np.ndarray, weight: np.ndarray, tag: int, *,
         costs: np.ndarray | None = None, rho: float = 0.0, factors: np.ndarray | None = None,
         deferred: Sequence[int | tuple[int, int, int]] = (), scorer: SpanScorer | None = None,
+        ks: np.ndarray | None = None,
     ) -> list[tuple[int, np.ndarray]]:
         """As :meth:`add_round`, pairing each released loss vector with its round's ``tag``.
 
@@ -241,13 +252,16 @@ class CounterfactualTracker:
         the ``"time"`` loss; ``factors`` [N] are the drafters' scoring importances (see the
         module docstring; ``None``: every drafter scored exactly).  ``deferred``: drafters
         to score over this round's window later, with ``scorer`` (module docstring); an
-        entry ``(drafter, lo, hi)`` asks for the round's rows ``lo..hi`` only.
+        entry ``(drafter, lo, hi)`` asks for the round's rows ``lo..hi`` only.  ``ks``
+        [num_arms]: how many tokens each arm would have drafted this round, where fewer
+        than its ``k`` (a model-free drafter with a short proposal): its expected accepted
+        length is counted up to that.
         """
         if deferred and scorer is None:
             raise ValueError("deferred scoring needs a scorer")
         if self.loss == "time" and costs is None:
             raise ValueError("the 'time' loss needs the arms' modelled costs")
-        meta = _Pending(-1, tag, costs, float(rho) if np.isfinite(rho) else 0.0, factors)
+        meta = _Pending(-1, tag, costs, float(rho) if np.isfinite(rho) else 0.0, factors, ks)
         if self.loss == "acceptance" or not self.delayed:
             return [(tag, self._losses(gamma, weight, meta))] if gamma.shape[0] else []
         n = gamma.shape[0]
@@ -363,21 +377,35 @@ class CounterfactualTracker:
             per_drafter = (1.0 - gamma).sum(axis=0) / (self.max_k + 1)  # [N]
             losses = per_drafter[self.drafter_of_arm]
         else:
-            tokens = self.tokens(gamma, weight)  # [num_arms] E[A] + 1
+            tokens = self.tokens(gamma, weight, meta.ks)  # [num_arms] E[A] + 1
             if self.loss == "length":
                 losses = 1.0 - tokens / (self.max_k + 1)
             else:
                 losses = self._time_losses(tokens, meta)
         if factors is None:
             return losses
-        f = factors[self.drafter_of_arm]  # [num_arms]
-        base = np.divide(self._base_sum, self._base_w, out=np.zeros_like(self._base_sum),
-                         where=self._base_w > 0)
-        self._base_sum *= self._decay
-        self._base_w *= self._decay
-        self._base_sum[f > 0] += losses[f > 0]
-        self._base_w[f > 0] += 1.0
-        return base + f * (losses - base)
+        return self._impute(losses, factors[self.drafter_of_arm], meta.tag)
+
+    def _impute(self, losses: np.ndarray, f: np.ndarray, tag: int) -> np.ndarray:
+        """Losses of arms whose drafter was not scored (``f == 0``) replaced by the decayed
+        mean of that arm's losses in the rounds its drafter was scored by a coin (``f >
+        1``), in the round's context (``tag // num_arms``), else in any context, else in
+        any scored round (module docstring)."""
+        num_arms = len(self.k_of_arm)
+        keys = (max(tag, 0) // num_arms, -1)  # this round's context, every context
+        for key in keys:
+            self._baselines.setdefault(key, (np.zeros(num_arms), np.zeros(num_arms)))
+        base = np.full(num_arms, np.nan)
+        for key in (*keys, -2):  # -2: every scored round (before any coin came up)
+            total, weight = self._baselines.get(key, (np.zeros(num_arms), np.zeros(num_arms)))
+            fill = np.isnan(base) & (weight > 0)
+            base[fill] = total[fill] / weight[fill]
+        for key, mask in ((keys[0], f > 1), (-1, f > 1), (-2, f > 0)):
+            total, weight = self._baselines.setdefault(
+                key, (np.zeros(num_arms), np.zeros(num_arms)))
+            total[mask] = self._decay * total[mask] + losses[mask]
+            weight[mask] = self._decay * weight[mask] + 1.0
+        return np.where(f > 0, losses, np.nan_to_num(base, nan=0.5))
 
     def best_fixed_rate(self) -> float:
         """The best fixed arm's throughput so far, ``sum T_a / sum c_a`` (tokens per
@@ -408,9 +436,16 @@ class CounterfactualTracker:
         self.time_scale = max(self.time_scale * self._scale_decay, spread, 1e-9)
         return 0.5 + (mean - gain) / (2.0 * self.time_scale)
 
-    def tokens(self, gamma: np.ndarray, weight: np.ndarray) -> np.ndarray:
-        """Expected tokens per round ``E[min(A, k)] + 1`` of every arm [num_arms]."""
+    def tokens(self, gamma: np.ndarray, weight: np.ndarray,
+               ks: np.ndarray | None = None) -> np.ndarray:
+        """Expected tokens per round ``E[min(A, k)] + 1`` of every arm [num_arms] (``ks``
+        [num_arms]: each arm's ``k`` for this round instead of its own)."""
         out = np.empty(len(self.k_of_arm))
-        for k, sel, drafters in self._groups:
-            out[sel] = expected_accepted(gamma, weight, k)[drafters] + 1.0
+        if ks is None:
+            for k, sel, drafters in self._groups:
+                out[sel] = expected_accepted(gamma, weight, k)[drafters] + 1.0
+            return out
+        for k in np.unique(ks):
+            sel = ks == k
+            out[sel] = expected_accepted(gamma, weight, int(k))[self.drafter_of_arm[sel]] + 1.0
         return out

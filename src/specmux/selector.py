@@ -161,7 +161,7 @@ class Selector:
         self.contexts: dict[int, Policy] = {}  # context key -> its own learner
         self.context_counts: dict[int, int] = {}  # key -> loss vectors (bandits: updates)
         self._key: int | None = None  # context key of the round being played
-        self._idle: frozenset[str] = frozenset()  # drafters with nothing to offer this round
+        self._lengths: dict[str, int] = {}  # drafter -> tokens it offers this round (max_k)
         # Scores a drafter over rows of the query's log (set by the engine: deferred scoring)
         self.span_scorer: SpanScorer | None = None
         self.stats = SpecStats()
@@ -206,24 +206,26 @@ class Selector:
                 best, first = min(int(level), 2), i
         return 0 if best == 0 else 1 + 2 * first + best - 1
 
-    def select(self, signals: Sequence[int | None] | None = None) -> int:
-        """The arm to play this round (an index into :attr:`arms`).  ``signals``: the
-        drafters' :meth:`~specmux.drafters.base.Drafter.signal` (contextual mode only)."""
+    def select(self, signals: Sequence[int | None] | None = None,
+               lengths: Sequence[int | None] | None = None) -> int:
+        """The arm to play this round (an index into :attr:`arms`).  ``signals`` and
+        ``lengths``: the drafters' :meth:`~specmux.drafters.base.Drafter.offer` (when
+        :attr:`wants_signals`): the context key, and what each arm would draft."""
         t0 = time.perf_counter()
         self._key = (self.context_key(signals)
                      if self.contextual and signals is not None else None)
-        self._idle = frozenset() if signals is None else frozenset(
-            name for name, level in zip(self.drafter_names, signals, strict=True)
-            if level == 0)
+        self._lengths = {} if lengths is None else {
+            name: int(n) for name, n in zip(self.drafter_names, lengths, strict=True)
+            if n is not None}
         arm = self._playing().select()
         self.policy_seconds += time.perf_counter() - t0
         return arm
 
     @property
     def wants_signals(self) -> bool:
-        """Whether :meth:`select` wants the drafters' signals: for the context key, and
-        for the ``"time"`` loss, which prices a drafter with nothing to offer as one plain
-        step."""
+        """Whether :meth:`select` wants the drafters' offers: for the context key, and
+        for the ``"time"`` loss, which prices a model-free drafter's arms by the length of
+        the proposal it has this round (none: one plain step)."""
         return self.contextual or (self.needs_scores and self.tracker.loss == "time")
 
     @property
@@ -265,15 +267,17 @@ class Selector:
         waits for :meth:`end_query`, which adds the still-pending losses to it."""
         released: list[tuple[int, np.ndarray]] = []
         if scores is not None:
-            costs, rho = None, 0.0
+            costs, rho, ks = None, 0.0, None
             if self.tracker.loss == "time":  # modelled seconds per arm [num_arms], tokens/s
                 costs = self.cost_model.round_seconds(self._arm_specs, outcome.context,
-                                                      self._idle)
+                                                      self._lengths)
                 rho = self.cost_model.throughput()
+                if self._lengths:  # what each arm would really have drafted
+                    ks = np.array([min(k, self._lengths.get(d, k)) for d, k in self._arm_specs])
             tag = outcome.arm + len(self.arms) * (0 if self._key is None else 1 + self._key)
             released = self.tracker.add_round_tagged(
                 scores[0], scores[1], tag, costs=costs, rho=rho, factors=factors,
-                deferred=deferred, scorer=self.span_scorer)
+                deferred=deferred, scorer=self.span_scorer, ks=ks)
             for tag, losses in released:
                 self.stats.record_losses(tag % len(self.arms), losses)
         feedback = Feedback(

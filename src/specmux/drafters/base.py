@@ -48,6 +48,13 @@ class Drafter(ABC):
         little as a proposal of a model-free drafter (well under a millisecond)."""
         return None
 
+    def offer(self, context: Sequence[int], k: int) -> tuple[int | None, int | None]:
+        """``(signal, length)``: :meth:`signal`, and how many tokens a proposal of up to
+        ``k`` would have now (``None``: not known without drafting, as for an LM).  A
+        cost-aware selector prices the drafter's arms by that length.  Model-free drafters
+        answer both from one lookup."""
+        return self.signal(context, k), None
+
     def observe(self, context: Sequence[int], committed: Sequence[int]) -> None:  # noqa: B027
         """Called after every round with the tokens just committed after ``context``."""
 

@@ -80,11 +80,19 @@ class NgramDrafter(Drafter):
         >>> NgramDrafter().signal([5, 6, 7, 8, 5, 6, 7], k=4), NgramDrafter().signal([1, 2], 4)
         (2, 0)
         """
+        return self.offer(context, k)[0]
+
+    def offer(self, context: Sequence[int], k: int) -> tuple[int, int]:
+        """``(signal, length of the proposal)`` from one lookup.
+
+        >>> NgramDrafter().offer([5, 6, 7, 8, 5, 6, 7], k=4)
+        (2, 1)
+        """
         tokens = np.asarray(context, dtype=np.int64)
         guess, n = match(tokens, len(tokens), self.max_n, self.min_n, k)
         if not guess.size:
-            return 0
-        return 2 if n >= min(STRONG_MATCH, self.max_n) else 1
+            return 0, 0
+        return (2 if n >= min(STRONG_MATCH, self.max_n) else 1), int(guess.size)
 
     def distributions(
         self, context: Sequence[int], path: Sequence[int], sampling: SamplingParams

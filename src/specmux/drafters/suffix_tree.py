@@ -431,12 +431,16 @@ class SuffixTreeDrafter(Drafter):
         >>> d.signal([1, 2, 3, 4, 5, 9, 1, 2, 3], k=4), d.signal([1, 2, 3, 4, 5, 9, 7], k=4)
         (2, 0)
         """
+        return self.offer(context, k)[0]
+
+    def offer(self, context: Sequence[int], k: int) -> tuple[int, int]:
+        """``(signal, length of the best candidate)`` from one lookup."""
         self.request.sync(context)
         tokens, probs = self._candidate(self.request.buf[1 : 1 + len(self.request.tokens)], k,
                                         mark=False)
         if not tokens:
-            return 0
-        return 2 if sum(probs) >= STRONG_SCORE else 1
+            return 0, 0
+        return (2 if sum(probs) >= STRONG_SCORE else 1), len(tokens)
 
     def distributions(
         self, context: Sequence[int], path: Sequence[int], sampling: SamplingParams
