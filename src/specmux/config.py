@@ -124,7 +124,8 @@ class SpeculativeConfig(BaseModel):
     loss: Literal["length", "acceptance", "time"] = "length"
     score_rate: float = Field(1.0, gt=0.0, le=1.0,
                               description="share of rounds an expensive drafter not played is "
-                              "scored counterfactually (importance-weighted)")
+                              "scored counterfactually (its other rounds get the mean loss of "
+                              "its scored ones)")
     delayed_feedback: bool = True
     reset_per_query: bool = False
     contextual: bool = Field(False, description="one learner per context: which model-free "

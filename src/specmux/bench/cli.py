@@ -106,7 +106,8 @@ def bench(
     ] = _D.contextual,
     score_rate: Annotated[
         float, typer.Option(help="Share of rounds an expensive (LM) drafter not played is "
-                            "scored counterfactually, importance-weighted (1 = every round).")
+                            "scored counterfactually; its other rounds get the mean loss of "
+                            "its scored ones (1 = every round).")
     ] = _D.score_rate,
     temperature: Annotated[
         float, typer.Option(help="0 = greedy (outputs checked against target-only); > 0 samples.")
