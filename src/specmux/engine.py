@@ -131,7 +131,7 @@ class SpeculativeDecoder:
         policy: Policy | str = "hedge",
         *,
         num_speculative_tokens: int | Sequence[int] = 4,
-        loss: str = "length",
+        loss: str = "time",
         delayed_feedback: bool = True,
         reset_per_query: bool = False,
         score_all: bool | None = None,

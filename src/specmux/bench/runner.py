@@ -181,7 +181,7 @@ class BenchConfig:
     num_speculative_tokens: int = 4
     k_choices: tuple[int, ...] | None = None  # learners' k set; None: (num_speculative_tokens,)
     single_ks: tuple[int, ...] | None = None  # k of the single-drafter runs; None: k_choices
-    loss: str = "length"  # full-information learners' loss unless NAME:LOSS says otherwise
+    loss: str = "time"  # full-information learners' loss unless NAME:LOSS says otherwise
     contextual: bool = False  # learners keep one learner per drafter-signal context
     score_rate: float = 1.0  # share of rounds an expensive drafter is scored when not played
     temperature: float = 0.0
