@@ -31,6 +31,10 @@ class HFDrafter(Drafter):
         self.lm: Target = as_target(model, name=name)
         self.name = name
         self.vocab_size = self.lm.vocab_size
+        self._prompt_len = 1 << 62  # set by start_query
+
+    def start_query(self, prompt: Sequence[int]) -> None:
+        self._prompt_len = len(prompt)
 
     def propose(
         self,
@@ -45,8 +49,10 @@ class HFDrafter(Drafter):
         for j in range(k):
             # The first pass also keeps the row before the last context token: after a
             # fully accepted draft that is the bonus position's row, which counterfactual
-            # scoring asks for later (engine: deferred scoring), at no extra pass.
-            rows = self.lm.logits(seq, 2 if j == 0 and len(seq) > 1 else 1)  # [1 or 2, V]
+            # scoring asks for later (engine: deferred scoring), at no extra pass.  (Not at
+            # a query's first proposal: that row would be inside the prompt.)
+            both = j == 0 and len(seq) > self._prompt_len
+            rows = self.lm.logits(seq, 2 if both else 1)  # [1 or 2, V]
             q = process_logits(rows[-1:], sampling)[0]  # [V]
             x = int(q.argmax()) if sampling.greedy else sample(q, generator)
             tokens.append(x)
