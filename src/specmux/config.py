@@ -121,7 +121,7 @@ class SpeculativeConfig(BaseModel):
     suffix_decoding_eviction: Literal["fifo", "lru"] = "fifo"
     drafters: Annotated[list[NonEmpty], Field(min_length=1)] | None = None
     policy: str = DEFAULT_POLICY
-    loss: Literal["length", "acceptance", "time"] = "time"
+    loss: Literal["length", "acceptance", "time"] = "length"
     score_rate: float = Field(1.0, gt=0.0, le=1.0,
                               description="share of rounds an expensive drafter not played is "
                               "scored counterfactually (its other rounds get the mean loss of "

@@ -131,7 +131,7 @@ class SpeculativeDecoder:
         policy: Policy | str = "hedge",
         *,
         num_speculative_tokens: int | Sequence[int] = 4,
-        loss: str = "time",
+        loss: str = "length",
         delayed_feedback: bool = True,
         reset_per_query: bool = False,
         score_all: bool | None = None,
@@ -325,7 +325,7 @@ class SpeculativeDecoder:
         run, factors, deferred = selector.plan_scoring(arm, len(context))
         self._log.add(selector.tracker.next_row, len(context), target_probs[: len(scored)])
         played = selector.arm_drafter[arm] if selector.arms[arm].k else None
-        late = (played is not None and len(scored) > drafted and selector.defers
+        late = (played is not None and len(scored) > drafted > 0 and selector.defers
                 and selector.scoring.expensive(selector.cost_model, len(context))[played])
         dists: list[PathDistributions | None] = []
         for i, d in enumerate(self.drafters):
@@ -368,12 +368,19 @@ class SpeculativeDecoder:
         return gamma[:, 0], weight[:, 0]
 
     def _gammas(self, scores: Scores | None) -> dict[str, tuple[float, ...]]:
-        """Per drafter run this round, its gamma along the path (skipped ones left out)."""
+        """Per drafter run this round, its gamma along the path (skipped ones left out; a
+        played drafter's deferred bonus row is not known yet: its rows before it)."""
         if scores is None:
             return {}
         gamma = scores[0]
-        return {d.name: tuple(float(g) for g in gamma[:, i])
-                for i, d in enumerate(self.drafters) if not np.isnan(gamma[:, i]).any()}
+        out = {}
+        for i, d in enumerate(self.drafters):
+            known = gamma[:, i]
+            if np.isnan(known).any():  # deferred rows (a played LM's bonus row): the prefix
+                known = known[: int(np.argmax(np.isnan(known)))]
+            if len(known) or not len(gamma):
+                out[d.name] = tuple(float(g) for g in known)
+        return out
 
     def generate(
         self,

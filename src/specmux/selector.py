@@ -113,7 +113,7 @@ class Selector:
         policy: Policy | str = "hedge",
         *,
         drafter_names: Sequence[str] | None = None,
-        loss: str = "time",
+        loss: str = "length",
         delayed_feedback: bool = True,
         reset_per_query: bool = False,
         score_all: bool | None = None,
