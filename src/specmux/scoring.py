@@ -8,9 +8,10 @@ a third of a target step whenever a cheap drafter was played.  The plan here:
   ``expensive_fraction`` of a one-position target pass (or never measured yet) is scored
   every round, exactly (``factor 1``);
 * the drafter that drafted this round is scored exactly too: its rows come from the draft;
-* any other (expensive) drafter is scored on a random ``rate`` of the rounds, with the
-  importance factor ``1 / rate`` (an independent coin: the estimate stays unbiased, see
-  :mod:`specmux.feedback`), else its factor is 0 (its arms get their baseline);
+* any other (expensive) drafter is scored on a random ``rate`` of the rounds (an
+  independent coin; its factor ``1 / rate`` marks it as a random sample), else its factor
+  is 0 and the tracker imputes its arms' losses from the coin rounds
+  (:mod:`specmux.feedback`);
 * a coin that comes up is **deferred** (``defer=True``, what the engine does): the drafter
   is run once the round's window (``max_k`` positions from its start) is verified, in
   ONE pass over the whole window, which is also the LM drafter's KV catch-up.  Scoring
@@ -22,8 +23,8 @@ KV catch-up), which costs about as much as scoring it.  So with ``rate < 1`` eac
 drafter is also **watched** in a query only with probability ``q = min(1, max(1/4,
 2 * share))``, ``share`` being the learner's probability of playing it when the query
 starts (drawn then, before any of the query's tokens: independent of its paths); in an
-unwatched query it is scored only where it is played, and its coin rounds weigh
-``1 / (q * rate)``.  A drafter the learner has learned to avoid costs nothing in three
+unwatched query it is scored only where it is played (coin rounds carry the factor
+``1 / (q * rate)``).  A drafter the learner has learned to avoid costs nothing in three
 queries of four.
 
 ``rate = 1`` scores everything every round (the plain HedgeSpec behaviour).
