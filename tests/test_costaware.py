@@ -212,7 +212,7 @@ def test_cost_model_clips_one_off_stalls_and_prices_short_proposals() -> None:
     arms = [("suffix", 8), ("lm", 8), (NO_DRAFT, 0)]
     costs = model.round_seconds(arms, 100)
     assert costs[0] == pytest.approx(0.14, rel=0.05)  # a 4-position pass, not 9
-    idle = model.round_seconds(arms, 100, lengths={"suffix": 0})
+    idle = model.round_seconds(arms, 100, drafted=[0, None, None])
     assert idle[0] == pytest.approx(idle[2])  # nothing to offer: one plain step
     assert "suffix@8" in model.snapshot()["proposal_length"]
 
@@ -375,7 +375,7 @@ def test_time_loss_counts_a_short_proposal_as_what_it_would_draft() -> None:
     model = CostModel()
     for n in (1, 3, 9):
         model.observe_verify(n, 10, 0.1 * n)
-    short = model.round_seconds([("suffix", 8), ("suffix", 2)], 10, lengths={"suffix": 2})
+    short = model.round_seconds([("suffix", 8), ("suffix", 2)], 10, drafted=[2, 2])
     assert short.tolist() == pytest.approx([0.3, 0.3])
 
 

@@ -44,7 +44,7 @@ Example (a target whose pass costs 0.1 s + 0.01 s per scored position):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -207,21 +207,21 @@ class CostModel:
         return math.nan if line is None else max(line.predict(0.0), 0.0)
 
     def round_seconds(self, arms: Sequence[tuple[str, int]], context: int,
-                      lengths: Mapping[str, int] | None = None) -> np.ndarray:
+                      drafted: Sequence[int | None] | None = None) -> np.ndarray:
         """Modelled seconds of one round per arm ``(drafter, k)``: drafting + verification
-        of its proposal: ``min(k, lengths[drafter])`` tokens for a drafter that said what
-        it has this round (0: one plain step), else its mean proposal length.
+        of its proposal: ``drafted[i]`` tokens where the caller knows what arm ``i`` would
+        draft this round (0: one plain step), else its drafter's mean proposal length.
 
         [num_arms]; a drafter never timed drafts for free (optimistic: a learner then
         tries it, and the first proposal measures it).
         """
-        lengths = lengths or {}
         out = np.empty(len(arms))
         for i, (drafter, k) in enumerate(arms):
+            known = None if drafted is None else drafted[i]
             if k == 0:
                 length = 0.0
-            elif drafter in lengths:
-                length = float(min(k, lengths[drafter]))
+            elif known is not None:
+                length = float(known)
             else:
                 length = self.proposal_length(drafter, k)
             draft = self.draft_seconds(drafter, math.ceil(length)) if length else 0.0

@@ -186,7 +186,7 @@ class CounterfactualTracker:
         self.max_k = max(int(self.k_of_arm.max()), 1)
         self.loss = loss
         self.delayed = delayed
-        # Per-arm baselines for sub-sampled scoring: decayed sums of exact losses / counts.
+        # Sub-sampled scoring: decay of the imputation baselines (per sample).
         self._decay = 0.5 ** (1.0 / baseline_half_life)
         # Imputation baselines: key -> (decayed loss sums, decayed counts) [num_arms] each.
         self._baselines: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -393,8 +393,6 @@ class CounterfactualTracker:
         any scored round (module docstring)."""
         num_arms = len(self.k_of_arm)
         keys = (max(tag, 0) // num_arms, -1)  # this round's context, every context
-        for key in keys:
-            self._baselines.setdefault(key, (np.zeros(num_arms), np.zeros(num_arms)))
         base = np.full(num_arms, np.nan)
         for key in (*keys, -2):  # -2: every scored round (before any coin came up)
             total, weight = self._baselines.get(key, (np.zeros(num_arms), np.zeros(num_arms)))

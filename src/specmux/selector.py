@@ -183,12 +183,10 @@ class Selector:
         self.tracker.reset()
         self._final = None
         if self.needs_scores and self.scoring.rate < 1.0:  # which drafters it watches
-            probs = self.policy.probabilities()
-            shares = np.zeros(len(self.drafter_names))
-            for a, arm in enumerate(self.arms):
-                if arm.k:
-                    shares[self.arm_drafter[a]] += probs[a]
-            self.scoring.start_query(shares)
+            drafting = np.array([arm.k > 0 for arm in self.arms])
+            self.scoring.start_query(np.bincount(  # each drafter's share of the plays [N]
+                self.arm_drafter, weights=self.policy.probabilities() * drafting,
+                minlength=len(self.drafter_names)))
 
     def context_key(self, signals: Sequence[int | None]) -> int:
         """The context of a round from the drafters' signals (one per drafter, in
@@ -269,11 +267,13 @@ class Selector:
         if scores is not None:
             costs, rho, ks = None, 0.0, None
             if self.tracker.loss == "time":  # modelled seconds per arm [num_arms], tokens/s
+                drafted = self._drafted()
                 costs = self.cost_model.round_seconds(self._arm_specs, outcome.context,
-                                                      self._lengths)
+                                                      drafted)
                 rho = self.cost_model.throughput()
-                if self._lengths:  # what each arm would really have drafted
-                    ks = np.array([min(k, self._lengths.get(d, k)) for d, k in self._arm_specs])
+                if drafted is not None:
+                    ks = np.array([k if n is None else n
+                                   for n, (_, k) in zip(drafted, self._arm_specs, strict=True)])
             tag = outcome.arm + len(self.arms) * (0 if self._key is None else 1 + self._key)
             released = self.tracker.add_round_tagged(
                 scores[0], scores[1], tag, costs=costs, rho=rho, factors=factors,
@@ -291,6 +291,15 @@ class Selector:
             self._final = (feedback, tags, self._key)
         else:
             self._update(feedback, tags, self._key)
+
+    def _drafted(self) -> list[int | None] | None:
+        """Per arm, how many tokens it would have drafted this round, where its drafter
+        said what it has (``min(k, offered)``; ``None`` elsewhere); ``None`` without
+        offers."""
+        if not self._lengths:
+            return None
+        return [min(k, self._lengths[d]) if d in self._lengths else None
+                for d, k in self._arm_specs]
 
     def end_query(self) -> None:
         """The query ended (finished, or closed early): deliver the delayed feedback."""
