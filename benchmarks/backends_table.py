@@ -41,7 +41,10 @@ def main() -> None:
     parser.add_argument("--categories", default="code,code_edit,multiturn,chat")
     args = parser.parse_args()
     categories = args.categories.split(",")
-    a, b = totals(args.trace_a, categories), totals(args.trace_b, categories)
+    try:
+        a, b = totals(args.trace_a, categories), totals(args.trace_b, categories)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        parser.error(f"not a readable specmux bench trace: {err}")
     print("| method | " + " | ".join([*categories, "all"]) + " |")
     print("| --- |" + " ---: |" * (len(categories) + 1))
     for pair in args.pair:
