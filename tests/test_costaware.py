@@ -364,6 +364,36 @@ def test_watched_queries_keep_coin_factors_unbiased() -> None:
     assert plan.watch_rate[1] == 1.0 and plan.watched[1]
 
 
+def test_long_prompts_are_watched_less_and_stay_unbiased(
+    target_model, drafter_models, monkeypatch
+) -> None:
+    """Watching costs the drafter's prefill: past ``WATCH_PROMPT_TOKENS`` the floor falls
+    as 1 / prompt length, the coin factors stay unbiased, and the engine passes the
+    prompt's length."""
+    model = CostModel()
+    model.observe_verify(1, 100, 0.2)
+    model.observe_score("lm", 0.1)
+    plan = ScoringPlan(["ngram", "lm"], rate=0.5, seed=3)
+    factors, watched = [], 0
+    for _ in range(4000):
+        plan.start_query([0.99, 0.01], prompt_tokens=1024)
+        assert plan.watch_rate[1] == pytest.approx(0.0625)
+        watched += bool(plan.watched[1])
+        for _ in range(4):
+            _, f, _ = plan.decide(played=0, model=model, context=100, defer=True)
+            factors.append(1.0 if f is None else f[1])
+    assert watched / 4000 == pytest.approx(0.0625, abs=0.012)
+    assert np.mean(factors) == pytest.approx(1.0, abs=0.15)
+    plan.start_query([0.99, 0.01], prompt_tokens=256)
+    assert plan.watch_rate[1] == pytest.approx(0.25)
+    monkeypatch.setattr("specmux.scoring.WATCH_PROMPT_TOKENS", 2)
+    decoder = SpeculativeDecoder(target_model, pool(drafter_models), "fixed",
+                                 num_speculative_tokens=3, score_all=True, score_rate=0.3,
+                                 loss="time", policy_kwargs={"arm": 2})
+    decoder.generate(PROMPTS[0], 4)
+    assert decoder.selector.scoring.watch_rate[1] == pytest.approx(0.5 / len(PROMPTS[0]))
+
+
 def test_time_loss_counts_a_short_proposal_as_what_it_would_draft() -> None:
     """A model-free drafter offering 2 tokens this round: its k = 8 arm is worth at most 3
     tokens (its later per-position guesses do not count) and costs a 3-position pass."""

@@ -198,7 +198,7 @@ class SpeculativeDecoder:
         generator = _generator(sampling)
         self._log = _RowLog(list(prompt_ids), sampling)
         self.selector.span_scorer = self._score_span
-        self.selector.start_query()
+        self.selector.start_query(len(prompt_ids))
         for d in self.drafters:
             d.start_query(prompt_ids)
         context = list(prompt_ids)

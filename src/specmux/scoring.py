@@ -25,7 +25,11 @@ drafter is also **watched** in a query only with probability ``q = min(1, max(1/
 starts (drawn then, before any of the query's tokens: independent of its paths); in an
 unwatched query it is scored only where it is played (coin rounds carry the factor
 ``1 / (q * rate)``).  A drafter the learner has learned to avoid costs nothing in three
-queries of four.
+queries of four.  Watching also costs the drafter's prefill of the prompt, so the floor
+falls with the prompt's length past ``WATCH_PROMPT_TOKENS``: ``max(1/4 * min(1, 256 /
+prompt length), 2 * share)`` (a 1,000-token prompt is watched in one query of sixteen unless
+the learner plays the drafter), which keeps the expected prefill spent on watching that of a
+256-token prompt.
 
 ``rate = 1`` scores everything every round (the plain HedgeSpec behaviour).
 
@@ -53,7 +57,8 @@ import numpy as np
 from specmux.config import seed_entropy
 from specmux.costmodel import CostModel
 
-MIN_WATCH = 0.25  # least probability that a query watches an expensive drafter
+MIN_WATCH = 0.25  # least probability that a query watches an expensive drafter...
+WATCH_PROMPT_TOKENS = 256  # ...with a prompt this long or shorter (longer: less, as 1/length)
 
 
 class ScoringPlan:
@@ -72,14 +77,22 @@ class ScoringPlan:
         self.watch_rate = np.ones(len(self.names))  # q per drafter, this query
         self.watched = np.ones(len(self.names), dtype=bool)
 
-    def start_query(self, shares: Sequence[float] | None = None) -> None:
+    def start_query(self, shares: Sequence[float] | None = None, prompt_tokens: int = 0) -> None:
         """A query starts: draw which drafters it watches (module docstring); ``shares``
         [N] are the learner's probabilities of playing each drafter (``None``: watch
-        all)."""
+        all); ``prompt_tokens`` the prompt's length (what a watching drafter prefills).
+
+        >>> plan = ScoringPlan(["ngram", "lm"], rate=0.05)
+        >>> plan.start_query([0.9, 0.0], prompt_tokens=100); plan.watch_rate.tolist()
+        [1.0, 0.25]
+        >>> plan.start_query([0.9, 0.0], prompt_tokens=1024); plan.watch_rate.tolist()
+        [1.0, 0.0625]
+        """
         if self.rate >= 1.0 or shares is None:
             self.watch_rate = np.ones(len(self.names))
         else:
-            self.watch_rate = np.clip(2.0 * np.asarray(shares, dtype=float), MIN_WATCH, 1.0)
+            floor = MIN_WATCH * min(1.0, WATCH_PROMPT_TOKENS / max(1, prompt_tokens))
+            self.watch_rate = np.clip(2.0 * np.asarray(shares, dtype=float), floor, 1.0)
         self.watched = self.rng.random(len(self.names)) < self.watch_rate
 
     def expensive(self, model: CostModel, context: int) -> list[bool]:

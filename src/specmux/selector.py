@@ -173,8 +173,10 @@ class Selector:
     def name(self) -> str:
         return self.policy.name
 
-    def start_query(self) -> None:
-        """A query starts: forget everything in reset-per-query mode; empty the tracker."""
+    def start_query(self, prompt_tokens: int = 0) -> None:
+        """A query starts: forget everything in reset-per-query mode; empty the tracker;
+        draw the expensive drafters it watches (``prompt_tokens``: the prompt's length,
+        :meth:`ScoringPlan.start_query`)."""
         if self.reset_per_query:  # a fresh learner: its random stream restarts too
             self.policy.restart()
             self.tracker.forget()
@@ -186,7 +188,7 @@ class Selector:
             drafting = np.array([arm.k > 0 for arm in self.arms])
             self.scoring.start_query(np.bincount(  # each drafter's share of the plays [N]
                 self.arm_drafter, weights=self.policy.probabilities() * drafting,
-                minlength=len(self.drafter_names)))
+                minlength=len(self.drafter_names)), prompt_tokens)
 
     def context_key(self, signals: Sequence[int | None]) -> int:
         """The context of a round from the drafters' signals (one per drafter, in
