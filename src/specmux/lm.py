@@ -44,6 +44,8 @@ class CachedLM:
     """Logits for the last positions of a token sequence, reusing the KV cache.
 
     Counters ``num_forward_calls`` and ``num_tokens_fed`` make the cache's effect testable.
+    The model may sit on any device (``model.to("cuda")``): token ids go to it, and the
+    rows come back to the CPU, where verification and the learners run.
     """
 
     max_saved_rows = 64  # logit rows remembered for reuse ([V] float32 each)
@@ -114,7 +116,7 @@ class CachedLM:
             return torch.stack([self.rows[i] for i in range(first, n + 1)])
         keep = prefix_to_keep(self.cached_ids, ids, start)
         out = self.feed(ids, keep, logits_to_keep=n - start + 1)
-        fresh = out.logits[0].float()  # [n - start + 1, V]
+        fresh = out.logits[0].float().cpu()  # [n - start + 1, V]
         self.rows = {i: r for i, r in self.rows.items() if i <= keep}
         self.rows.update({start + j: fresh[j] for j in range(fresh.shape[0])})
         out_rows = torch.stack([self.rows[i] for i in range(first, n + 1)])  # [num_last, V]
@@ -122,7 +124,7 @@ class CachedLM:
             for i in sorted(self.rows)[: len(self.rows) - self.max_saved_rows]:
                 del self.rows[i]
         if self._grabbed is not None:
-            grabbed, self._grabbed = self._grabbed[0].float(), None  # [n - start + 1, H]
+            grabbed, self._grabbed = self._grabbed[0].float().cpu(), None  # [n - start + 1, H]
             self.hidden = {i: h for i, h in self.hidden.items() if i in self.rows}
             self.hidden.update({start + j: grabbed[j] for j in range(grabbed.shape[0])
                                 if start + j in self.rows})
@@ -136,7 +138,8 @@ class CachedLM:
             self.cache = DynamicCache()
         elif keep < len(self.cached_ids):
             self.cache.crop(keep - len(self.cached_ids))  # negative: tokens to remove
-        new = torch.tensor([list(ids[keep:])], dtype=torch.long)  # [1, len(ids) - keep]
+        new = torch.tensor([list(ids[keep:])], dtype=torch.long,
+                           device=self.model.device)  # [1, len(ids) - keep]
         out = self.model(input_ids=new, use_cache=True, **{self._cache_kw: self.cache},
                          **kwargs)  # the cache is updated in place
         self.cached_ids = list(ids)
