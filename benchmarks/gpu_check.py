@@ -139,6 +139,7 @@ def costs(models: dict, contexts: list[int], positions: list[int], reps: int) ->
     out: dict = {}
     for name, model in models.items():
         lm = CachedLM(model, name)
+        pass_ms(lm, [5] * contexts[0], 4, reps)  # warm-up: kernels, allocator
         for L in contexts:
             context = [(13 * i + 5) % 50_000 for i in range(L)]
             out.setdefault(name, {})[str(L)] = {
@@ -167,6 +168,7 @@ def engine(models: dict, prompt_len: int, new_tokens: int, num_prompts: int) -> 
         base = rng.integers(100, 50_000, size=prompt_len // 4).tolist()
         tail = rng.integers(100, 50_000, size=prompt_len // 4).tolist()
         prompts.append(base + base[::-1] + base + tail)
+    autoregressive_generate(target, prompts[0], 4)  # warm-up: kernels, allocator
     t0 = time.perf_counter()
     refs = [autoregressive_generate(target, p, new_tokens) for p in prompts]
     base_s = time.perf_counter() - t0
