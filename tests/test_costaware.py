@@ -447,3 +447,47 @@ def test_imputed_losses_follow_the_context_and_ignore_played_rounds() -> None:
             out[key].append(loss[1])
     assert np.mean(out[0]) == pytest.approx(0.0, abs=0.01)  # 3 of 3 tokens: loss 0
     assert np.mean(out[1]) == pytest.approx(2 / 3, abs=0.01)  # 1 of 3: not the played 0
+
+
+def test_a_drafter_slower_than_plain_steps_at_best_is_never_watched(
+    target_model, drafter_models, monkeypatch
+) -> None:
+    """An LM drafter that costs more per drafted token than a target step can never beat
+    plain decoding (even fully accepted): the selector marks it dominated, and the scoring
+    plan never watches it, so it costs no pass where it is not played."""
+    from specmux.selector import Selector, make_arms
+
+    def selector(draft_per_token: float) -> Selector:
+        model = CostModel()
+        for n in range(1, 10):
+            model.observe_verify(n, 100, 0.100 + 0.010 * n)
+        for k in (2, 4, 8):
+            model.observe_draft("lm", k, draft_per_token * k)
+        return Selector(make_arms(["lm", "ngram"], [0, 2, 4, 8]), "hedge", cost_model=model,
+                        score_rate=0.05, loss="time", drafter_names=["lm", "ngram"])
+
+    slow, cheap = selector(0.120), selector(0.030)
+    assert slow.dominated_drafters(100).tolist() == [True, False]
+    assert cheap.dominated_drafters(100).tolist() == [False, False]
+    slow.start_query(100)
+    cheap.start_query(100)
+    assert slow.scoring.watch_rate[0] == 0.0 and not slow.scoring.watched[0]
+    assert cheap.scoring.watch_rate[0] == pytest.approx(6 / 7)  # 2 x its share (3 of 7 arms)
+    assert selector(0.120).dominated_drafters(100).tolist() == [True, False]
+
+    monkeypatch.setattr(Selector, "dominated_drafters",
+                        lambda self, context: np.array([True, False, False]))
+    monkeypatch.setattr("specmux.scoring.MIN_WATCH", 1.0)  # would watch every query
+    drafters = pool(drafter_models)
+    decoder = SpeculativeDecoder(target_model, drafters, "fixed", num_speculative_tokens=3,
+                                 score_all=True, score_rate=0.5, loss="time",
+                                 policy_kwargs={"arm": 2})  # ngram plays
+    decoder.selector.scoring.expensive_fraction = 0.0
+    decoder.selector.cost_model.observe_score("small", 1.0)  # known to be expensive
+    for prompt in PROMPTS:
+        assert decoder.generate(prompt, 30).token_ids == autoregressive_generate(
+            target_model, prompt, 30)
+    # the dominated one: run only in the stream's first round (no target step timed yet,
+    # so nothing counts as expensive)
+    assert drafters[0].lm.num_forward_calls <= 1
+    assert drafters[1].lm.num_forward_calls > 0  # the other expensive one: watched

@@ -29,7 +29,11 @@ queries of four.  Watching also costs the drafter's prefill of the prompt, so th
 falls with the prompt's length past ``WATCH_PROMPT_TOKENS``: ``max(1/4 * min(1, 256 /
 prompt length), 2 * share)`` (a 1,000-token prompt is watched in one query of sixteen unless
 the learner plays the drafter), which keeps the expected prefill spent on watching that of a
-256-token prompt.
+256-token prompt.  A drafter whose every arm is *dominated* by a plain step is never
+watched: even with all ``k`` drafted tokens accepted, ``(k + 1) / (draft(k) + verify(k +
+1)) < 1 / verify(1)`` by the cost model (an LM drafter that costs nearly a target step per
+token: 0.5B against 1.5B on a GPU, or on llama.cpp with two threads), so no outcome of its
+scoring could make it worth playing.
 
 ``rate = 1`` scores everything every round (the plain HedgeSpec behaviour).
 
@@ -77,10 +81,12 @@ class ScoringPlan:
         self.watch_rate = np.ones(len(self.names))  # q per drafter, this query
         self.watched = np.ones(len(self.names), dtype=bool)
 
-    def start_query(self, shares: Sequence[float] | None = None, prompt_tokens: int = 0) -> None:
+    def start_query(self, shares: Sequence[float] | None = None, prompt_tokens: int = 0,
+                    dominated: Sequence[bool] | None = None) -> None:
         """A query starts: draw which drafters it watches (module docstring); ``shares``
         [N] are the learner's probabilities of playing each drafter (``None``: watch
-        all); ``prompt_tokens`` the prompt's length (what a watching drafter prefills).
+        all); ``prompt_tokens`` the prompt's length (what a watching drafter prefills);
+        ``dominated`` [N]: drafters never watched (slower than plain steps at best).
 
         >>> plan = ScoringPlan(["ngram", "lm"], rate=0.05)
         >>> plan.start_query([0.9, 0.0], prompt_tokens=100); plan.watch_rate.tolist()
@@ -93,6 +99,8 @@ class ScoringPlan:
         else:
             floor = MIN_WATCH * min(1.0, WATCH_PROMPT_TOKENS / max(1, prompt_tokens))
             self.watch_rate = np.clip(2.0 * np.asarray(shares, dtype=float), floor, 1.0)
+            if dominated is not None:
+                self.watch_rate[np.asarray(dominated, dtype=bool)] = 0.0
         self.watched = self.rng.random(len(self.names)) < self.watch_rate
 
     def expensive(self, model: CostModel, context: int) -> list[bool]:

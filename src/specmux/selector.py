@@ -37,6 +37,7 @@ query finished, or on their own when it was closed early.  The policy sees exact
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -188,7 +189,36 @@ class Selector:
             drafting = np.array([arm.k > 0 for arm in self.arms])
             self.scoring.start_query(np.bincount(  # each drafter's share of the plays [N]
                 self.arm_drafter, weights=self.policy.probabilities() * drafting,
-                minlength=len(self.drafter_names)), prompt_tokens)
+                minlength=len(self.drafter_names)), prompt_tokens,
+                self.dominated_drafters(prompt_tokens))
+
+    def dominated_drafters(self, context: int) -> np.ndarray:
+        """Per drafter [N]: is every one of its arms slower than a plain target step even
+        if all it drafts were accepted?  By the cost model, ``(k + 1) / (draft(k) +
+        verify(k + 1)) < 1 / verify(1)`` after ``context`` tokens (a drafter not timed yet
+        drafts for free: never dominated).
+
+        >>> from specmux.costmodel import CostModel
+        >>> model = CostModel()
+        >>> for n, sec in [(1, 0.020), (3, 0.040), (5, 0.060)]:
+        ...     model.observe_verify(n, 256, sec)
+        >>> model.observe_draft("lm", 2, 0.030)
+        >>> s = Selector(make_arms(["lm", "ngram"], [2, 4]), cost_model=model)
+        >>> s.dominated_drafters(256).tolist()  # lm@2: 3 tokens in 70 ms < 1 in 20 ms
+        [True, False]
+        """
+        model = self.cost_model
+        plain = model.verify_seconds(1, context)
+        drafting = np.array([arm.k > 0 for arm in self.arms])
+        if math.isnan(plain) or plain <= 0.0:
+            return np.zeros(len(self.drafter_names), dtype=bool)
+        ks = np.array([k for _, k in self._arm_specs], dtype=float)
+        best = model.round_seconds(self._arm_specs, context, [k for _, k in self._arm_specs])
+        slower = (ks + 1.0) * plain < best  # [num_arms]: even all accepted loses
+        fast = np.bincount(self.arm_drafter, weights=drafting & ~slower,
+                           minlength=len(self.drafter_names))
+        mine = np.bincount(self.arm_drafter, weights=drafting, minlength=len(self.drafter_names))
+        return (mine > 0) & (fast == 0)
 
     def context_key(self, signals: Sequence[int | None]) -> int:
         """The context of a round from the drafters' signals (one per drafter, in
