@@ -342,22 +342,31 @@ def test_played_lm_scores_its_bonus_row_later_without_an_extra_pass(
     assert calls_later < 0.8 * calls_now
 
 
+def watch_rarely_played_lm(plan: ScoringPlan, prompt_tokens: int, watch: float,
+                           rounds: int) -> tuple[list[float], int, int]:
+    """4,000 queries of ``rounds`` rounds where ngram plays and the LM (played 1% of the
+    time) is expensive: the LM's importance factors, coin runs and watched queries."""
+    model = CostModel()
+    model.observe_verify(1, 100, 0.2)
+    model.observe_score("lm", 0.1)
+    factors, runs, watched = [], 0, 0
+    for _ in range(4000):
+        plan.start_query([0.99, 0.01], prompt_tokens=prompt_tokens)
+        assert plan.watch_rate[1] == pytest.approx(watch)
+        watched += bool(plan.watched[1])
+        for _ in range(rounds):
+            _, f, deferred = plan.decide(played=0, model=model, context=100, defer=True)
+            factors.append(1.0 if f is None else f[1])
+            runs += bool(deferred)
+    return factors, runs, watched
+
+
 def test_watched_queries_keep_coin_factors_unbiased() -> None:
     """An expensive drafter the learner rarely plays is watched in a quarter of the queries;
     its mean importance factor over many rounds stays 1 (unbiased losses), and it is
     scored in about ``rate / 4`` of the rounds."""
-    model = CostModel()
-    model.observe_verify(1, 100, 0.2)
-    model.observe_score("lm", 0.1)
     plan = ScoringPlan(["ngram", "lm"], rate=0.2, seed=5)
-    factors, runs = [], 0
-    for _ in range(4000):
-        plan.start_query([0.99, 0.01])
-        assert plan.watch_rate[1] == pytest.approx(0.25)
-        for _ in range(10):
-            _, f, deferred = plan.decide(played=0, model=model, context=100, defer=True)
-            factors.append(1.0 if f is None else f[1])
-            runs += bool(deferred)
+    factors, runs, _ = watch_rarely_played_lm(plan, 0, 0.25, rounds=10)
     assert np.mean(factors) == pytest.approx(1.0, abs=0.06)
     assert runs / len(factors) == pytest.approx(0.05, abs=0.006)
     plan.start_query([0.1, 0.9])  # a drafter it plays often: watched in every query
@@ -370,18 +379,8 @@ def test_long_prompts_are_watched_less_and_stay_unbiased(
     """Watching costs the drafter's prefill: past ``WATCH_PROMPT_TOKENS`` the floor falls
     as 1 / prompt length, the coin factors stay unbiased, and the engine passes the
     prompt's length."""
-    model = CostModel()
-    model.observe_verify(1, 100, 0.2)
-    model.observe_score("lm", 0.1)
     plan = ScoringPlan(["ngram", "lm"], rate=0.5, seed=3)
-    factors, watched = [], 0
-    for _ in range(4000):
-        plan.start_query([0.99, 0.01], prompt_tokens=1024)
-        assert plan.watch_rate[1] == pytest.approx(0.0625)
-        watched += bool(plan.watched[1])
-        for _ in range(4):
-            _, f, _ = plan.decide(played=0, model=model, context=100, defer=True)
-            factors.append(1.0 if f is None else f[1])
+    factors, _, watched = watch_rarely_played_lm(plan, 1024, 0.0625, rounds=4)
     assert watched / 4000 == pytest.approx(0.0625, abs=0.012)
     assert np.mean(factors) == pytest.approx(1.0, abs=0.15)
     plan.start_query([0.99, 0.01], prompt_tokens=256)
