@@ -308,6 +308,7 @@ def test_deferred_scoring_runs_the_lm_once_per_coin(
                                  score_all=True, score_rate=0.3, loss="time", seed=2,
                                  policy_kwargs={"arm": 2})  # ngram plays
     decoder.selector.scoring.expensive_fraction = 0.0
+    decoder.selector.cost_model.observe_verify(1, 10, 0.01)  # no calibration passes
     for prompt in PROMPTS:
         out = decoder.generate(prompt, 40)
         assert out.token_ids == autoregressive_generate(target_model, prompt, 40)
@@ -483,6 +484,7 @@ def test_a_drafter_slower_than_plain_steps_at_best_is_never_watched(
                                  policy_kwargs={"arm": 2})  # ngram plays
     decoder.selector.scoring.expensive_fraction = 0.0
     decoder.selector.cost_model.observe_score("small", 1.0)  # known to be expensive
+    decoder.selector.cost_model.observe_verify(1, 10, 0.01)  # no calibration passes
     for prompt in PROMPTS:
         assert decoder.generate(prompt, 30).token_ids == autoregressive_generate(
             target_model, prompt, 30)
@@ -490,3 +492,29 @@ def test_a_drafter_slower_than_plain_steps_at_best_is_never_watched(
     # so nothing counts as expensive)
     assert drafters[0].lm.num_forward_calls <= 1
     assert drafters[1].lm.num_forward_calls > 0  # the other expensive one: watched
+
+
+def test_first_query_calibrates_the_cost_model(target_model, drafter_models) -> None:
+    """A selector that prices arms by the cost model gets it measured before its first
+    round: a plain target step, a pass of max_k + 1 positions, and the LM drafters' one- and
+    two-token proposals, even for drafters it never plays; output stays the target's, and
+    a selector that needs no costs runs no calibration."""
+    drafters = pool(drafter_models)
+    decoder = SpeculativeDecoder(target_model, drafters, "fixed", num_speculative_tokens=[0, 3],
+                                 score_all=True, score_rate=0.3, loss="time",
+                                 policy_kwargs={"arm": 2})  # ngram plays
+    model = decoder.selector.cost_model
+    assert math.isnan(model.verify_seconds(1, 0))
+    calls = drafters[0].lm.num_forward_calls
+    prompt = [*PROMPTS[0], *PROMPTS[1]]  # 17 tokens: 16 calibrate, and one more
+    assert decoder.generate(prompt, 12).token_ids == autoregressive_generate(
+        target_model, prompt, 12)
+    assert set(model.verify) >= {1, 4}
+    for name in ("small", "good"):
+        assert model.draft_seconds(name, 2) > 0.0
+    assert drafters[0].lm.num_forward_calls >= calls + 3  # prefill, then 1 + 2 passes
+
+    plain = SpeculativeDecoder(target_model, pool(drafter_models), "hedge",
+                               num_speculative_tokens=3)  # length loss, every round scored
+    steps = list(plain.generate_steps(prompt, 1))
+    assert len(steps) == 1 and math.isnan(plain.selector.cost_model.verify_seconds(3, 0))

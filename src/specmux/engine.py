@@ -198,6 +198,8 @@ class SpeculativeDecoder:
         generator = _generator(sampling)
         self._log = _RowLog(list(prompt_ids), sampling)
         self.selector.span_scorer = self._score_span
+        if self._wants_calibration():
+            self._calibrate(prompt_ids)
         self.selector.start_query(len(prompt_ids))
         for d in self.drafters:
             d.start_query(prompt_ids)
@@ -218,6 +220,47 @@ class SpeculativeDecoder:
         finally:
             if not ended:  # closed early: the selector still gets the delayed feedback
                 self.selector.end_query()
+
+    def _wants_calibration(self) -> bool:
+        """Whether the selector prices arms or plans its scoring by the cost model (time
+        loss, or counterfactual scoring of a sample of rounds) and the model has not timed
+        a plain target step yet."""
+        selector = self.selector
+        return (selector.needs_scores
+                and (selector.tracker.loss == "time" or selector.scoring.rate < 1.0)
+                and np.isnan(selector.cost_model.verify_seconds(1, 0)))
+
+    def _calibrate(self, prompt_ids: Sequence[int]) -> None:
+        """Time a plain target step, a pass of ``max_k + 1`` positions and one- and
+        two-token proposals of each model drafter, on the first query's first
+        :data:`CALIBRATION_TOKENS` prompt tokens, before that query starts (serving engines
+        profile at start-up the same way).  Without it, the stream's first round scores
+        every drafter (nothing counts as expensive yet; an LM drafter's prefill of the
+        prompt included) and an untimed LM drafter drafts "for free" in the cost model
+        until the learner has tried it: 1.2 s of a 2.6 s first query on llama.cpp (docs/
+        BENCHMARKS.md, issue 14's fourth run).  The passes run on a prefix of the prompt,
+        so the query's own prefill reuses their KV cache; they count in its time."""
+        ctx = list(prompt_ids[:CALIBRATION_TOKENS])
+        if len(ctx) < 2:
+            return
+        model, vocab = self.selector.cost_model, self.target.vocab_size
+        self.target.logits(ctx, 1)  # prefill, untimed
+        for n in (1, self.selector.max_k + 1):  # each pass's tokens differ: no cached row
+            extra = [(ctx[0] + n + i) % vocab for i in range(n)]
+            t0 = time.perf_counter()
+            self.target.logits(ctx + extra, n)
+            model.observe_verify(n, len(ctx), time.perf_counter() - t0)
+        greedy = SamplingParams()
+        generator = _generator(greedy)
+        for d in self.drafters:
+            if not d.model_based:
+                continue
+            _propose(d, ctx, 1, greedy, generator)  # prefill, untimed
+            for k in (1, 2):  # 1 and 2 forward passes after its prefill
+                seq = ctx + [(ctx[0] + j + 1) % vocab for j in range(k)]
+                t0 = time.perf_counter()
+                _propose(d, seq, k, greedy, generator)
+                model.observe_draft(d.name, k, time.perf_counter() - t0)
 
     def _round(
         self,
@@ -451,6 +494,7 @@ def _propose(
 
 
 _EMPTY = Draft(tokens=torch.zeros(0, dtype=torch.long))
+CALIBRATION_TOKENS = 16  # prompt tokens the first query's cost calibration runs on
 
 
 def autoregressive_generate(

@@ -20,6 +20,9 @@ class Drafter(ABC):
 
     name: str
     vocab_size: int | None = None
+    # Drafts with a model's forward passes (costs a pass per drafted token): the engine
+    # times it once before its first query (``SpeculativeDecoder`` cost calibration).
+    model_based: bool = False
 
     @abstractmethod
     def propose(

@@ -27,6 +27,8 @@ class HFDrafter(Drafter):
     whole path in one forward pass, so counterfactual scoring is cheap.
     """
 
+    model_based = True
+
     def __init__(self, model: PreTrainedModel | Target, name: str = "lm") -> None:
         self.lm: Target = as_target(model, name=name)
         self.name = name
