@@ -71,6 +71,24 @@ def truths(seed: int = 0) -> dict[str, list[int]]:
     }
 
 
+def test_stats_file_is_strict_json_before_any_draft(tmp_path) -> None:
+    """The first step (prefills only, nothing drafted yet) writes the stats file: strict
+    JSON, the acceptance rate ``null`` (a NaN there crashed vLLM's worker)."""
+    import json
+
+    path = tmp_path / "stats.json"
+    proposer = core(stats_file=str(path))
+    batch = FakeBatch(truths(), {"copy": 20, "free": 20})
+    batch.step(proposer, ["copy", "free"], {"copy", "free"})
+    stats = json.loads(path.read_text())
+    assert stats["drafted"] == 0 and stats["acceptance_rate"] is None
+    for _ in range(5):
+        batch.step(proposer, ["copy", "free"], {"copy", "free"})
+    proposer.write_stats()
+    stats = json.loads(path.read_text())
+    assert stats["drafted"] > 0 and 0.0 <= stats["acceptance_rate"] <= 1.0
+
+
 def test_interleaved_requests_learn_as_if_alone() -> None:
     """Per-request state isolation: shuffled rows, staggered starts and ends give every
     request the drafts it gets when served alone (deterministic learner and drafter)."""

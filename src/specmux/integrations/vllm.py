@@ -53,7 +53,6 @@ bounded and freed once the request leaves the runner; at most ``max_requests`` a
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
 import weakref
@@ -465,7 +464,7 @@ class ProposerCore:
             "calls": s.calls, "row_steps": s.row_steps, "seconds": s.seconds,
             "ms_per_row_step": 1e3 * s.seconds / max(s.row_steps, 1),
             "drafted": s.drafted, "accepted": s.accepted,
-            "acceptance_rate": s.accepted / s.drafted if s.drafted else math.nan,
+            "acceptance_rate": s.accepted / s.drafted if s.drafted else None,  # strict JSON
             "requests_seen": s.requests_seen, "requests_freed": s.requests_freed,
             "live_requests": len(self.requests), "max_live": s.max_live,
             "token_cost": self.token_cost(), "arm_plays": dict(s.arm_plays),
