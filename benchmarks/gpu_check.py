@@ -51,7 +51,7 @@ from specmux.policies import POLICIES
 from specmux.types import SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import VOCAB, tiny_lm  # noqa: E402
+from conftest import VOCAB, tiny_drafters, tiny_lm  # noqa: E402
 from stats import chi2_critical, chi2_statistic, target_first_two  # noqa: E402
 
 # Shapes of the embedded GGUFs (qwen2.* metadata keys); vocabulary 151,936.
@@ -67,12 +67,7 @@ TINY = [[1, 2, 3, 4, 5, 6, 7, 1, 2, 3], [9, 9, 8, 7, 9, 9, 8], [30, 31, 32, 33, 
 def lossless(device: str, draws: int) -> dict:
     """Part 1: greedy equality for every policy, and the sampled chi-square test."""
     target = tiny_lm(0, hidden=48).to(device)
-    small = tiny_lm(1, hidden=32, layers=1)
-    good = tiny_lm(0, hidden=48)
-    with torch.no_grad():
-        for p in good.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    small, good = small.to(device), good.to(device)
+    small, good = (m.to(device) for m in tiny_drafters())
 
     def pool() -> list:
         return [HFDrafter(small, name="small"), HFDrafter(good, name="good"),
@@ -199,8 +194,7 @@ def engine(models: dict, prompt_len: int, new_tokens: int, num_prompts: int) -> 
             "learner_ms_per_round": 1e3 * sum(s.learner_seconds for o in outs for s in o.steps)
             / rounds,
             "identical": not mismatches, "mismatches": mismatches,
-            "cost_model": sel.cost_model.snapshot() if hasattr(sel.cost_model, "snapshot")
-            else None,
+            "cost_model": sel.cost_model.snapshot(),
         }
     t0 = time.perf_counter()  # target-only again: drift over the part
     again = [autoregressive_generate(target, p, new_tokens) for p in prompts]

@@ -41,8 +41,7 @@ def target_model() -> LlamaForCausalLM:
     return tiny_lm(0, hidden=48)
 
 
-@pytest.fixture(scope="session")
-def drafter_models() -> list[LlamaForCausalLM]:
+def tiny_drafters() -> list[LlamaForCausalLM]:
     """Two drafters: a small one, and a copy of the target perturbed (a 'good' drafter)."""
     small = tiny_lm(1, hidden=32, layers=1)
     good = tiny_lm(0, hidden=48)
@@ -50,6 +49,11 @@ def drafter_models() -> list[LlamaForCausalLM]:
         for p in good.parameters():
             p.add_(0.01 * torch.randn_like(p))
     return [small, good]
+
+
+@pytest.fixture(scope="session")
+def drafter_models() -> list[LlamaForCausalLM]:
+    return tiny_drafters()
 
 
 @pytest.fixture(scope="session")

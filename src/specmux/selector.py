@@ -145,6 +145,7 @@ class Selector:
         self.cost_model = cost_model or CostModel()
         self.scoring = ScoringPlan(names, score_rate, seed=seed)
         self._arm_specs = [(a.drafter, a.k) for a in self.arms]
+        self._drafts = np.array([a.k > 0 for a in self.arms])  # [num_arms]: not the plain arm
         if isinstance(policy, str):
             policy = make_policy(policy, len(self.arms), seed=seed, **(policy_kwargs or {}))
         if policy.num_arms != len(self.arms):
@@ -186,9 +187,8 @@ class Selector:
         self.tracker.reset()
         self._final = None
         if self.needs_scores and self.scoring.rate < 1.0:  # which drafters it watches
-            drafting = np.array([arm.k > 0 for arm in self.arms])
             self.scoring.start_query(np.bincount(  # each drafter's share of the plays [N]
-                self.arm_drafter, weights=self.policy.probabilities() * drafting,
+                self.arm_drafter, weights=self.policy.probabilities() * self._drafts,
                 minlength=len(self.drafter_names)), prompt_tokens,
                 self.dominated_drafters(prompt_tokens))
 
@@ -209,15 +209,15 @@ class Selector:
         """
         model = self.cost_model
         plain = model.verify_seconds(1, context)
-        drafting = np.array([arm.k > 0 for arm in self.arms])
         if math.isnan(plain) or plain <= 0.0:
             return np.zeros(len(self.drafter_names), dtype=bool)
-        ks = np.array([k for _, k in self._arm_specs], dtype=float)
-        best = model.round_seconds(self._arm_specs, context, [k for _, k in self._arm_specs])
-        slower = (ks + 1.0) * plain < best  # [num_arms]: even all accepted loses
-        fast = np.bincount(self.arm_drafter, weights=drafting & ~slower,
+        ks = [k for _, k in self._arm_specs]
+        best = model.round_seconds(self._arm_specs, context, ks)  # each arm drafting all k
+        slower = (np.array(ks) + 1.0) * plain < best  # [num_arms]: even all accepted loses
+        fast = np.bincount(self.arm_drafter, weights=self._drafts & ~slower,
                            minlength=len(self.drafter_names))
-        mine = np.bincount(self.arm_drafter, weights=drafting, minlength=len(self.drafter_names))
+        mine = np.bincount(self.arm_drafter, weights=self._drafts,
+                           minlength=len(self.drafter_names))
         return (mine > 0) & (fast == 0)
 
     def context_key(self, signals: Sequence[int | None]) -> int:
