@@ -210,6 +210,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="small shapes, few draws")
     ap.add_argument("--draws", type=int, default=4000)
     args = ap.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: this torch sees no CUDA device")
     args.out.mkdir(parents=True, exist_ok=True)
     smoke = args.smoke
     info = {"device": args.device, "device_name": torch.cuda.get_device_name()
