@@ -61,6 +61,28 @@ def test_each_context_learns_its_own_best_arm(name: str) -> None:
     assert ctx.policy.t == flat.policy.t  # the global learner still sees every round
 
 
+def test_context_key_says_whether_the_surest_drafter_was_right_last_round() -> None:
+    """The key's last bit: the signalling drafter's first guess of the query's previous
+    round was right (from its counterfactual scores; bandits: when it was played)."""
+    selector = Selector(make_arms(["a", "b"], 1), "hedge", contextual=True)
+    selector.start_query()
+    arm = selector.select([None, 2])
+    keys = [selector.round_context]
+    for first_guess_right in (1.0, 0.0, 1.0):
+        gamma = np.array([[0.0, first_guess_right], [0.0, 0.0]])
+        selector.observe(Outcome(arm, 1, 0), (gamma, gamma.copy()))
+        arm = selector.select([None, 2])
+        keys.append(selector.round_context)
+    assert keys == [7, 8, 7, 8]  # 1 + 4 * 1 + 2 * (2 - 1) + hit
+    selector.start_query()  # a new query: no previous round
+    assert selector.context_key([None, 2]) == 7
+    bandit = Selector(make_arms(["a", "b"], 1), "ucb", contextual=True)
+    bandit.start_query()
+    bandit.select([None, 1])
+    bandit.observe(Outcome(1, 1, 1))  # played b, its draft accepted
+    assert bandit.context_key([None, 1]) == 6 and bandit.context_key([1, 0]) == 1
+
+
 def test_bandits_learn_per_context_from_their_own_rounds() -> None:
     selector = Selector(make_arms(["a", "b"], 1), "ucb", contextual=True)
     selector.start_query()
@@ -89,6 +111,10 @@ def test_context_state_round_trip_and_validation() -> None:
                 {"1": {"count": -1, "state": state}}, {"1": {"count": 1, "state": {"a": 1}}}):
         with pytest.raises(ConfigError):
             Selector(arms, "hedge", contextual=True).load_state_dict({**state, "contexts": bad})
+    legacy = {key: value for key, value in state.items() if key != "context_keys"}
+    older = Selector(arms, "hedge", contextual=True)  # a state from before the hit bit
+    older.load_state_dict(legacy)
+    assert not older.contexts and older.policy.num_losses == first.policy.num_losses
     second.start_query()
     assert second.contexts  # persistent by default
     reset = Selector(arms, "hedge", contextual=True, reset_per_query=True)

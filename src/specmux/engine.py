@@ -311,7 +311,8 @@ class SpeculativeDecoder:
             d.observe(context, committed)
         context.extend(committed)
         t4 = time.perf_counter()
-        model.observe_round(len(committed), t4 - t0)
+        if timed:  # the prompt's prefill is no round's cost: rho would sag at each query
+            model.observe_round(len(committed), t4 - t0)
         step = Step(
             round=round_index, drafter=drafter.name if drafter else NO_DRAFT, arm=a, k=k,
             num_draft_tokens=len(draft), num_accepted_tokens=verdict.num_accepted_tokens,

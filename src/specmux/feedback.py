@@ -49,9 +49,11 @@ Losses, each in [0, 1]:
   achievable throughput ``rho*``, and for any ``rho <= rho*`` the arm of largest gain in
   each context makes ``sum (T - rho c) >= 0``, i.e. at least ``rho`` tokens/second
   (Dinkelbach's lemma): starting from the best fixed arm's rate, the learner can only
-  improve on it.  The no-speculation arm (``k = 0``) has ``T = 1``.  Both terms come from
-  the same verified path, so the loss is exact under greedy decoding and unbiased under
-  sampling, like ``"length"``.
+  improve on it.  In the stream's first round neither is known yet (``rho = 0`` would make
+  the loss the ``length`` loss, which prefers the costliest arm), so the best exactly
+  scored arm's rate in that round stands in.  The no-speculation arm (``k = 0``) has
+  ``T = 1``.  Both terms come from the same verified path, so the loss is exact under
+  greedy decoding and unbiased under sampling, like ``"length"``.
 
 **Cheap counterfactuals (sub-sampled scoring).**  Running an LM drafter along the path
 costs a forward pass.  The caller may skip a drafter ``i`` in a round and pass per-drafter
@@ -60,10 +62,16 @@ reused), ``1/pi > 1`` (scored because an independent coin of probability ``pi`` 
 or ``0`` (not scored: its column is ``nan``).  An arm of an unscored drafter gets its
 loss *imputed*: the decayed mean (half-life ``baseline_half_life`` samples) of that arm's
 losses in the rounds its drafter was scored by a coin, in the same context (the round's
-tag carries the context key, :mod:`specmux.selector`), else in any context.  Coin rounds
-are a random sample of the rounds, so the mean is a consistent estimate of the arm's loss
-there; rounds where the drafter was played are not used (the learner played it where it
-looked good: a biased sample).  The unbiased alternative, ``b + factors[i] * (loss -
+tag carries the context key, :mod:`specmux.selector`).  Coin rounds are a random sample
+of the rounds, so the mean is a consistent estimate of the arm's loss there; rounds where
+the drafter was played are a biased sample (the learner played it where it looked good).
+But coins are rare (one round in tens to hundreds), and one coin round taken at face value
+decided the imputed loss of every later round: in issue 11's seventh run the stream's
+first round was such a coin, its losses said the LM drafter was best, and learners that
+play their best arm kept playing it.  So the context's coin mean is shrunk toward the
+coin mean over every context, and that toward the mean over every scored round (played
+ones included), each by :data:`IMPUTE_PRIOR` pseudo-rounds: a handful of coins moves the
+estimate, a single one only halfway.  The unbiased alternative, ``b + factors[i] * (loss -
 b)``, gives a coin round an importance weight of ``1/pi``: with ``pi`` = 1/80 (a 5% coin
 in a quarter of the queries) one coin moved an arm's cumulative loss by tens of rounds'
 worth, and learners that play their best arm locked onto whichever drafter a few coins
@@ -93,6 +101,7 @@ LOSSES = ("length", "acceptance", "time")
 SpanScorer = Callable[[int, int, int], tuple[np.ndarray, np.ndarray]]
 SCALE_HALF_LIFE = 256.0  # rounds: how fast the "time" loss's scale D forgets a large spread
 RATE_HALF_LIFE = 128.0  # rounds: the fixed arms' throughput estimates
+IMPUTE_PRIOR = 1.0  # pseudo-rounds of the broader mean in an imputed loss (shrinkage)
 
 
 def position_scores(
@@ -389,21 +398,23 @@ class CounterfactualTracker:
     def _impute(self, losses: np.ndarray, f: np.ndarray, tag: int) -> np.ndarray:
         """Losses of arms whose drafter was not scored (``f == 0``) replaced by the decayed
         mean of that arm's losses in the rounds its drafter was scored by a coin (``f >
-        1``), in the round's context (``tag // num_arms``), else in any context, else in
-        any scored round (module docstring)."""
+        1``) in the round's context (``tag // num_arms``), shrunk toward the same mean in
+        any context, itself shrunk toward the mean over every scored round, each by
+        :data:`IMPUTE_PRIOR` pseudo-rounds (module docstring)."""
         num_arms = len(self.k_of_arm)
         keys = (max(tag, 0) // num_arms, -1)  # this round's context, every context
-        base = np.full(num_arms, np.nan)
-        for key in (*keys, -2):  # -2: every scored round (before any coin came up)
-            total, weight = self._baselines.get(key, (np.zeros(num_arms), np.zeros(num_arms)))
-            fill = np.isnan(base) & (weight > 0)
-            base[fill] = total[fill] / weight[fill]
+        empty = (np.zeros(num_arms), np.zeros(num_arms))
+        total, weight = self._baselines.get(-2, empty)  # -2: every scored round
+        base = np.where(weight > 0, total / np.maximum(weight, 1e-300), 0.5)
+        for key in (keys[1], keys[0]):  # any context's coins, then this context's
+            total, weight = self._baselines.get(key, empty)
+            base = (total + IMPUTE_PRIOR * base) / (weight + IMPUTE_PRIOR)
         for key, mask in ((keys[0], f > 1), (-1, f > 1), (-2, f > 0)):
             total, weight = self._baselines.setdefault(
                 key, (np.zeros(num_arms), np.zeros(num_arms)))
             total[mask] = self._decay * total[mask] + losses[mask]
             weight[mask] = self._decay * weight[mask] + 1.0
-        return np.where(f > 0, losses, np.nan_to_num(base, nan=0.5))
+        return np.where(f > 0, losses, base)
 
     def best_fixed_rate(self) -> float:
         """The best fixed arm's throughput so far, ``sum T_a / sum c_a`` (tokens per
@@ -416,12 +427,15 @@ class CounterfactualTracker:
     def _time_losses(self, tokens: np.ndarray, meta: _Pending) -> np.ndarray:
         """Dinkelbach's gain ``T - rho * c`` per arm, shifted and scaled (module docstring)."""
         assert meta.costs is not None
-        rho = max(meta.rho, self.best_fixed_rate())
-        gain = tokens - rho * meta.costs  # [num_arms], in tokens
-        exact = (np.ones(len(gain), dtype=bool) if meta.factors is None
+        exact = (np.ones(len(tokens), dtype=bool) if meta.factors is None
                  else meta.factors[self.drafter_of_arm] == 1.0)
         if not exact.any():
             exact[:] = True
+        rho = max(meta.rho, self.best_fixed_rate())
+        if rho <= 0.0:  # the stream's first round: the best exact arm's rate in it
+            timed = exact & (meta.costs > 0)
+            rho = float(np.max(tokens[timed] / meta.costs[timed])) if timed.any() else 0.0
+        gain = tokens - rho * meta.costs  # [num_arms], in tokens
         mean = float(gain[exact].mean())
         spread = float(np.abs(gain[exact] - mean).max())
         seen = exact if meta.factors is None else meta.factors[self.drafter_of_arm] > 0
