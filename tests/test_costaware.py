@@ -197,6 +197,47 @@ def test_sampling_with_k_choices_matches_target_distribution(
 
 
 
+def test_sampling_with_start_up_calibration_matches_target_distribution(
+    target_model, drafter_models, monkeypatch
+) -> None:
+    """Start-up calibration runs the target and the LM drafters on the prompt's first
+    tokens (their KV caches then serve the query's prefill).  Calibrating before every
+    query, with a cost model then set to favour drafting so that drafts happen, 5k seeded
+    generations still follow the target's joint law of the first two tokens."""
+    calibrate = SpeculativeDecoder._calibrate
+
+    def calibrate_then_favour_drafting(self, prompt_ids) -> None:
+        calibrate(self, prompt_ids)
+        model = self.selector.cost_model
+        model.reset()
+        for n in range(1, 5):  # verification as cheap for 4 positions as for 1
+            model.observe_verify(n, len(prompt_ids), 0.01)
+        for d in self.drafters:
+            model.observe_draft(d.name, 1, 1e-5)
+
+    monkeypatch.setattr(SpeculativeDecoder, "_wants_calibration", lambda self: True)
+    monkeypatch.setattr(SpeculativeDecoder, "_calibrate", calibrate_then_favour_drafting)
+    small, good = drafter_models
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8]  # 16 calibrate
+    decoder = SpeculativeDecoder(target_model, [HFDrafter(small, "small"),
+                                                HFDrafter(good, "good"), NgramDrafter(2)],
+                                 "hedge", num_speculative_tokens=[0, 1, 3], loss="time",
+                                 score_rate=0.5)
+    calls = decoder.drafters[0].lm.num_forward_calls
+    sampling = SamplingParams(temperature=1.0)
+    counts = np.zeros((VOCAB, VOCAB))
+    for seed in range(5_000):
+        out = decoder.generate(prompt, max_new_tokens=2,
+                               sampling=SamplingParams(sampling.temperature, seed=seed))
+        counts[out.token_ids[0], out.token_ids[1]] += 1
+    assert decoder.drafters[0].lm.num_forward_calls >= calls + 3 * 5_000  # calibrated each
+    assert decoder.stats.num_accepted_tokens > 500
+    joint = target_first_two(target_model, prompt, sampling)
+    assert_distribution(counts.sum(1), joint.sum(1))
+    assert_distribution(counts.sum(0), joint.sum(0))
+    assert_distribution(counts, joint)
+
+
 # ------------------------------------------------------------------ round 3: robust costs,
 # proposal lengths, the best fixed arm's rate, deferred scoring
 

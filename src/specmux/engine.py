@@ -221,6 +221,34 @@ class SpeculativeDecoder:
             if not ended:  # closed early: the selector still gets the delayed feedback
                 self.selector.end_query()
 
+    def warmup(self, prompt_ids: Sequence[int] | None = None) -> float:
+        """Measure what the cost model needs before a first round (:meth:`_calibrate`),
+        if the selector needs it and nothing has been timed yet; the seconds it took (0.0
+        when nothing was needed).  A server or a benchmark calls it at start-up, as serving
+        engines profile before they take requests; otherwise the first query pays it
+        (:meth:`generate_steps` calibrates on its prompt).  ``prompt_ids``: the tokens to
+        time on (default: a fixed sequence of :data:`CALIBRATION_TOKENS` ids).
+
+        >>> import torch
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> from specmux.drafters.ngram import NgramDrafter
+        >>> torch.manual_seed(0) and None
+        >>> tiny = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16,
+        ...     intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+        >>> decoder = SpeculativeDecoder(tiny, [NgramDrafter()], "hedge",
+        ...                              num_speculative_tokens=[0, 2], loss="time")
+        >>> decoder.warmup() > 0.0, decoder.warmup()  # measured once
+        (True, 0.0)
+        """
+        if not self._wants_calibration():
+            return 0.0
+        vocab = self.target.vocab_size
+        ids = (list(prompt_ids) if prompt_ids is not None
+               else [(7919 * i + 1) % vocab for i in range(CALIBRATION_TOKENS)])
+        t0 = time.perf_counter()
+        self._calibrate(ids)
+        return time.perf_counter() - t0
+
     def _wants_calibration(self) -> bool:
         """Whether the selector prices arms or plans its scoring by the cost model (time
         loss, or counterfactual scoring of a sample of rounds) and the model has not timed
@@ -232,14 +260,14 @@ class SpeculativeDecoder:
 
     def _calibrate(self, prompt_ids: Sequence[int]) -> None:
         """Time a plain target step, a pass of ``max_k + 1`` positions and one- and
-        two-token proposals of each model drafter, on the first query's first
-        :data:`CALIBRATION_TOKENS` prompt tokens, before that query starts (serving engines
-        profile at start-up the same way).  Without it, the stream's first round scores
+        two-token proposals of each model drafter on the first :data:`CALIBRATION_TOKENS`
+        of ``prompt_ids``: at start-up (:meth:`warmup`), else before the first query, on its
+        prompt.  Without it, the stream's first round scores
         every drafter (nothing counts as expensive yet; an LM drafter's prefill of the
         prompt included) and an untimed LM drafter drafts "for free" in the cost model
         until the learner has tried it: 1.2 s of a 2.6 s first query on llama.cpp (docs/
-        BENCHMARKS.md, issue 14's fourth run).  The passes run on a prefix of the prompt,
-        so the query's own prefill reuses their KV cache; they count in its time."""
+        BENCHMARKS.md, issue 14's fourth run).  On a first query's prompt the passes run
+        on its prefix, so its prefill reuses their KV cache; they count in its time."""
         ctx = list(prompt_ids[:CALIBRATION_TOKENS])
         if len(ctx) < 2:
             return

@@ -582,6 +582,7 @@ class BenchRunner:
         self.factory = DrafterFactory(cfg.pool_names(), self.splits, models.tokenizer,
                                       models.drafter, models.target)
         self.methods = self._methods()
+        self.calibration_seconds: dict[str, float] = {}  # method -> start-up calibration
         # (exact mode, query index) -> target-only output in that mode
         self.reference: dict[tuple[bool, int], list[int]] = {}
         self._hf_calls = 0
@@ -794,7 +795,11 @@ class BenchRunner:
         Every pass size up to the largest k + 1 is run once: in bf16 on a CPU the first
         pass of a new number of positions took seconds (a 2-position verification: 2.7 s
         median over the first query, against 0.3 s once warm), which would be charged to
-        whichever method meets it first.
+        whichever method meets it first.  Each learner's engine runs its start-up cost
+        calibration here (:meth:`SpeculativeDecoder.warmup`), as a server does before it
+        takes requests: a one-off cost per process (0.6 s on llama.cpp with two threads),
+        recorded in the trace's ``meta`` as ``calibration_seconds``, not charged to the
+        stream's first query.
         """
         longest = self.longest_prompt()
         short = longest[-8:]
@@ -824,6 +829,12 @@ class BenchRunner:
                 for prompt in (longest, short):
                     self._run_anchor(method, Query(-1, "warm-up", "warm-up", "",
                                                    tuple(prompt), False), 4)
+            elif method.decoder is not None:  # the cost model's start-up calibration
+                set_exact(self.models.target, method.exact)
+                seconds = method.decoder.warmup()
+                if seconds:
+                    self.calibration_seconds[method.id] = seconds
+        set_exact(self.models.target, self.cfg.exact)
         self._cold_start()
 
     # ------------------------------------------------------------------ the stream
@@ -847,6 +858,7 @@ class BenchRunner:
             "prompts_file": str(self.prompts.path) if self.prompts else None,
             "corpus_tokens": self.factory.corpus_tokens(),
             "stop_token_ids": self.stop,
+            "calibration_seconds": self.calibration_seconds,
             "machine": {**machine_info(), **self._backend_info()},
         }
 

@@ -108,6 +108,7 @@ def serve(
             check_state_dir(state_dir)
         sock = bind(host, port)  # a port in use is found before the models load
         pipe = pipeline_from_config(cfg, target, install=install, threads=threads)
+        pipe.decoder.warmup()  # the cost model's calibration, before the first request
         app = create_app(
             pipe, model_name=served_model_name or target, state_dir=state_dir,
             max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
