@@ -6,9 +6,13 @@ when it gets busier and the context when it gets longer.
 
 * **Verification**, ``verify_seconds(n, context)``: one target pass scoring ``n`` positions
   (``n = drafted + 1``).  Per ``n`` a decayed least-squares line ``a_n + b_n * context``
-  (``b_n >= 0``: attention grows with the context).  An ``n`` never measured is
+  (``b_n >= 0``: attention grows with the context; ``a_n >= 0``: a pass reads the weights
+  at any context; a line fitted to two clusters of contexts, e.g. short prompts and one
+  long multi-turn one, otherwise crossed zero in between, and a 4-position pass at 256
+  tokens was modelled as free in issue 14's sixth run).  An ``n`` never measured is
   interpolated linearly between its measured neighbours; past the largest one, extrapolated
-  with the slope of a line through the per-``n`` predictions (``>= 0``), flat with one point.
+  with the slope of a line through the per-``n`` predictions (``>= 0``), flat with one
+  point.  No ``n`` is cheaper than the fewest positions measured.
 * **Drafting**, ``draft_seconds(drafter, k)``: decayed least squares ``a + b * k`` over the
   rounds the drafter proposed ``k`` tokens (a model-free drafter fits ~0); while only one
   ``k`` has been measured, proportional to ``k``.
@@ -60,14 +64,22 @@ class DecayedLine:
     ``x`` (or one point) the fit is the weighted mean (``b = 0``), or with
     ``proportional=True`` the line through the origin (``a = 0``, ``b = mean y / mean x``:
     drafting ``k`` tokens autoregressively costs about ``k`` times one);
-    ``min_slope`` clamps ``b``.
+    ``min_slope`` clamps ``b``; ``min_intercept`` clamps ``a`` (the slope is then refitted
+    with the intercept held there).
+
+    >>> line = DecayedLine(1.0, min_slope=0.0, min_intercept=0.0)
+    >>> for x, y in [(150, 0.03), (160, 0.03), (1100, 0.9)]:  # two clusters, noisy
+    ...     line.observe(x, y)
+    >>> a, b = line.coefficients(); a, round(b, 6)  # unclamped: a = -0.11, 256 "free"
+    (0.0, 0.000794)
     """
 
     def __init__(self, decay: float, min_slope: float | None = None,
-                 proportional: bool = False) -> None:
+                 proportional: bool = False, min_intercept: float | None = None) -> None:
         self.decay = decay
         self.min_slope = min_slope
         self.proportional = proportional
+        self.min_intercept = min_intercept
         self.w = self.wx = self.wxx = self.wy = self.wxy = 0.0
         self.count = 0
 
@@ -98,7 +110,13 @@ class DecayedLine:
             b = 0.0
         if self.min_slope is not None:
             b = max(b, self.min_slope)
-        return my - b * mx, b
+        a = my - b * mx
+        if self.min_intercept is not None and a < self.min_intercept and self.wxx > 0:
+            a = self.min_intercept  # least squares with the intercept held there
+            b = (self.wxy - a * self.wx) / self.wxx
+            if self.min_slope is not None:
+                b = max(b, self.min_slope)
+        return a, b
 
     def predict(self, x: float) -> float:
         a, b = self.coefficients()
@@ -130,7 +148,8 @@ class CostModel:
         """One target pass that scored ``positions`` rows after ``context`` tokens."""
         line = self.verify.get(positions)
         if line is None:
-            line = self.verify[positions] = DecayedLine(self.decay, min_slope=0.0)
+            line = self.verify[positions] = DecayedLine(self.decay, min_slope=0.0,
+                                                        min_intercept=0.0)
         line.observe(float(context), float(seconds))
 
     def observe_draft(self, drafter: str, k: int, seconds: float) -> None:
@@ -175,9 +194,17 @@ class CostModel:
         return self.tokens_sum / self.seconds_sum if self.seconds_sum > 0 else math.nan
 
     def verify_seconds(self, positions: int, context: int) -> float:
-        """Modelled seconds of a pass scoring ``positions`` rows; nan before any measurement."""
+        """Modelled seconds of a pass scoring ``positions`` rows; nan before any
+        measurement.  Never below the fewest measured positions' (more rows cost more)."""
         if not self.verify:
             return math.nan
+        least = min(self.verify)
+        value = self._verify_line(positions, context)
+        if positions > least:
+            value = max(value, self.verify[least].predict(context))
+        return max(value, 0.0)
+
+    def _verify_line(self, positions: int, context: int) -> float:
         line = self.verify.get(positions)
         if line is not None:
             return max(line.predict(context), 0.0)
