@@ -24,11 +24,10 @@ passage, a right guess is followed by another (86% of the strong-signal rounds a
 in issue 11's seventh run, 42% after a miss), while in free text a strong-looking match
 is often a coincidence.  Full information gives it for free (every model-free drafter is
 scored along every path); bandits know it for the drafter they played.  One learner per
-key, each
-fed the losses of its own rounds only (Hedge over a finite set of contexts: the regret
-bound holds per context, against the best arm *for that context*).  A key's learner plays
-once it has :data:`CONTEXT_WARMUP` loss vectors (bandits: updates); until then the global
-learner, which sees every round, plays for it.
+key, each fed the losses of its own rounds only (Hedge over a finite set of contexts: the
+regret bound holds per context, against the best arm *for that context*).  A key's
+learner plays once it has :data:`CONTEXT_WARMUP` loss vectors (bandits: updates); until
+then the global learner, which sees every round, plays for it.
 
 Feedback to the policy.  Bandit policies learn from the played arm's realized
 :class:`Outcome`; full-information policies from loss vectors over all arms, computed by
