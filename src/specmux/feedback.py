@@ -69,16 +69,13 @@ But coins are rare (one round in tens to hundreds), and one coin round taken at 
 decided the imputed loss of every later round: in issue 11's seventh run the stream's
 first round was such a coin, its losses said the LM drafter was best, and learners that
 play their best arm kept playing it.  So the context's coin mean is shrunk toward the
-coin mean over every context, and that toward 1/2 (the loss of the round's mean arm: the
-``time`` loss is centred there), each by :data:`IMPUTE_PRIOR` pseudo-rounds: one coin
-moves the estimate three quarters of the way, a dozen decide it.  (Shrinking toward the
-rounds where the drafter was played instead brought their bias back: an argmax learner
-plays the LM where it is best, and that mean then made it look good everywhere.)  The
-unbiased alternative, ``b + factors[i] * (loss - b)``, gives a coin round an importance
-weight of ``1/pi``: with ``pi`` = 1/80 (a 5% coin in a quarter of the queries) one coin
-moved an arm's cumulative loss by tens of rounds' worth, and learners that play their
-best arm locked onto whichever drafter a few coins happened to favour (BENCHMARKS.md,
-issue 11, third run).
+coin mean over every context, and that toward the mean over every scored round (played
+ones included), each by :data:`IMPUTE_PRIOR` pseudo-rounds: a handful of coins moves the
+estimate, a single one only halfway.  The unbiased alternative, ``b + factors[i] * (loss -
+b)``, gives a coin round an importance weight of ``1/pi``: with ``pi`` = 1/80 (a 5% coin
+in a quarter of the queries) one coin moved an arm's cumulative loss by tens of rounds'
+worth, and learners that play their best arm locked onto whichever drafter a few coins
+happened to favour (BENCHMARKS.md, issue 11, third run).
 A coin-scored drafter needs its scores over the round's whole window: the
 caller passes it in ``deferred`` (its columns ``nan`` for now) with a ``scorer``, and once
 the window is verified the tracker asks ``scorer(drafter, lo, hi)`` for the drafter's
@@ -402,16 +399,17 @@ class CounterfactualTracker:
         """Losses of arms whose drafter was not scored (``f == 0``) replaced by the decayed
         mean of that arm's losses in the rounds its drafter was scored by a coin (``f >
         1``) in the round's context (``tag // num_arms``), shrunk toward the same mean in
-        any context, itself shrunk toward 1/2 (the round's mean arm), each by
+        any context, itself shrunk toward the mean over every scored round, each by
         :data:`IMPUTE_PRIOR` pseudo-rounds (module docstring)."""
         num_arms = len(self.k_of_arm)
         keys = (max(tag, 0) // num_arms, -1)  # this round's context, every context
         empty = (np.zeros(num_arms), np.zeros(num_arms))
-        base = np.full(num_arms, 0.5)
+        total, weight = self._baselines.get(-2, empty)  # -2: every scored round
+        base = np.where(weight > 0, total / np.maximum(weight, 1e-300), 0.5)
         for key in (keys[1], keys[0]):  # any context's coins, then this context's
             total, weight = self._baselines.get(key, empty)
             base = (total + IMPUTE_PRIOR * base) / (weight + IMPUTE_PRIOR)
-        for key, mask in ((keys[0], f > 1), (-1, f > 1)):
+        for key, mask in ((keys[0], f > 1), (-1, f > 1), (-2, f > 0)):
             total, weight = self._baselines.setdefault(
                 key, (np.zeros(num_arms), np.zeros(num_arms)))
             total[mask] = self._decay * total[mask] + losses[mask]
