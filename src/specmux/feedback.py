@@ -70,8 +70,10 @@ decided the imputed loss of every later round: in issue 11's seventh run the str
 first round was such a coin, its losses said the LM drafter was best, and learners that
 play their best arm kept playing it.  So the context's coin mean is shrunk toward the
 coin mean over every context, and that toward the mean over every scored round (played
-ones included), each by :data:`IMPUTE_PRIOR` pseudo-rounds: a handful of coins moves the
-estimate, a single one only halfway.  The unbiased alternative, ``b + factors[i] * (loss -
+ones included), each by :data:`IMPUTE_PRIOR` pseudo-rounds: one coin moves the estimate
+three quarters of the way, a dozen decide it.  (Shrinking toward 1/2 instead, which leaves
+the played rounds out entirely, made the sampling learners play the LM drafter more and
+cost them 4-15% in issue 11's ninth run.)  The unbiased alternative, ``b + factors[i] * (loss -
 b)``, gives a coin round an importance weight of ``1/pi``: with ``pi`` = 1/80 (a 5% coin
 in a quarter of the queries) one coin moved an arm's cumulative loss by tens of rounds'
 worth, and learners that play their best arm locked onto whichever drafter a few coins
