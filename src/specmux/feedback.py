@@ -73,7 +73,7 @@ coin mean over every context, and that toward the mean over every scored round (
 ones included), each by :data:`IMPUTE_PRIOR` pseudo-rounds: one coin moves the estimate
 three quarters of the way, a dozen decide it.  (Shrinking toward 1/2 instead, which leaves
 the played rounds out entirely, made the sampling learners play the LM drafter more and
-cost them 4-15% in issue 11's ninth run.)  The unbiased alternative, ``b + factors[i] * (loss -
+cost them 4-11% in issue 11's ninth run.)  The unbiased alternative, ``b + factors[i] * (loss -
 b)``, gives a coin round an importance weight of ``1/pi``: with ``pi`` = 1/80 (a 5% coin
 in a quarter of the queries) one coin moved an arm's cumulative loss by tens of rounds'
 worth, and learners that play their best arm locked onto whichever drafter a few coins
