@@ -198,8 +198,7 @@ class SpeculativeDecoder:
         generator = _generator(sampling)
         self._log = _RowLog(list(prompt_ids), sampling)
         self.selector.span_scorer = self._score_span
-        if self._wants_calibration():
-            self._calibrate(prompt_ids)
+        self.warmup(prompt_ids)  # calibrates here only if nobody did at start-up
         self.selector.start_query(len(prompt_ids))
         for d in self.drafters:
             d.start_query(prompt_ids)
