@@ -201,8 +201,8 @@ class CostModel:
         least = min(self.verify)
         value = self._verify_line(positions, context)
         if positions > least:
-            value = max(value, self.verify[least].predict(context))
-        return max(value, 0.0)
+            value = max(value, self._verify_line(least, context))
+        return value
 
     def _verify_line(self, positions: int, context: int) -> float:
         line = self.verify.get(positions)
