@@ -11,7 +11,7 @@ from specmux.costmodel import CostModel, DecayedLine
 from specmux.drafters.hf import HFDrafter
 from specmux.drafters.ngram import NgramDrafter
 from specmux.engine import NO_DRAFT, SpeculativeDecoder, autoregressive_generate
-from specmux.errors import ConfigError
+from specmux.errors import ConfigError, PromptError
 from specmux.feedback import CounterfactualTracker
 from specmux.policies import POLICIES
 from specmux.scoring import ScoringPlan
@@ -588,6 +588,9 @@ def test_first_query_calibrates_the_cost_model(target_model, drafter_models) -> 
     for name in ("small", "good"):
         assert model.draft_seconds(name, 2) > 0.0
     assert drafters[0].lm.num_forward_calls >= calls + 3  # prefill, then 1 + 2 passes
+    assert decoder.warmup() == 0.0  # measured already
+    with pytest.raises(PromptError):
+        decoder.warmup([])
 
     plain = SpeculativeDecoder(target_model, pool(drafter_models), "hedge",
                                num_speculative_tokens=3)  # length loss, every round scored

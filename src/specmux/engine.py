@@ -239,6 +239,8 @@ class SpeculativeDecoder:
         >>> decoder.warmup() > 0.0, decoder.warmup()  # measured once
         (True, 0.0)
         """
+        if prompt_ids is not None:
+            _check_prompt(prompt_ids, self.target.max_context, 1)
         if not self._wants_calibration():
             return 0.0
         vocab = self.target.vocab_size
