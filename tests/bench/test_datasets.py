@@ -162,9 +162,10 @@ def test_edit_request_kinds() -> None:
     instr, shown = edit_request(code, "f", "bugfix", 0)
     assert shown != code and "bug" in instr
     assert edit_request("def g(a):\n    return a\n", "g", "loop", 0) is None
-    _, shown = edit_request('def f(a: int) -> int:\n    """Doc."""\n    return a\n', "f",
-                            "hints", 0)
-    assert "int" not in shown and "Doc" not in shown
+    instr, shown = edit_request('def f(a: int, *r: str) -> int:\n    """Doc."""\n    return a\n',
+                                "f", "hints", 0)
+    assert "type hints" in instr and "int" not in shown and "str" not in shown
+    assert '"""Doc."""' in shown and "return a" in shown  # the rest is copied as it was
 
 
 def test_sharegpt_categories_are_disjoint(new_splits: dict[str, DomainSplit]) -> None:

@@ -5,7 +5,9 @@ downloaded); each has a corpus split disjoint from its eval prompts.
 
 - ``code_edit``: a HumanEval function (prompt + canonical solution) and an edit request, so
   most of the answer copies the input.  Edits rotate over four kinds: *hints* (annotations
-  and docstring stripped with :mod:`ast`, "add type hints and a docstring"), *rename* (a
+  stripped with :mod:`ast`, "add type hints"; the docstring stays: writing a new docstring
+  with an example for a one-line function was most of the answer, not a small change),
+  *rename* (a
   parameter gets a new name everywhere), *loop* (convert the ``for`` loops into ``while``
   loops) and *bugfix* (a planted bug: one comparison or arithmetic operator flipped, "find
   and fix the bug").  Eval problems come from the end of the seeded HumanEval shuffle (the
@@ -62,15 +64,15 @@ class SharegptItem:
 
 
 class _StripHints(ast.NodeTransformer):
+    """Removes the annotations of every function it visits (docstring and body stay)."""
+
     def visit_FunctionDef(self, node: ast.FunctionDef) -> ast.FunctionDef:
         node.returns = None
         for a in [*node.args.args, *node.args.kwonlyargs, *node.args.posonlyargs]:
             a.annotation = None
-        body = node.body
-        if body and isinstance(body[0], ast.Expr) and isinstance(
-                getattr(body[0], "value", None), ast.Constant) and isinstance(
-                body[0].value.value, str):
-            node.body = body[1:] or [ast.Pass()]
+        for a in (node.args.vararg, node.args.kwarg):
+            if a is not None:
+                a.annotation = None
         self.generic_visit(node)
         return node
 
@@ -99,8 +101,8 @@ def edit_request(code: str, entry: str, kind: str, seed: int) -> tuple[str, str]
     rng = random.Random(f"{entry}/{kind}/{seed}")
     if kind == "hints":
         _StripHints().visit(fn)
-        return ("Add type hints to every function and a docstring (with a short example) to "
-                f"`{entry}`. Reply with the complete code.", ast.unparse(tree) + "\n")
+        return (f"Add type hints (parameters and return value) to `{entry}`; keep everything "
+                "else unchanged. Reply with the complete code.", ast.unparse(tree) + "\n")
     if kind == "rename":
         params = [a.arg for a in fn.args.args]
         if not params:
