@@ -45,12 +45,14 @@ log = logging.getLogger("benchmarks.heads")
 
 def _train(model: Any, tok: Any, args: argparse.Namespace, path: pathlib.Path) -> None:
     from specmux.bench.datasets import load_domain
-    from specmux.heads.extract import extract, extraction_key, load_shards
+    from specmux.heads.extract import corpus_chunks, extract, extraction_key, load_shards
     from specmux.heads.store import save_head
     from specmux.heads.train import TrainConfig, train_head
     from specmux.models import cache_dir
 
-    texts = load_domain(args.domain, num_eval=args.num_eval, seed=0).corpus[: args.max_texts]
+    extra = corpus_chunks(args.corpus, 3 * args.max_tokens, 0)
+    texts = [*load_domain(args.domain, num_eval=args.num_eval, seed=0).corpus, *extra][
+        : args.max_texts]
     where = cache_dir() / "extract" / (
         f"{args.domain}-{extraction_key(args.target, 'bfloat16', args.max_tokens)}")
     t0 = time.perf_counter()
@@ -58,6 +60,7 @@ def _train(model: Any, tok: Any, args: argparse.Namespace, path: pathlib.Path) -
     cfg = TrainConfig(epochs=args.epochs, max_seconds=args.train_minutes * 60)
     meta = {"domain": args.domain, "target": args.target, "dtype": "bfloat16", "seed": 0,
             "num_eval": args.num_eval, "corpus_texts": len(texts),
+            "extra_corpus": [str(p) for p in args.corpus],
             "corpus_tokens": int(sum(len(s.ids) for s in shards)),
             "extract_seconds": round(time.perf_counter() - t0, 1), "extract_dir": str(where)}
     head = train_head(model, shards, cfg, meta=meta,
@@ -208,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="train the head first when it is missing (0: fail instead)")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--max-texts", type=int, default=39)
+    p.add_argument("--corpus", type=pathlib.Path, nargs="+", action="extend", default=[],
+                   help="more training text: files or directories (as heads train --corpus)")
     p.add_argument("--max-tokens", type=int, default=384)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("docs/img/heads"))

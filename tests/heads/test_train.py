@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from typer.testing import CliRunner
 
 from specmux.cli import app
 from specmux.errors import ModelLoadError
-from specmux.heads.extract import extract, load_shards
+from specmux.heads.extract import chunk_text, corpus_chunks, extract, load_shards
 from specmux.heads.store import find_heads, load_head, save_head
 from specmux.heads.train import TrainConfig, choose_draft_vocab, train_head
 
@@ -99,6 +100,37 @@ def test_cli_trains_and_lists_a_head(tmp_path, model_dir, monkeypatch) -> None:
     assert head.meta["corpus_texts"] == 3 and head.meta["domain"] == "code"
     listed = runner.invoke(app, ["heads", "list"])
     assert "head-code" in listed.output and "domain=code" in listed.output
+
+
+def test_cli_trains_on_an_extra_corpus_directory(tmp_path, model_dir, monkeypatch) -> None:
+    """--corpus adds a directory's sources, cut into pieces, after the domain's corpus (binary
+    files skipped); --max-texts caps the total."""
+    monkeypatch.setenv("SPECMUX_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.py").write_text("".join(f"def f{i}(x):\n    return x + {i}\n\n"
+                                      for i in range(40)))
+    (src / "a.pyc").write_bytes(b"\x00\x01binary")
+    args = ["heads", "train", "--target", model_dir, "--dtype", "float32", "--max-tokens", "24",
+            "--epochs", "1", "--inner", "16", "--draft-vocab", "20", "--num-eval", "2",
+            "--corpus", str(src), "--extract-only"]
+    few = CliRunner().invoke(app, [*args, "--max-texts", "3"])
+    more = CliRunner().invoke(app, [*args, "--max-texts", "100000"])
+    assert few.exit_code == 0 and more.exit_code == 0, more.output
+    n_few, n_more = (int(re.search(r"code: (\d+) texts extracted", r.output)[1])
+                     for r in (few, more))
+    chunks = corpus_chunks([src], 3 * 24)
+    assert n_few == 3 and n_more >= len(chunks) > 10  # the domain's texts + every piece
+    assert all("\x00" not in c for c in chunks)
+    missing = CliRunner().invoke(app, [*args, "--corpus", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "not found" in missing.output
+
+
+def test_chunk_text_keeps_every_line() -> None:
+    text = "".join(f"line {i}\n" + ("\n" if i % 7 == 0 else "") for i in range(200))
+    pieces = chunk_text(text, 100)
+    assert "".join(pieces) == text.replace("\n\n", "\n\n")  # nothing lost or reordered
+    assert all(len(p) <= 100 + 10 for p in pieces) and len(pieces) > 10
 
 
 @pytest.mark.parametrize("bad", [["--dtype", "int8"], ["--max-texts", "0"], ["--domain", "x"],

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import doctest
+import gc
+import json
 
 import numpy as np
 import pytest
@@ -135,6 +137,22 @@ def test_drafts_where_they_pay_and_not_elsewhere() -> None:
     stats = proposer.stats_dict()
     assert stats["accepted"] > 0.5 * stats["drafted"]
     assert stats["live_requests"] == 3 and stats["ms_per_row_step"] > 0
+    assert 0 < stats["ms_per_row_step_median"] <= stats["ms_per_call_max"]
+    assert stats["first_call_ms"] > 0 and stats["gc_ms_in_calls"] >= 0
+    json.dumps(stats, allow_nan=False)  # the stats file is strict JSON
+
+
+def test_gc_pauses_inside_proposer_calls_are_counted() -> None:
+    proposer = core(drafters=["ngram"], token_cost=0.2)
+    batch = FakeBatch(truths(), dict.fromkeys(truths(), 12))
+    batch.step(proposer, list(truths()), set(truths()))
+    before = proposer.stats.gc_seconds
+    clock = proposer.gc_clock
+    gc.collect()  # outside a call: the clock moves, the stats do not
+    assert clock.total > 0 and proposer.stats.gc_seconds == before
+    proposer._observe_step_cost = lambda *a: gc.collect()  # a pause inside the call
+    batch.step(proposer, list(truths()), set(truths()))
+    assert proposer.stats.gc_seconds > before
 
 
 def test_bandit_policies_run_without_counterfactual_scoring() -> None:

@@ -48,15 +48,24 @@ def entries_for_memory(max_memory_mb: float) -> int:
     return max(1, int(max_memory_mb * 2**20) // BYTES_PER_ENTRY)
 
 
+def _is_binary(file: Path) -> bool:
+    """A NUL byte in the first 8 KiB (git's test for a binary file)."""
+    with file.open("rb") as f:
+        return b"\0" in f.read(8192)
+
+
 def read_corpus(path: str | Path) -> list[str]:
     """Texts of a corpus: a text file (one document), a ``.jsonl`` file (``"text"`` per line)
-    or a directory of such files; ConfigError if missing, malformed or empty."""
+    or a directory of such files, searched recursively (binary files skipped); ConfigError
+    if missing, malformed or empty."""
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"suffix corpus not found: {path}")
+        raise ConfigError(f"corpus not found: {path}")
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     texts: list[str] = []
     for file in files:
+        if path.is_dir() and _is_binary(file):
+            continue  # a directory of sources also holds bytecode, images, archives
         raw = file.read_text(encoding="utf-8", errors="replace")
         if file.suffix == ".jsonl":
             for n, line in enumerate(raw.splitlines(), 1):
@@ -69,7 +78,7 @@ def read_corpus(path: str | Path) -> list[str]:
         else:
             texts.append(raw)
     if not any(t.strip() for t in texts):
-        raise ConfigError(f"suffix corpus {path} holds no text")
+        raise ConfigError(f"corpus {path} holds no text")
     return texts
 
 

@@ -25,7 +25,12 @@ def train_command(
     num_eval: Annotated[int, typer.Option(help="Eval prompts per domain kept out of the corpus "
                                           "(same split as bench with this many prompts).")
                         ] = DEFAULT_NUM_EVAL,
-    max_texts: Annotated[int, typer.Option(help="Corpus texts used at most.")] = 40,
+    corpus: Annotated[list[Path] | None, typer.Option(
+        "--corpus", help="More training text (repeatable): a text or .jsonl file or a "
+        "directory of sources, cut into pieces of about 3 x --max-tokens characters and "
+        "shuffled; used after the domain's own corpus.")] = None,
+    max_texts: Annotated[int, typer.Option(help="Corpus texts (or pieces) used at most.")
+                         ] = 40,
     max_tokens: Annotated[int, typer.Option(help="Tokens per text at most.")] = 384,
     inner: Annotated[int, typer.Option(help="Head MLP width.")] = 1024,
     draft_vocab: Annotated[int, typer.Option(help="Draft vocabulary size (0 = full).")] = 32768,
@@ -63,7 +68,7 @@ def train_command(
         from specmux.bench.datasets import load_domain
         from specmux.bench.runner import DTYPES
         from specmux.errors import ConfigError
-        from specmux.heads.extract import extract, extraction_key, load_shards
+        from specmux.heads.extract import corpus_chunks, extract, extraction_key, load_shards
         from specmux.heads.store import heads_dir, save_head
         from specmux.heads.train import TrainConfig, train_head
         from specmux.models import cache_dir, load_model
@@ -80,12 +85,13 @@ def train_command(
                           batch_size=batch_size, lr=lr, max_seconds=max_minutes * 60, seed=seed)
         directory = out or heads_dir()
         splits = {d: load_domain(d, num_eval=num_eval, seed=seed) for d in domains or ["code"]}
+        extra = corpus_chunks(corpus or [], 3 * max_tokens, seed)
         with console.status("loading the target"):
             model, tok = load_model(target, dtype=DTYPES[dtype], install=install)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
         for domain, split in splits.items():
-            texts = split.corpus[:max_texts]
+            texts = [*split.corpus, *extra][:max_texts]
             key = extraction_key(target, dtype, max_tokens)
             where = cache_dir() / "extract" / f"{domain}-{key}"
             t0 = time.perf_counter()
@@ -113,6 +119,7 @@ def train_command(
 
                 meta = {"domain": domain, "target": target, "dtype": dtype, "seed": seed,
                         "num_eval": num_eval, "corpus_texts": len(texts),
+                        "extra_corpus": [str(p) for p in corpus or []],
                         "corpus_tokens": int(sum(len(s.ids) for s in shards)),
                         "extract_seconds": round(extract_s, 1), "extract_dir": str(where)}
                 head = train_head(model, shards, cfg, meta=meta, on_step=on_step)

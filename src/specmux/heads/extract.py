@@ -78,6 +78,50 @@ def extract(
     return paths
 
 
+def chunk_text(text: str, max_chars: int) -> list[str]:
+    """``text`` cut into pieces of about ``max_chars`` characters at line boundaries,
+    preferably at a blank line once a piece is half full (a long source file becomes many
+    training texts instead of its first ``max_tokens`` tokens); blank pieces are dropped.
+
+    >>> chunk_text("a\\nb\\n\\ncc\\ndd\\n", 4)
+    ['a\\nb\\n\\n', 'cc\\n', 'dd\\n']
+    """
+    if max_chars < 1:
+        raise ValueError(f"max_chars must be >= 1, got {max_chars}")
+    pieces: list[str] = []
+    current: list[str] = []
+    size = 0
+    for line in text.splitlines(keepends=True):
+        if current and (size + len(line) > max_chars
+                        or (not line.strip() and size >= max_chars // 2)):
+            if not line.strip():
+                current.append(line)
+                line = ""
+            pieces.append("".join(current))
+            current, size = [], 0
+        if line:
+            current.append(line)
+            size += len(line)
+    if current:
+        pieces.append("".join(current))
+    return [p for p in pieces if p.strip()]
+
+
+def corpus_chunks(paths: Sequence[str | pathlib.Path], max_chars: int,
+                  seed: int = 0) -> list[str]:
+    """Every text of the corpora at ``paths`` (files, ``.jsonl`` or directories, read as
+    :func:`specmux.drafters.suffix.read_corpus` does) cut by :func:`chunk_text`, in a
+    seeded shuffle: a cap on the number of texts then samples every file, not the first."""
+    import random
+
+    from specmux.drafters.suffix import read_corpus
+
+    chunks = [c for path in paths for text in read_corpus(path)
+              for c in chunk_text(text, max_chars)]
+    random.Random(seed).shuffle(chunks)
+    return chunks
+
+
 def load_shards(paths: Sequence[pathlib.Path]) -> list[Shard]:
     out = []
     for p in paths:

@@ -52,10 +52,12 @@ bounded and freed once the request leaves the runner; at most ``max_requests`` a
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,12 +279,37 @@ class Stats:
     calls: int = 0
     row_steps: int = 0  # (request, step) pairs handled
     seconds: float = 0.0  # inside ProposerCore.step
+    gc_seconds: float = 0.0  # garbage-collector pauses that fell inside ProposerCore.step
+    first_call_seconds: float = 0.0
+    # the latest calls' (seconds, rows): medians and tails show one-off stalls apart
+    recent: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=4096))
     drafted: int = 0
     accepted: int = 0
     requests_seen: int = 0
     requests_freed: int = 0
     max_live: int = 0
     arm_plays: dict[str, int] = field(default_factory=dict)
+
+
+class GcClock:
+    """Total seconds of the interpreter's garbage-collector passes (``gc.callbacks``): a
+    pause inside a proposer call is time the proposer did not spend on its own work."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self._start = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start:
+            self.total += time.perf_counter() - self._start
+            self._start = 0.0
+
+    def close(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
 
 
 class ProposerCore:
@@ -312,6 +339,8 @@ class ProposerCore:
         self.stats = Stats(arm_plays={str(a): 0 for a in self.arms})
         self._last_return: tuple[float, list[str | None], int] | None = None
         self._stats_written = 0.0
+        self.gc_clock = GcClock()
+        weakref.finalize(self, self.gc_clock.close)
 
     def token_cost(self) -> float:
         cost = self.opts.token_cost
@@ -351,6 +380,7 @@ class ProposerCore:
         included), ``token_ids`` [>=B, max_model_len] the rows' ids; ``live`` the requests
         still running (others are freed)."""
         t0 = time.perf_counter()
+        gc0 = self.gc_clock.total
         self._observe_step_cost(t0, req_ids, sampled)
         drafts: list[list[int]] = []
         for i, committed in enumerate(sampled):
@@ -367,6 +397,10 @@ class ProposerCore:
         stats.max_live = max(stats.max_live, len(self.requests))
         t1 = time.perf_counter()
         stats.seconds += t1 - t0
+        stats.gc_seconds += self.gc_clock.total - gc0
+        if stats.calls == 1:
+            stats.first_call_seconds = t1 - t0
+        stats.recent.append((t1 - t0, sum(1 for c in sampled if c)))
         self._last_return = (t1, list(req_ids[: len(sampled)]),
                              sum(len(d) + 1 for d, c in zip(drafts, sampled, strict=True) if c))
         if self.opts.stats_file and t1 - self._stats_written >= self.STATS_EVERY_S:
@@ -460,9 +494,17 @@ class ProposerCore:
     # --- reporting ----------------------------------------------------------------------
     def stats_dict(self) -> dict[str, Any]:
         s = self.stats
+        per_row = [sec / rows for sec, rows in s.recent if rows]
+        per_call = [sec for sec, _ in s.recent]
         return {
             "calls": s.calls, "row_steps": s.row_steps, "seconds": s.seconds,
             "ms_per_row_step": 1e3 * s.seconds / max(s.row_steps, 1),
+            # over the latest calls (at most 4096): a one-off stall moves the mean, not these
+            "ms_per_row_step_median": 1e3 * float(np.median(per_row)) if per_row else None,
+            "ms_per_call_p99": 1e3 * float(np.quantile(per_call, 0.99)) if per_call else None,
+            "ms_per_call_max": 1e3 * max(per_call) if per_call else None,
+            "first_call_ms": 1e3 * s.first_call_seconds,
+            "gc_ms_in_calls": 1e3 * s.gc_seconds,
             "drafted": s.drafted, "accepted": s.accepted,
             "acceptance_rate": s.accepted / s.drafted if s.drafted else None,  # strict JSON
             "requests_seen": s.requests_seen, "requests_freed": s.requests_freed,
