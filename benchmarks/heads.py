@@ -4,7 +4,7 @@
 
 Target ``embedded:qwen2.5-coder-1.5b`` (bf16, as ``specmux bench``), the domain head saved by
 ``specmux heads train`` (``<cache>/heads/head-DOMAIN.json``; ``--train-minutes`` trains it
-first when missing), greedy, ``k`` drafted tokens per round, the held-out eval prompts of
+first when missing, or always with ``--retrain``; ``--corpus`` adds training text), greedy, ``k`` drafted tokens per round, the held-out eval prompts of
 the domain (the split ``heads train`` kept out of the corpus) in a fixed order.
 
 Phase 1 (real): target-only greedy decoding of every prompt, timed per step; it records the
@@ -210,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-minutes", type=float, default=0.0,
                    help="train the head first when it is missing (0: fail instead)")
     p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--retrain", action="store_true",
+                   help="train even if the head file exists (else --train-minutes trains only "
+                   "a missing head)")
     p.add_argument("--max-texts", type=int, default=39)
     p.add_argument("--corpus", type=pathlib.Path, nargs="+", action="extend", default=[],
                    help="more training text: files or directories (as heads train --corpus)")
@@ -228,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load_model(args.target, dtype=torch.bfloat16, install=True)
     fix_lm_head_strides(model)
     path = args.head or heads_dir() / f"head-{args.domain}.json"
-    if not path.is_file() and args.train_minutes > 0:
+    if args.train_minutes > 0 and (args.retrain or not path.is_file()):
         _train(model, tok, args, path)
     head = load_head(path)
     stop = _stop(model, tok)
