@@ -117,21 +117,22 @@ def position_scores(
     ``path`` [n] realized tokens; ``target_probs`` [n, V] processed p along it; ``dists`` one
     :class:`PathDistributions` per drafter (each [n] / [n, V]), or ``None`` for a drafter
     not scored this round (its columns are ``nan``).  Returns ``gamma`` and ``w``, both
-    [n, N] float64.
+    [n, N] float64.  Under greedy decoding the path *is* the target's argmax along it, so
+    ``gamma = w = 1[guess == path]`` and ``target_probs`` is not read (an argmax over a
+    150k vocabulary costs 0.13 ms per row on a CPU core).
     """
     n = int(path.shape[0])
     gamma = np.zeros((n, len(dists)))
     weight = np.zeros((n, len(dists)))
     if n == 0:
         return gamma, weight
-    target_ids = target_probs.argmax(dim=-1)  # [n]
     rows = torch.arange(n)
     for i, dist in enumerate(dists):
         if dist is None:
             gamma[:, i] = weight[:, i] = np.nan
         elif greedy:
             guess = dist.tokens if dist.probs is None else dist.probs.argmax(dim=-1)  # [n]
-            hit = (guess == target_ids).double().numpy()
+            hit = (guess == path).double().numpy()
             gamma[:, i] = hit
             weight[:, i] = hit
         elif dist.probs is None:  # deterministic guess: q = one_hot(guess), or 0 if none
