@@ -2,10 +2,11 @@
 
     flock /tmp/specmux-cpu.lock python benchmarks/heads.py --domain code --num-prompts 24
 
-Target ``embedded:qwen2.5-coder-1.5b`` (bf16, as ``specmux bench``), the domain head saved by
-``specmux heads train`` (``<cache>/heads/head-DOMAIN.json``; ``--train-minutes`` trains it
-first when missing, or always with ``--retrain``; ``--corpus`` adds training text), greedy, ``k`` drafted tokens per round, the held-out eval prompts of
-the domain (the split ``heads train`` kept out of the corpus) in a fixed order.
+Target ``embedded:qwen2.5-coder-1.5b`` (bf16 in exact mode, as ``specmux bench``), the
+domain head saved by ``specmux heads train`` (``<cache>/heads/head-DOMAIN.json``;
+``--train-minutes`` trains it first when missing, or always with ``--retrain``;
+``--corpus`` adds training text), greedy, ``k`` drafted tokens per round, the held-out eval
+prompts of the domain (the split ``heads train`` kept out of the corpus) in a fixed order.
 
 Phase 1 (real): target-only greedy decoding of every prompt, timed per step; it records the
 state the LM head read at each step (:func:`specmux.heads.replay.record_greedy`, no extra
@@ -35,6 +36,7 @@ import torch
 
 from specmux.drafters.head import HeadDrafter
 from specmux.engine import SpeculativeDecoder
+from specmux.exact import set_exact
 from specmux.heads.online import OnlineHeadDrafter
 from specmux.heads.replay import HiddenRecording, HiddenReplayTarget, record_greedy
 from specmux.heads.store import HeadFile, heads_dir, load_head
@@ -210,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-minutes", type=float, default=0.0,
                    help="train the head first when it is missing (0: fail instead)")
     p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True,
+                   help="exact mode on the target while decoding (specmux.exact), as specmux "
+                   "bench: greedy outputs bit-identical to target-only in bf16")
     p.add_argument("--retrain", action="store_true",
                    help="train even if the head file exists (else --train-minutes trains only "
                    "a missing head)")
@@ -234,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_minutes > 0 and (args.retrain or not path.is_file()):
         _train(model, tok, args, path)
     head = load_head(path)
+    set_exact(model, args.exact)  # after training: extraction runs whole texts in one pass
     stop = _stop(model, tok)
     prompts = _prompts(tok, args)
     target = CachedLM(model, name="target")
@@ -243,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": "python benchmarks/heads.py " + " ".join(argv or __import__("sys").argv[1:]),
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
-                    "dtype": "bfloat16"},
+                    "dtype": "bfloat16", "exact": args.exact},
         "versions": {"torch": torch.__version__, "transformers": tf_version},
         "args": {k: str(v) for k, v in vars(args).items()}, "head": head.meta,
         "record_seconds": time.perf_counter() - t0, "target_step_s_median": statistics.median(
