@@ -452,7 +452,9 @@ def fork_suffix(base: SuffixDrafter | SuffixTreeDrafter) -> Drafter:
 
 class DrafterFactory:
     """Builds each method's pool: corpus drafters are built once and forked per method; the
-    prompt-lookup drafter is stateless and the LM drafter (one KV cache) is shared."""
+    prompt-lookup drafter (its answers depend on the context only; its n-gram index is a cache
+    that re-indexes when the context is not an extension) and the LM drafter (one KV cache)
+    are shared."""
 
     def __init__(
         self,
