@@ -104,7 +104,7 @@ class VllmOptions(BaseModel):
     no_spec: bool = True  # offer the k = 0 arm
     token_cost: NonNegativeFloat | Literal["auto"] = "auto"
     ngram_max: PositiveInt = 4
-    ngram_min: PositiveInt = 2  # a 1-token match is mostly noise (vLLM's ngram: 5 by default)
+    ngram_min: PositiveInt = 1
     suffix_max_n: PositiveInt = 6
     suffix_max_memory_mb: PositiveFloat = 64.0
     max_requests: PositiveInt = 4096
