@@ -48,12 +48,6 @@ def entries_for_memory(max_memory_mb: float) -> int:
     return max(1, int(max_memory_mb * 2**20) // BYTES_PER_ENTRY)
 
 
-def _is_binary(file: Path) -> bool:
-    """A NUL byte in the first 8 KiB (git's test for a binary file)."""
-    with file.open("rb") as f:
-        return b"\0" in f.read(8192)
-
-
 def read_corpus(path: str | Path) -> list[str]:
     """Texts of a corpus: a text file (one document), a ``.jsonl`` file (``"text"`` per line)
     or a directory of such files, searched recursively (binary files skipped); ConfigError
@@ -64,9 +58,11 @@ def read_corpus(path: str | Path) -> list[str]:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     texts: list[str] = []
     for file in files:
-        if path.is_dir() and _is_binary(file):
+        data = file.read_bytes()
+        if path.is_dir() and b"\0" in data[:8192]:  # git's test for a binary file
             continue  # a directory of sources also holds bytecode, images, archives
-        raw = file.read_text(encoding="utf-8", errors="replace")
+        # as text mode reads it: universal newlines
+        raw = data.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
         if file.suffix == ".jsonl":
             for n, line in enumerate(raw.splitlines(), 1):
                 if not line.strip():
