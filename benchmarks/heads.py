@@ -52,7 +52,7 @@ def _train(model: Any, tok: Any, args: argparse.Namespace, path: pathlib.Path) -
     from specmux.heads.train import TrainConfig, train_head
     from specmux.models import cache_dir
 
-    extra = corpus_chunks(args.corpus, 3 * args.max_tokens, 0)
+    extra = corpus_chunks(args.corpus, args.max_tokens, 0)
     texts = [*load_domain(args.domain, num_eval=args.num_eval, seed=0).corpus, *extra][
         : args.max_texts]
     where = cache_dir() / "extract" / (

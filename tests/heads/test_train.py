@@ -119,7 +119,7 @@ def test_cli_trains_on_an_extra_corpus_directory(tmp_path, model_dir, monkeypatc
     assert few.exit_code == 0 and more.exit_code == 0, more.output
     n_few, n_more = (int(re.search(r"code: (\d+) texts extracted", r.output)[1])
                      for r in (few, more))
-    chunks = corpus_chunks([src], 3 * 24)
+    chunks = corpus_chunks([src], 24)
     assert n_few == 3 and n_more >= len(chunks) > 10  # the domain's texts + every piece
     assert all("\x00" not in c for c in chunks)
     missing = CliRunner().invoke(app, [*args, "--corpus", str(tmp_path / "nope")])

@@ -85,7 +85,7 @@ def train_command(
                           batch_size=batch_size, lr=lr, max_seconds=max_minutes * 60, seed=seed)
         directory = out or heads_dir()
         splits = {d: load_domain(d, num_eval=num_eval, seed=seed) for d in domains or ["code"]}
-        extra = corpus_chunks(corpus or [], 3 * max_tokens, seed)
+        extra = corpus_chunks(corpus or [], max_tokens, seed)
         with console.status("loading the target"):
             model, tok = load_model(target, dtype=DTYPES[dtype], install=install)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from specmux.heads.store import _atomic_write
 
+CHARS_PER_TOKEN = 3  # about what a Qwen2.5 token spans in source code (a corpus piece's size)
 ARGMAX_CHUNK = 64  # rows per full-vocabulary LM-head matmul (bounds the [rows, V] buffer)
 
 
@@ -107,17 +108,18 @@ def chunk_text(text: str, max_chars: int) -> list[str]:
     return [p for p in pieces if p.strip()]
 
 
-def corpus_chunks(paths: Sequence[str | pathlib.Path], max_chars: int,
+def corpus_chunks(paths: Sequence[str | pathlib.Path], max_tokens: int,
                   seed: int = 0) -> list[str]:
     """Every text of the corpora at ``paths`` (files, ``.jsonl`` or directories, read as
-    :func:`specmux.drafters.suffix.read_corpus` does) cut by :func:`chunk_text`, in a
-    seeded shuffle: a cap on the number of texts then samples every file, not the first."""
+    :func:`specmux.drafters.suffix.read_corpus` does) cut by :func:`chunk_text` into pieces
+    of about ``CHARS_PER_TOKEN * max_tokens`` characters (what :func:`extract` keeps of a
+    text), in a seeded shuffle: a cap on the number of texts then samples every file."""
     import random
 
     from specmux.drafters.suffix import read_corpus
 
     chunks = [c for path in paths for text in read_corpus(path)
-              for c in chunk_text(text, max_chars)]
+              for c in chunk_text(text, CHARS_PER_TOKEN * max_tokens)]
     random.Random(seed).shuffle(chunks)
     return chunks
 
