@@ -204,3 +204,22 @@ def test_hedge_scoring_of_a_fully_accepted_lm_draft_costs_no_forward_pass(target
         if policy == "hedge":
             assert all(len(g) == 4 for s in result.steps for g in s.gammas.values())
     assert fed["hedge"] == fed["fixed"]
+
+
+@pytest.mark.parametrize(("policy", "reads"), [("metasd", True), ("hedge", False)])
+def test_greedy_computes_the_target_softmax_only_for_a_learner_that_reads_it(
+    policy, reads, target_model, drafter_models,
+) -> None:
+    """Greedy verification needs only the argmax; MetaSD's block divergence is the one
+    reader of the target's softmax, so only MetaSD's rounds carry a divergence."""
+    decoder = SpeculativeDecoder(target_model, pool(drafter_models), policy,
+                                 num_speculative_tokens=3)
+    seen = []
+    observe = decoder.selector.observe
+    decoder.selector.observe = lambda outcome, *a, **kw: (seen.append(outcome.divergence),
+                                                          observe(outcome, *a, **kw))[1]
+    decoder.generate(PROMPTS[0], max_new_tokens=12)
+    assert decoder.selector.needs_divergence is reads
+    known = [d for d in seen if d is not None]  # None also where k was cut to 0
+    assert seen and (len(known) > len(seen) // 2 if reads else not known)
+    assert all(0.0 <= d <= 1.0 for d in known)

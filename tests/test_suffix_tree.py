@@ -198,3 +198,80 @@ def test_pipeline_suffix_learns_across_requests(target_model) -> None:
     assert again.token_ids == first.token_ids
     assert len(again.steps) < len(first.steps)
     assert again.stats.num_accepted_tokens > first.stats.num_accepted_tokens
+
+
+def _match_one_token_at_a_time(store: TokenStore, tail: np.ndarray, max_match: int):
+    """The reference: extend the anchor's match backwards one token per pass."""
+    for n in store.anchors:
+        if n > len(tail):
+            continue
+        positions = store.index.get(tuple(tail[-n:].tolist()))
+        if not positions:
+            continue
+        pos = np.frombuffer(positions, dtype=np.int64)[-store.max_positions :]
+        pos = pos[pos >= store.alive]
+        if not pos.size:
+            continue
+        local, length = pos - store.start, n
+        for d in range(n + 1, min(max_match, len(tail)) + 1):
+            before = local - d
+            keep = (before >= 0) & (store.buf[np.maximum(before, 0)] == tail[-d])
+            if not keep.any():
+                break
+            local, length = local[keep], d
+        return local + store.start, length
+    return np.empty(0, dtype=np.int64), 0
+
+
+@pytest.mark.parametrize("max_tokens", [None, 30])
+def test_match_equals_the_one_token_at_a_time_extension(max_tokens) -> None:
+    """2,000 seeded cases: the tail is a piece of a stored document, so long matches are
+    common; a three-token alphabet makes ties and matches across documents common (a
+    tenth of the cases keep positions of different lengths after the first comparison);
+    a bounded store also evicts, so dead positions are filtered too."""
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        docs = [rng.integers(0, 3, rng.integers(2, 40)).tolist()
+                for _ in range(rng.integers(1, 6))]
+        store = TokenStore((1, 2, 3), max_tokens, 8)
+        for doc in docs:
+            store.add(doc)
+        doc = docs[rng.integers(len(docs))]
+        tail = np.asarray(doc[: rng.integers(0, 40)][-rng.integers(1, 30):] or [0])
+        max_match = int(rng.integers(1, 12))
+        got = store.match(tail, max_match)
+        want = _match_one_token_at_a_time(store, tail, max_match)
+        assert (got[0].tolist(), got[1]) == (want[0].tolist(), want[1])
+
+
+def test_a_proposal_after_an_offer_equals_a_fresh_one() -> None:
+    """The engine offers ``max_k`` and then proposes ``k <= max_k`` after the same context,
+    and scores the drafter along the verified path: the proposal and the path's first
+    guess reuse the offer's lookup (each store's draft cut to ``k``), and must be what a
+    lookup of their own finds, from every store, for every ``k``."""
+    rng = np.random.default_rng(1)
+    corpus = [rng.integers(0, 4, 30).tolist() for _ in range(3)]
+
+    def drafter() -> SuffixTreeDrafter:
+        d = SuffixTreeDrafter(corpus, max_spec_factor=0.5, min_token_prob=0.2)
+        d.start_query(corpus[0][:10])
+        d.observe([], rng_outputs)
+        d.start_query([0, 1])  # the first query's output goes to the learned store
+        return d
+
+    rng_outputs = rng.integers(0, 4, 40).tolist()
+    reused, fresh = drafter(), drafter()
+    sampling = SamplingParams()
+    for _ in range(300):
+        context = rng.integers(0, 4, int(rng.integers(2, 50))).tolist()
+        k = int(rng.integers(1, 9))
+        for d in (reused, fresh):  # a new query each time (within one, contexts only grow)
+            d.start_query(context)
+        reused.offer(context, 8)
+        got = reused.propose(context, k, sampling).tokens.tolist()
+        assert got == fresh.propose(context, k, sampling).tokens.tolist()
+        path = rng.integers(0, 4, int(rng.integers(0, 6))).tolist()
+        seq = np.asarray(context + path, dtype=np.int64)
+        want = [(fresh._candidate(seq[: len(context) + j], 1)[0] or [-1])[0]
+                for j in range(len(path))]  # a lookup of its own at every position
+        assert reused.distributions(context, path, sampling).tokens.tolist() == want

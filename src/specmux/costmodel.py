@@ -82,6 +82,7 @@ class DecayedLine:
         self.min_intercept = min_intercept
         self.w = self.wx = self.wxx = self.wy = self.wxy = 0.0
         self.count = 0
+        self._fit: tuple[float, float] | None = None  # coefficients since the last point
 
     def observe(self, x: float, y: float) -> None:
         if self.count >= ROBUST_AFTER:  # a one-off stall counts as a bounded outlier
@@ -95,9 +96,15 @@ class DecayedLine:
         self.wy = d * self.wy + y
         self.wxy = d * self.wxy + x * y
         self.count += 1
+        self._fit = None
 
     def coefficients(self) -> tuple[float, float]:
         """``(a, b)``; ``(nan, nan)`` before the first observation."""
+        if self._fit is None:
+            self._fit = self._solve()
+        return self._fit
+
+    def _solve(self) -> tuple[float, float]:
         if self.count == 0:
             return math.nan, math.nan
         mx, my = self.wx / self.w, self.wy / self.w
@@ -243,6 +250,7 @@ class CostModel:
         tries it, and the first proposal measures it).
         """
         out = np.empty(len(arms))
+        verify_of: dict[float, float] = {}  # positions -> seconds, this context
         for i, (drafter, k) in enumerate(arms):
             known = None if drafted is None else drafted[i]
             if k == 0:
@@ -252,7 +260,9 @@ class CostModel:
             else:
                 length = self.proposal_length(drafter, k)
             draft = self.draft_seconds(drafter, math.ceil(length)) if length else 0.0
-            verify = self._verify_fractional(length + 1.0, context)
+            verify = verify_of.get(length)
+            if verify is None:
+                verify = verify_of[length] = self._verify_fractional(length + 1.0, context)
             out[i] = (0.0 if math.isnan(draft) else draft) + (0.0 if math.isnan(verify) else verify)
         return out
 

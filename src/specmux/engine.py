@@ -57,13 +57,14 @@ class GenerationResult:
     prompt_ids: list[int] = field(default_factory=list)
 
 
-def block_divergence(draft: Draft, target_probs: torch.Tensor, k: int) -> float | None:
+def block_divergence(draft: Draft, target_probs: torch.Tensor | None, k: int) -> float | None:
     """MetaSD's block reward ``(1/k) * sum_j (1 - TV(p_j, q_j))`` over all drafted positions.
 
     Positions after the first rejection count too: the verification pass scored them anyway.
-    ``target_probs`` [>= len(draft), V].  ``None`` when no draft was possible (``k == 0``).
+    ``target_probs`` [>= len(draft), V].  ``None`` when no draft was possible (``k == 0``)
+    or no learner reads it (``target_probs`` not computed, greedy).
     """
-    if k == 0:
+    if k == 0 or target_probs is None:
         return None
     n = len(draft)
     if n == 0:
@@ -315,7 +316,9 @@ class SpeculativeDecoder:
         t2 = time.perf_counter()
         # One target pass over context + draft: [k+1, V] logits.
         logits = self.target.logits(context + draft.tokens.tolist(), len(draft) + 1)
-        verdict, target_probs = verify(draft, logits, sampling, generator)
+        verdict, target_probs = verify(draft, logits, sampling, generator,
+                                       probs=not sampling.greedy
+                                       or self.selector.needs_divergence)
         t3 = time.perf_counter()
         model = self.selector.cost_model
         timed = round_index > 0  # a query's first passes also prefill its prompt
@@ -368,7 +371,7 @@ class SpeculativeDecoder:
         return committed, None
 
     def _scores(
-        self, arm: int, context: list[int], path: list[int], target_probs: torch.Tensor,
+        self, arm: int, context: list[int], path: list[int], target_probs: torch.Tensor | None,
         sampling: SamplingParams, timed: bool = True, drafted: int = 0,
     ) -> tuple[Scores | None, np.ndarray | None, list[int | tuple[int, int, int]]]:
         """Every drafter's ``(gamma, w)`` [n, N] along the verified ``path`` (no target
@@ -396,7 +399,8 @@ class SpeculativeDecoder:
             return None, None, []
         scored = path if selector.tracker.loss == "acceptance" else path[: selector.max_k]
         run, factors, deferred = selector.plan_scoring(arm, len(context))
-        self._log.add(selector.tracker.next_row, len(context), target_probs[: len(scored)])
+        target = None if target_probs is None else target_probs[: len(scored)]  # [n, V]
+        self._log.add(selector.tracker.next_row, len(context), len(scored), target)
         played = selector.arm_drafter[arm] if selector.arms[arm].k else None
         late = (played is not None and len(scored) > drafted > 0 and selector.defers
                 and selector.scoring.expensive(selector.cost_model, len(context))[played])
@@ -410,10 +414,11 @@ class SpeculativeDecoder:
             if i != played and timed:  # the played drafter's rows come from its draft
                 selector.cost_model.observe_score(d.name, time.perf_counter() - t0)
         path_ids = torch.tensor(scored, dtype=torch.long)  # [n]
-        scores = position_scores(path_ids, target_probs[: len(scored)], dists, sampling.greedy)
+        scores = position_scores(path_ids, target, dists, sampling.greedy)
         if late and played is not None:  # rows of the draft now, the rest when due
             mine = self.drafters[played].distributions(context, scored[:drafted], sampling)
-            gamma, weight = position_scores(path_ids[:drafted], target_probs[:drafted],
+            gamma, weight = position_scores(path_ids[:drafted],
+                                            None if target is None else target[:drafted],
                                             [mine], sampling.greedy)
             scores[0][:drafted, played] = gamma[:, 0]
             scores[1][:drafted, played] = weight[:, 0]
@@ -436,7 +441,8 @@ class SpeculativeDecoder:
         picked = PathDistributions(tokens=dist.tokens[index],
                                    probs=None if dist.probs is None else dist.probs[index])
         path = torch.tensor([log_.tokens[p] for p in positions], dtype=torch.long)  # [n]
-        target = torch.stack([log_.target[r] for r in range(lo, hi)])  # [n, V]
+        target = (torch.stack([log_.target[r] for r in range(lo, hi)])  # [n, V]
+                  if log_.target else None)  # greedy: not kept (not read)
         gamma, weight = position_scores(path, target, [picked], log_.sampling.greedy)
         return gamma[:, 0], weight[:, 0]
 
@@ -476,8 +482,8 @@ class SpeculativeDecoder:
 
 class _RowLog:
     """A query's tokens, and per counterfactual-log row its token index and the target's
-    distribution there (what a deferred scoring run needs; rows before the tracker's
-    :attr:`~specmux.feedback.CounterfactualTracker.first_row` are dropped)."""
+    distribution there (what a deferred scoring run needs, under sampling; rows before the
+    tracker's :attr:`~specmux.feedback.CounterfactualTracker.first_row` are dropped)."""
 
     def __init__(self, prompt: list[int], sampling: SamplingParams) -> None:
         self.tokens = prompt  # prompt + committed tokens
@@ -485,16 +491,18 @@ class _RowLog:
         self.position: dict[int, int] = {}  # row -> token index
         self.target: dict[int, torch.Tensor] = {}  # row -> target probs [V]
 
-    def add(self, row: int, context: int, target_probs: torch.Tensor) -> None:
-        """Rows ``row, row + 1, ...`` are the tokens after ``context``; ``target_probs``
-        [n, V] the target's distributions there."""
-        for j in range(target_probs.shape[0]):
+    def add(self, row: int, context: int, n: int, target_probs: torch.Tensor | None) -> None:
+        """Rows ``row .. row + n - 1`` are the tokens after ``context``; ``target_probs``
+        [n, V] the target's distributions there (``None`` under greedy decoding)."""
+        for j in range(n):
             self.position[row + j] = context + j
-            self.target[row + j] = target_probs[j]
+            if target_probs is not None:
+                self.target[row + j] = target_probs[j]
 
     def prune(self, first_row: int) -> None:
         for row in [r for r in self.position if r < first_row]:
-            del self.position[row], self.target[row]
+            del self.position[row]
+            self.target.pop(row, None)
 
 
 def _check_drafters(drafters: Sequence[Drafter], vocab_size: int) -> list[Drafter]:

@@ -108,7 +108,7 @@ IMPUTE_PRIOR = 1.0  # pseudo-rounds of the broader mean in an imputed loss (shri
 
 def position_scores(
     path: torch.Tensor,
-    target_probs: torch.Tensor,
+    target_probs: torch.Tensor | None,
     dists: Sequence[PathDistributions | None],
     greedy: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -119,9 +119,11 @@ def position_scores(
     not scored this round (its columns are ``nan``).  Returns ``gamma`` and ``w``, both
     [n, N] float64.  Under greedy decoding the path *is* the target's argmax along it, so
     ``gamma = w = 1[guess == path]`` and ``target_probs`` is not read (an argmax over a
-    150k vocabulary costs 0.13 ms per row on a CPU core).
+    150k vocabulary costs 0.13 ms per row on a CPU core): it may be ``None``.
     """
     n = int(path.shape[0])
+    if target_probs is None and not greedy:
+        raise ValueError("sampled paths are scored against the target's distributions")
     gamma = np.zeros((n, len(dists)))
     weight = np.zeros((n, len(dists)))
     if n == 0:

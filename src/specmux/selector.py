@@ -263,6 +263,12 @@ class Selector:
         return arm
 
     @property
+    def needs_divergence(self) -> bool:
+        """Whether the learner reads MetaSD's block divergence (``Outcome.divergence``),
+        which under greedy decoding is the only use of the target's softmax."""
+        return getattr(self.policy, "reward", None) == "divergence"
+
+    @property
     def wants_signals(self) -> bool:
         """Whether :meth:`select` wants the drafters' offers: for the context key, and
         for the ``"time"`` loss, which prices a model-free drafter's arms by the length of

@@ -112,15 +112,20 @@ def verify(
     target_logits: torch.Tensor,
     sampling: SamplingParams,
     generator: torch.Generator | None = None,
-) -> tuple[Verdict, torch.Tensor]:
+    *,
+    probs: bool = True,
+) -> tuple[Verdict, torch.Tensor | None]:
     """Verify ``draft`` against ``target_logits`` [k+1, V].
 
     Returns the verdict and the processed target distributions p [k+1, V], which the
-    learners reuse for counterfactual scoring at no extra target cost.
+    learners reuse for counterfactual scoring at no extra target cost.  Greedy decoding
+    reads only the argmax: with ``probs=False`` it skips the softmax over the vocabulary
+    (about 0.1 ms per row at 150k tokens) and returns ``None`` for p.
     """
-    target_probs = process_logits(target_logits, sampling)
     if sampling.greedy:
-        return verify_greedy(draft.tokens, target_logits), target_probs
+        verdict = verify_greedy(draft.tokens, target_logits)
+        return verdict, process_logits(target_logits, sampling) if probs else None
+    target_probs = process_logits(target_logits, sampling)
     return verify_sampling(draft.tokens, draft.probs, target_probs, generator), target_probs
 
 

@@ -42,6 +42,7 @@ import bisect
 from array import array
 from collections import deque
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -202,16 +203,34 @@ class TokenStore:
             pos = pos[pos >= self.alive]
             if not pos.size:
                 continue
-            local = pos - self.start  # [P] buffer indices of the continuation
-            length = n
-            for d in range(n + 1, min(max_match, len(tail)) + 1):
-                before = local - d
-                keep = (before >= 0) & (self.buf[np.maximum(before, 0)] == tail[-d])
-                if not keep.any():
-                    break
-                local, length = local[keep], d
+            local, length = self._extend(pos - self.start, tail, n, min(max_match, len(tail)))
             return local + self.start, length
         return np.empty(0, dtype=np.int64), 0
+
+    def _extend(self, local: np.ndarray, tail: np.ndarray, n: int,
+                longest: int) -> tuple[np.ndarray, int]:
+        """Extend a length-``n`` match backwards up to ``longest``: the buffer indices
+        ``local`` [P] whose preceding tokens match the most of ``tail``, and that length.
+
+        One token is compared first (most candidates fail there); the survivors are compared
+        over the rest of the window at once: [S, m] comparisons and a running product (a
+        position's match ends at its first difference), not one pass per token.
+        """
+        if longest <= n:
+            return local, n
+        before = local - (n + 1)
+        keep = (before >= 0) & (self.buf[np.maximum(before, 0)] == tail[-(n + 1)])
+        if not keep.any():
+            return local, n
+        local = local[keep]
+        if longest == n + 1:
+            return local, n + 1
+        ds = np.arange(n + 2, longest + 1)  # [m] distances still to compare
+        before = local[:, None] - ds[None, :]  # [S, m]
+        same = (before >= 0) & (self.buf[np.maximum(before, 0)] == tail[-ds][None, :])
+        run = np.cumprod(same, axis=1).sum(axis=1)  # [S] tokens matched past n + 1
+        best = int(run.max())
+        return local[run == best], n + 1 + best
 
     def follow(
         self, positions: np.ndarray, max_len: int, min_prob: float, limit: int | None = None
@@ -250,15 +269,28 @@ class TokenStore:
         return tokens, probs
 
 
+@dataclass(frozen=True)
+class _Candidate:
+    """One store's draft after a context: where its match continues, the match length,
+    and the draft's tokens with their estimated path probabilities."""
+
+    store: TokenStore
+    positions: np.ndarray  # [P] offsets following the match
+    length: int
+    tokens: list[int]
+    probs: list[float]
+
+
 class _RequestStore(TokenStore):
     """The per-request store: one open document kept equal to the context (synced lazily)."""
 
-    def __init__(self, anchors: Sequence[int], max_positions: int) -> None:
+    def __init__(self, anchors: Sequence[int], max_positions: int, version: int = 0) -> None:
         super().__init__(anchors, None, max_positions)
         self.tokens: list[int] = []
+        self.version = version  # changes whenever the stored tokens do
 
     def reset(self, tokens: Sequence[int] = ()) -> None:
-        self.__init__(self.anchors, self.max_positions)  # type: ignore[misc]
+        self.__init__(self.anchors, self.max_positions, self.version + 1)  # type: ignore[misc]
         self.sync(tokens)
 
     def sync(self, context: Sequence[int]) -> None:
@@ -272,6 +304,7 @@ class _RequestStore(TokenStore):
             return
         new = [int(t) for t in context[n:]]
         self.tokens.extend(new)
+        self.version += 1
         need = 1 + len(self.tokens) + 1
         if need > len(self.buf):
             grown = np.full(max(need, 2 * len(self.buf)), SEP, dtype=np.int64)
@@ -325,6 +358,8 @@ class SuffixTreeDrafter(Drafter):
             for doc in docs:
                 self.corpus.add(doc)
         self.request = _RequestStore(anchors, max_positions)
+        # The last context lookup: ((request version, learned end, learned alive), k, found).
+        self._cached: tuple[tuple[int, int, int], int, list[_Candidate]] | None = None
         self._prompt: list[int] = []
         self._output: list[int] = []
 
@@ -386,15 +421,13 @@ class SuffixTreeDrafter(Drafter):
 
     # ------------------------------------------------------------------ drafting
 
-    def _candidate(self, seq: np.ndarray, k: int,
-                   mark: bool = True) -> tuple[list[int], list[float]]:
-        """Best draft of at most ``k`` tokens after ``seq`` over all stores (``mark``: count
-        a hit of the learned store for its LRU eviction)."""
+    def _candidates(self, seq: np.ndarray, k: int) -> list[_Candidate]:
+        """Each store's draft of at most ``k`` tokens after ``seq`` (stores without a match
+        left out).  A store's draft for a smaller ``k`` is a prefix of this one: its
+        follow walk stops earlier on the same path."""
         tail = seq[-self.max_match :]
-        best: tuple[list[int], list[float]] = ([], [])
-        best_score, best_store, best_pos = 0.0, None, None
-        stores = [self.request, self.learned, self.corpus]
-        for store in stores:
+        out = []
+        for store in (self.request, self.learned, self.corpus):
             if store is None or not store.index:
                 continue
             positions, length = store.match(tail, self.max_match)
@@ -403,12 +436,42 @@ class SuffixTreeDrafter(Drafter):
             max_len = min(k, max(1, int(self.max_spec_factor * length)))
             limit = store.end if store is not self.request else 1 + len(self.request.tokens)
             tokens, probs = store.follow(positions, max_len, self.min_token_prob, limit)
-            score = sum(probs)
+            out.append(_Candidate(store, positions, length, tokens, probs))
+        return out
+
+    def _best(self, candidates: Sequence[_Candidate], k: int,
+              mark: bool = True) -> tuple[list[int], list[float]]:
+        """The best of ``candidates`` cut to ``k`` tokens (the highest expected accepted
+        length, the first store on ties; ``mark``: count a hit of the learned store for its
+        LRU eviction)."""
+        best: tuple[list[int], list[float]] = ([], [])
+        best_score, best_store, best_pos = 0.0, None, None
+        for c in candidates:
+            n = min(k, max(1, int(self.max_spec_factor * c.length)))
+            score = sum(c.probs[:n])
             if score > best_score:
-                best, best_score, best_store, best_pos = (tokens, probs), score, store, positions
+                best = (c.tokens[:n], c.probs[:n])
+                best_score, best_store, best_pos = score, c.store, c.positions
         if mark and best_store is self.learned and best_pos is not None and best_pos.size:
             self.learned.mark_hit(int(best_pos[-1]))
         return best
+
+    def _candidate(self, seq: np.ndarray, k: int,
+                   mark: bool = True) -> tuple[list[int], list[float]]:
+        """Best draft of at most ``k`` tokens after ``seq`` over all stores."""
+        return self._best(self._candidates(seq, k), k, mark)
+
+    def _context_candidates(self, context: Sequence[int], k: int) -> list[_Candidate]:
+        """:meth:`_candidates` after ``context``, reusing the last lookup when the context
+        and the stores are unchanged and it looked at least ``k`` ahead (the engine asks
+        for an :meth:`offer` of ``max_k`` tokens and then proposes ``k <= max_k``)."""
+        self.request.sync(context)
+        key = (self.request.version, self.learned.end, self.learned.alive)
+        if self._cached is not None and self._cached[0] == key and self._cached[1] >= k:
+            return self._cached[2]
+        found = self._candidates(self.request.buf[1 : 1 + len(self.request.tokens)], k)
+        self._cached = (key, k, found)
+        return found
 
     def propose(
         self,
@@ -417,8 +480,7 @@ class SuffixTreeDrafter(Drafter):
         sampling: SamplingParams,
         generator: torch.Generator | None = None,
     ) -> Draft:
-        self.request.sync(context)
-        tokens, _ = self._candidate(self.request.buf[1 : 1 + len(self.request.tokens)], k)
+        tokens, _ = self._best(self._context_candidates(context, k), k)
         return Draft(tokens=torch.tensor(tokens, dtype=torch.long))
 
     def signal(self, context: Sequence[int], k: int) -> int:
@@ -434,10 +496,9 @@ class SuffixTreeDrafter(Drafter):
         return self.offer(context, k)[0]
 
     def offer(self, context: Sequence[int], k: int) -> tuple[int, int]:
-        """``(signal, length of the best candidate)`` from one lookup."""
-        self.request.sync(context)
-        tokens, probs = self._candidate(self.request.buf[1 : 1 + len(self.request.tokens)], k,
-                                        mark=False)
+        """``(signal, length of the best candidate)`` from one lookup (which a proposal of
+        at most ``k`` tokens after the same context reuses)."""
+        tokens, probs = self._best(self._context_candidates(context, k), k, mark=False)
         if not tokens:
             return 0, 0
         return (2 if sum(probs) >= STRONG_SCORE else 1), len(tokens)
@@ -445,12 +506,15 @@ class SuffixTreeDrafter(Drafter):
     def distributions(
         self, context: Sequence[int], path: Sequence[int], sampling: SamplingParams
     ) -> PathDistributions:
-        self.request.sync(context)
-        seq = np.concatenate([self.request.buf[1 : 1 + len(self.request.tokens)],
-                              np.asarray(path, dtype=np.int64)])
-        base = len(seq) - len(path)
-        guesses = []
-        for j in range(len(path)):
-            tokens, _ = self._candidate(seq[: base + j], 1)
-            guesses.append(tokens[0] if tokens else -1)
+        if not len(path):
+            return PathDistributions(tokens=torch.empty(0, dtype=torch.long))
+        first, _ = self._best(self._context_candidates(context, 1), 1)  # the offer's lookup
+        guesses = [first[0] if first else -1]
+        if len(path) > 1:
+            seq = np.concatenate([self.request.buf[1 : 1 + len(self.request.tokens)],
+                                  np.asarray(path[:-1], dtype=np.int64)])
+            base = len(seq) - len(path) + 1
+            for j in range(1, len(path)):
+                tokens, _ = self._candidate(seq[: base + j], 1)
+                guesses.append(tokens[0] if tokens else -1)
         return PathDistributions(tokens=torch.tensor(guesses, dtype=torch.long))
