@@ -148,20 +148,22 @@ def summarize(results: dict[str, dict], args: argparse.Namespace) -> dict:
         row["mixed c=1"] = throughput(res["c1"])
         row["mixed c=8"] = sum(len(t) for t in res["c8"]["tokens"]) / res["c8"]["seconds"]
         table[method] = row
-    base = results["plain"]
-    same = {m: sum(a["tokens"] == b["tokens"] for a, b in zip(res["c1"], base["c1"],
-                                                              strict=True))
-            for m, res in results.items()}
+    base = results.get("plain")  # None when --methods leaves plain out
+    same = None if base is None else {
+        m: sum(a["tokens"] == b["tokens"] for a, b in zip(res["c1"], base["c1"], strict=True))
+        for m, res in results.items()}
     summary = {"tokens_per_second": table, "identical_to_plain_c1": same,
-               "num_prompts": len(base["c1"])}
+               "num_prompts": len(next(iter(results.values()))["c1"])}
     if "specmux" in table:
         sm = table["specmux"]
-        best = {k: max(table[m][k] for m in table if m != "specmux") for k in sm}
+        others = [m for m in table if m != "specmux"]
+        builtin = [m for m in others if m != "plain"]
         summary["specmux_over_best_builtin"] = {
-            k: sm[k] / max(table[m][k] for m in table if m not in ("specmux", "plain"))
-            for k in sm} if "ngram" in table else None
-        summary["specmux_over_best_other"] = {k: sm[k] / best[k] for k in sm}
-        summary["specmux_over_plain_c8"] = sm["mixed c=8"] / table["plain"]["mixed c=8"]
+            k: sm[k] / max(table[m][k] for m in builtin) for k in sm} if builtin else None
+        summary["specmux_over_best_other"] = {
+            k: sm[k] / max(table[m][k] for m in others) for k in sm} if others else None
+        summary["specmux_over_plain_c8"] = (sm["mixed c=8"] / table["plain"]["mixed c=8"]
+                                            if "plain" in table else None)
         summary["proposer"] = results["specmux"]["proposer"]
     return summary
 
@@ -178,7 +180,7 @@ def markdown(report: dict) -> str:
         if summary.get(key):
             lines.append("| specmux / ngram | "
                          + " | ".join(f"{summary[key][c]:.2f}x" for c in cols) + " |")
-    if "specmux" in table:
+    if "specmux" in table and "plain" in table:
         plain = table["plain"]
         lines.append("| specmux / plain | "
                      + " | ".join(f"{table['specmux'][c] / plain[c]:.2f}x" for c in cols) + " |")
