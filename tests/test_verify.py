@@ -101,3 +101,20 @@ def test_bad_sampling_params(bad: dict) -> None:
 
     with pytest.raises(ConfigError):
         SamplingParams(**bad)
+
+
+def test_greedy_without_probs_skips_the_softmax_only() -> None:
+    """``probs=False`` changes nothing but the second result under greedy decoding; sampling
+    always returns p (it verifies against it)."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(3))
+    draft = Draft(tokens=logits[:3].argmax(dim=-1).clone())
+    draft.tokens[2] = (draft.tokens[2] + 1) % 50  # rejected at the third token
+    greedy = SamplingParams()
+    with_p, p = verify(draft, logits, greedy)
+    without, none = verify(draft, logits, greedy, probs=False)
+    assert none is None and torch.allclose(p, torch.softmax(logits, dim=-1))
+    assert without.tokens.tolist() == with_p.tokens.tolist()
+    assert without.num_accepted_tokens == with_p.num_accepted_tokens == 2
+    _, sampled_p = verify(draft, logits, SamplingParams(temperature=1.0),
+                          torch.Generator().manual_seed(0), probs=False)
+    assert sampled_p is not None

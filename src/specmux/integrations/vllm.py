@@ -25,7 +25,9 @@ observe, select, propose:
 2. *select*: the policy picks an arm ``(drafter, k)``, ``k`` one of the candidate lengths
    (each <= K) or the no-speculation arm ``k = 0``.  For its first ``warmup_rounds`` rounds a
    request follows a *shared* learner, the same policy fed every request's feedback, so a
-   new request starts from what the workload taught rather than from uniform weights.
+   new request starts from what the workload taught rather than from uniform weights, and
+   keeps to it until its own learner has seen as many rounds (32 by default, about 80
+   tokens at the acceptance of docs/VLLM.md's runs).
 3. *propose*: the drafter drafts up to ``k`` tokens after the row's context.
 
 **Loss (cost-aware).**  A step that verifies ``T`` tokens takes about ``a + b T`` seconds and
@@ -108,7 +110,9 @@ class VllmOptions(BaseModel):
     suffix_max_n: PositiveInt = 6
     suffix_max_memory_mb: PositiveFloat = 64.0
     max_requests: PositiveInt = 4096
-    warmup_rounds: NonNegativeInt = 8  # a new request's first rounds follow the shared learner
+    # A new request's first rounds follow the shared learner (with 8, a 64-token request
+    # spent most of its rounds on a learner of 8 rounds' evidence: docs/VLLM.md).
+    warmup_rounds: NonNegativeInt = 32
     seed: NonNegativeInt = 0
     stats_file: str | None = None  # JSON stats, rewritten every second or so
     record_history: bool = False  # keep every request's committed ids (tests)
