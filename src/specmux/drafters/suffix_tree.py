@@ -61,7 +61,8 @@ STRONG_SCORE = 2.0  # expected accepted tokens of a strong candidate (signal)
 # ... and the match it continues must be this long, as prompt lookup's strong n-gram: a
 # 2-token match continued by its one occurrence scores 2.0 as well, yet on issue 11's
 # stream its first two tokens were both right in 51% of such positions outside chat and
-# never in chat, against 79% at 3 tokens and 93% at 8 or more.
+# never in chat, against 79% at 3 tokens and 93% at 8 or more
+# (benchmarks/signal_replay.py; docs/BENCHMARKS.md, llama.cpp tenth run).
 STRONG_MATCH = NGRAM_STRONG_MATCH
 
 
