@@ -61,6 +61,24 @@ def replay(drafter: Drafter, prompt: list[int], output: list[int], k: int) -> in
     return rounds
 
 
+def traced_queries(trace: Path, categories: str, prompts_per_domain: int,
+                   target: str) -> dict[str, tuple[str, list[int], list[int]]]:
+    """Per traced query id: its category, its prompt ids (rebuilt from the bench's datasets
+    with the same categories, prompts per domain and seed) and target-only's output ids."""
+    tokenizer = load_tokenizer(target)
+    splits = load_domains(categories.split(","), num_eval=prompts_per_domain, seed=0)
+    prompts = {ex.id: list(to_query(0, ex, tokenizer).prompt_ids)
+               for split in splits.values() for ex in split.eval}
+    out = {}
+    for line in trace.read_text().splitlines():
+        rec = json.loads(line)
+        if (rec.get("type") == "answer" and rec.get("method") == "target-only"
+                and rec["question_id"] in prompts):
+            out[rec["question_id"]] = (rec["category"], prompts[rec["question_id"]],
+                                       rec["token_ids"])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("trace", type=Path)
@@ -69,23 +87,13 @@ def main() -> None:
     parser.add_argument("-k", type=int, default=8)
     parser.add_argument("--target", default="embedded:qwen2.5-coder-1.5b")
     args = parser.parse_args()
-    tokenizer = load_tokenizer(args.target)
-    splits = load_domains(args.categories.split(","), num_eval=args.prompts_per_domain, seed=0)
-    prompts = {ex.id: list(to_query(0, ex, tokenizer).prompt_ids)
-               for split in splits.values() for ex in split.eval}
-    outputs = {}
-    for line in args.trace.read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("type") == "answer" and rec.get("method") == "target-only":
-            outputs[rec["question_id"]] = (rec["category"], rec["token_ids"])
+    queries = traced_queries(args.trace, args.categories, args.prompts_per_domain, args.target)
     tokens: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     rounds: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    for qid, (category, output) in outputs.items():
-        if qid not in prompts:
-            continue
+    for qid, (category, prompt, output) in queries.items():
         row = []
         for name, make in VARIANTS.items():
-            n = replay(make(), prompts[qid], output, args.k)
+            n = replay(make(), prompt, output, args.k)
             tokens[category][name] += len(output)
             rounds[category][name] += n
             row.append(f"{name} {len(output) / n:.2f}")

@@ -17,14 +17,12 @@ accepted.  The prompts are rebuilt from the bench's datasets as in
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
 from pathlib import Path
 
-from specmux.bench.datasets import load_domains
-from specmux.bench.runner import to_query
+from replay_drafters import traced_queries  # this directory (run as a script)
+
 from specmux.drafters.suffix_tree import STRONG_SCORE, SuffixTreeDrafter
-from specmux.models import load_tokenizer
 
 
 def main() -> None:
@@ -34,19 +32,10 @@ def main() -> None:
     parser.add_argument("--prompts-per-domain", type=int, required=True)
     parser.add_argument("--target", default="embedded:qwen2.5-coder-1.5b")
     args = parser.parse_args()
-    tokenizer = load_tokenizer(args.target)
-    splits = load_domains(args.categories.split(","), num_eval=args.prompts_per_domain, seed=0)
-    prompts = {ex.id: list(to_query(0, ex, tokenizer).prompt_ids)
-               for split in splits.values() for ex in split.eval}
     counts: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])  # [n, both right]
-    for line in args.trace.read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("type") != "answer" or rec.get("method") != "target-only":
-            continue
-        if rec["question_id"] not in prompts:
-            continue
-        group = "chat" if rec["category"] == "chat" else "other categories"
-        prompt, output = prompts[rec["question_id"]], rec["token_ids"]
+    queries = traced_queries(args.trace, args.categories, args.prompts_per_domain, args.target)
+    for category, prompt, output in queries.values():
+        group = "chat" if category == "chat" else "other categories"
         drafter = SuffixTreeDrafter()
         drafter.start_query(prompt)
         context = list(prompt)
