@@ -400,7 +400,8 @@ class SpeculativeDecoder:
         scored = path if selector.tracker.loss == "acceptance" else path[: selector.max_k]
         run, factors, deferred = selector.plan_scoring(arm, len(context))
         target = None if target_probs is None else target_probs[: len(scored)]  # [n, V]
-        self._log.add(selector.tracker.next_row, len(context), len(scored), target)
+        self._log.add(selector.tracker.next_row, len(context), len(scored),
+                      None if sampling.greedy else target)  # greedy scores never read p
         played = selector.arm_drafter[arm] if selector.arms[arm].k else None
         late = (played is not None and len(scored) > drafted > 0 and selector.defers
                 and selector.scoring.expensive(selector.cost_model, len(context))[played])

@@ -264,9 +264,8 @@ class Selector:
 
     @property
     def needs_divergence(self) -> bool:
-        """Whether the learner reads MetaSD's block divergence (``Outcome.divergence``),
-        which under greedy decoding is the only use of the target's softmax."""
-        return getattr(self.policy, "reward", None) == "divergence"
+        """Whether the learner reads MetaSD's block divergence (``Outcome.divergence``)."""
+        return self.policy.reads_divergence
 
     @property
     def wants_signals(self) -> bool:

@@ -71,6 +71,13 @@ class Policy(ABC):
     def reset(self) -> None:
         """Forget everything learned (used by per-query reset mode)."""
 
+    @property
+    def reads_divergence(self) -> bool:
+        """Whether :meth:`update` reads ``feedback.divergence`` (MetaSD's block reward), which
+        a caller then computes; under greedy decoding it is the one use of the target's
+        softmax."""
+        return False
+
     def restart(self) -> None:
         """:meth:`reset`, and the random stream back to its seed: a fresh learner (per-query
         reset mode), so that a seeded query repeats exactly."""

@@ -77,6 +77,10 @@ class MetaSDUCB(UCBSpec):
         if not 0 <= values["window_pos"] < max(size, 1):
             raise ConfigError(f"metasd state 'window_pos' must be in [0, {max(size, 1)})")
 
+    @property
+    def reads_divergence(self) -> bool:
+        return self.reward == "divergence"
+
     def reward_of(self, feedback: Feedback) -> float:
         if self.reward == "efficiency":
             return feedback.num_accepted_tokens / feedback.k if feedback.k > 0 else 0.0

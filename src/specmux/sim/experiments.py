@@ -131,7 +131,7 @@ def _play(
     reset_per_query: bool = False,
 ) -> Trace:
     needs_scores = policy.full_information or (
-        mode == "sampling" and getattr(policy, "reward", None) == "divergence"
+        mode == "sampling" and policy.reads_divergence
     )
     env = SimEnv(pool, np.random.default_rng([seed, 29]), mode=mode, scores=needs_scores)
     return simulate(policy, env, stream, arms, rounds=rounds, tokens=tokens, loss=loss,

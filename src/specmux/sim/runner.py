@@ -243,7 +243,7 @@ def _divergence_fn(policy: Policy, env: SimEnv) -> DivergenceFn | None:
     (sampling); the drafted positions after the first rejection are fresh draws at the
     drafter's long-run acceptance rate (binomial hits, or Beta(m kappa, (1 - m) kappa)).
     """
-    if getattr(policy, "reward", None) != "divergence":
+    if not policy.reads_divergence:
         return None
     greedy = env.mode == "greedy"
     if not greedy and not env.scores:
