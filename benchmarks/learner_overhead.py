@@ -34,6 +34,7 @@ from specmux.bench.runner import parse_policy_spec
 from specmux.drafters.ngram import NgramDrafter
 from specmux.drafters.suffix_tree import SuffixTreeDrafter
 from specmux.engine import SpeculativeDecoder
+from specmux.errors import ConfigError
 
 VOCAB = 151_936
 
@@ -160,6 +161,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
+    try:
+        parse_policy_spec(args.policy)
+    except ConfigError as err:
+        ap.error(str(err))
     torch.set_num_threads(args.threads)
     runs = [run(args, args.compute_ms)]
     for r in runs:

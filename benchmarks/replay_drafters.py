@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -65,6 +66,10 @@ def traced_queries(trace: Path, categories: str, prompts_per_domain: int,
                    target: str) -> dict[str, tuple[str, list[int], list[int]]]:
     """Per traced query id: its category, its prompt ids (rebuilt from the bench's datasets
     with the same categories, prompts per domain and seed) and target-only's output ids."""
+    if not trace.is_file():
+        print(f"error: no trace at {trace} (specmux bench --out DIR writes DIR/trace.jsonl)",
+              file=sys.stderr)
+        sys.exit(2)
     tokenizer = load_tokenizer(target)
     splits = load_domains(categories.split(","), num_eval=prompts_per_domain, seed=0)
     prompts = {ex.id: list(to_query(0, ex, tokenizer).prompt_ids)
