@@ -19,12 +19,20 @@ Run in the vLLM venv (docs/VLLM.md), under the CPU lock on shared machines::
 4. Throughput = generated tokens / wall seconds; ratios are over the other methods' runs in
    the same invocation.  The specmux proposer's own time per (request, step) comes from its
    ``stats_file``.
+5. Output identity: every output of a speculative method that leaves plain's (same prompt,
+   same concurrency) is diagnosed after the timed runs by one more plain engine returning
+   raw logits (``logprobs_mode="raw_logits"``, untimed): at the first differing position,
+   the logits of plain's token and of the other method's token in a one-token decode step
+   (plain's own pass) and in a multi-token pass (a prefill of the prompt and the common
+   prefix, as a verification pass scores several positions at once), and their gap in
+   bf16 ulps (``--no-diagnose`` skips it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -137,6 +145,77 @@ def worker(args: argparse.Namespace) -> None:
     Path(args.result).write_text(json.dumps(result))
 
 
+def bf16_ulp(x: float) -> float:
+    """The spacing of bfloat16 numbers (8 significant bits) at ``x``.
+
+    >>> bf16_ulp(17.3), bf16_ulp(-3.0), bf16_ulp(0.0)
+    (0.125, 0.015625, 0.0)
+    """
+    if x == 0.0:
+        return 0.0
+    return 2.0 ** (math.floor(math.log2(abs(x))) - 7)
+
+
+def mismatches(results: dict[str, dict], prompts: list[dict]) -> list[dict]:
+    """Every speculative output that leaves plain's at the same concurrency: the method, the
+    prompt, the first differing position and the two tokens there."""
+    base = results.get("plain")
+    if base is None:
+        return []
+    cases = []
+    for method, res in results.items():
+        if method == "plain":
+            continue
+        pairs = [("c=1", i, a["tokens"], b["tokens"])
+                 for i, (a, b) in enumerate(zip(base["c1"], res["c1"], strict=True))]
+        pairs += [("c=8", i, a, b)
+                  for i, (a, b) in enumerate(zip(base["c8"]["tokens"], res["c8"]["tokens"],
+                                                 strict=True))]
+        for conc, i, ref, out in pairs:
+            d = next((j for j, (x, y) in enumerate(zip(ref, out, strict=False)) if x != y), None)
+            if d is not None:
+                cases.append({"method": method, "concurrency": conc, "prompt": i,
+                              "category": prompts[i]["category"], "position": d,
+                              "prefix": ref[:d], "plain_token": ref[d], "other_token": out[d]})
+    return cases
+
+
+def diagnose(args: argparse.Namespace) -> None:
+    """Raw logits at each mismatch (module docstring, item 5), in one plain engine."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompts = json.loads(Path(args.prompts).read_text())
+    cases = json.loads(Path(args.cases).read_text())
+    llm = LLM(args.model_dir, dtype="bfloat16", max_model_len=args.max_model_len,
+              max_num_seqs=1, seed=0, logprobs_mode="raw_logits",
+              enable_prefix_caching=False)  # the multi-token pass recomputes every position
+
+    def logits(ids: list[int], steps: int) -> tuple[list[int], dict[int, float]]:
+        p = SamplingParams(temperature=0.0, max_tokens=steps, logprobs=20, ignore_eos=True)
+        (out,) = llm.generate([TokensPrompt(prompt_token_ids=ids)], p, use_tqdm=False)
+        last = out.outputs[0].logprobs[-1]
+        return list(out.outputs[0].token_ids), {t: v.logprob for t, v in last.items()}
+
+    for case in cases:
+        ids = prompts[case["prompt"]]["ids"]
+        decoded, step = logits(ids, case["position"] + 1)  # one-token steps, plain's way
+        _, batch = logits(ids + case["prefix"], 1)  # the prefix scored in one pass
+        for name, top in (("decode_step", step), ("multi_token_pass", batch)):
+            a, b = top.get(case["plain_token"]), top.get(case["other_token"])
+            ranked = sorted(top.values(), reverse=True)
+            case[name] = {
+                "plain_logit": a, "other_logit": b,
+                "top2": ranked[:2],
+                "gap_ulp": (None if a is None or b is None
+                            else (a - b) / bf16_ulp(max(abs(a), abs(b)))),
+            }
+        case["decode_step"]["reproduces_plain"] = decoded[: case["position"]] == case[
+            "prefix"] and decoded[-1] == case["plain_token"]
+        del case["prefix"]
+    Path(args.result).write_text(json.dumps(cases))
+
+
 def throughput(runs: list[dict]) -> float:
     return sum(len(r["tokens"]) for r in runs) / sum(r["seconds"] for r in runs)
 
@@ -152,7 +231,11 @@ def summarize(results: dict[str, dict], args: argparse.Namespace) -> dict:
     same = None if base is None else {
         m: sum(a["tokens"] == b["tokens"] for a, b in zip(res["c1"], base["c1"], strict=True))
         for m, res in results.items()}
+    same8 = None if base is None else {
+        m: sum(a == b for a, b in zip(res["c8"]["tokens"], base["c8"]["tokens"], strict=True))
+        for m, res in results.items()}
     summary = {"tokens_per_second": table, "identical_to_plain_c1": same,
+               "identical_to_plain_c8": same8,
                "num_prompts": len(next(iter(results.values()))["c1"])}
     if "specmux" in table:
         sm = table["specmux"]
@@ -184,6 +267,23 @@ def markdown(report: dict) -> str:
         plain = table["plain"]
         lines.append("| specmux / plain | "
                      + " | ".join(f"{table['specmux'][c] / plain[c]:.2f}x" for c in cols) + " |")
+    cases = report.get("mismatches") or []
+    if cases:
+        lines += ["", "| method | conc. | prompt | position | plain / other token | "
+                  "decode step: logits, gap | multi-token pass: logits, gap |",
+                  "|---|---|---|---|---|---|---|"]
+        for c in cases:
+            cells = []
+            for name in ("decode_step", "multi_token_pass"):
+                x = c.get(name)
+                if x is None or x["plain_logit"] is None or x["other_logit"] is None:
+                    cells.append("not in top 20" if x else "not diagnosed")
+                else:
+                    cells.append(f"{x['plain_logit']:.4f} / {x['other_logit']:.4f}, "
+                                 f"{x['gap_ulp']:+.1f} ulp")
+            lines.append(f"| {c['method']} | {c['concurrency']} | {c['prompt']} "
+                         f"({c['category']}) | {c['position']} | {c['plain_token']} / "
+                         f"{c['other_token']} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
 
@@ -203,11 +303,16 @@ def main() -> None:
     ap.add_argument("--specmux-k", type=int, default=8)
     ap.add_argument("--specmux-options", default="{}", help="JSON: extra specmux options")
     ap.add_argument("--out", default="vllm_bench.json")
-    ap.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    ap.add_argument("--no-diagnose", action="store_true",
+                    help="skip the raw-logit diagnosis of outputs that leave plain's")
+    ap.add_argument("--worker", choices=(*METHODS, "diagnose"), help=argparse.SUPPRESS)
+    ap.add_argument("--cases", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--prompts", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker == "diagnose":
+        return diagnose(args)
     if args.worker:
         return worker(args)
 
@@ -235,6 +340,20 @@ def main() -> None:
             subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
         results[method] = json.loads(out.read_text())
         print(f"{method}: done ({time.perf_counter() - t0:.0f}s)", flush=True)
+    cases = mismatches(results, prompts)
+    if cases and not args.no_diagnose:
+        (work / "cases.json").write_text(json.dumps(cases))
+        out = work / "diagnose.json"
+        cmd = [sys.executable, __file__, "--worker", "diagnose", "--model-dir", str(model_dir),
+               "--prompts", str(work / "prompts.json"), "--cases", str(work / "cases.json"),
+               "--result", str(out), "--max-model-len", str(args.max_model_len)]
+        with open(work / "diagnose.log", "w") as log:
+            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+        cases = json.loads(out.read_text())
+        print(f"diagnose: {len(cases)} mismatches ({time.perf_counter() - t0:.0f}s)",
+              flush=True)
+    for case in cases:
+        case.pop("prefix", None)
     import torch
     import transformers
 
@@ -250,6 +369,7 @@ def main() -> None:
         "env": {k: v for k, v in os.environ.items() if k.startswith("VLLM_")},
         "prompt_lengths": [len(p["ids"]) for p in prompts],
         "summary": summarize(results, args),
+        "mismatches": cases,
         "wall_seconds": time.perf_counter() - t0,
         "logs": str(work),
     }

@@ -66,6 +66,20 @@ CONTEXT_WARMUP = 8  # loss vectors (bandits: updates) a context's learner needs 
 CONTEXT_KEYS = "drafter-level-hit"  # the key scheme of :meth:`Selector.context_key` (state)
 
 
+def context_key(signals: Sequence[int | None], hits: Sequence[bool] | np.ndarray) -> int:
+    """The key of :meth:`Selector.context_key` from the drafters' ``signals`` and ``hits``
+    (each drafter's first guess in the previous round right), both in drafter order.
+
+    >>> context_key([None, 0, 0], [False] * 3), context_key([None, 1, 2], [False, True, True])
+    (0, 12)
+    """
+    best, first = 0, 0
+    for i, level in enumerate(signals):
+        if level is not None and level > best:
+            best, first = min(int(level), 2), i
+    return 0 if best == 0 else 1 + 4 * first + 2 * (best - 1) + int(hits[first])
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What one round did with the arm it played (see :class:`specmux.types.Feedback`)."""
@@ -241,11 +255,7 @@ class Selector:
         >>> s.context_key([None, 0, 0]), s.context_key([None, 1, 2]), s.context_key([None, 2, 2])
         (0, 11, 7)
         """
-        best, first = 0, 0
-        for i, level in enumerate(signals):
-            if level is not None and level > best:
-                best, first = min(int(level), 2), i
-        return 0 if best == 0 else 1 + 4 * first + 2 * (best - 1) + int(self._hits[first])
+        return context_key(signals, self._hits)
 
     def select(self, signals: Sequence[int | None] | None = None,
                lengths: Sequence[int | None] | None = None) -> int:

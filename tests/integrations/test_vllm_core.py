@@ -11,13 +11,14 @@ import pytest
 
 import specmux.integrations.vllm as vllm_integration
 import specmux.integrations.vllm_plugin as vllm_plugin
-from specmux.drafters.ngram import lookup
+from specmux.drafters.ngram import lookup, match
 from specmux.errors import ConfigError
 from specmux.integrations.vllm import (
     ProposerCore,
     StepCostModel,
     build_drafters,
     fast_lookup,
+    fast_match,
     parse_options,
 )
 
@@ -96,7 +97,8 @@ def test_interleaved_requests_learn_as_if_alone() -> None:
     request the drafts it gets when served alone (deterministic learner and drafter)."""
     options = {"drafters": ["ngram"], "policy": "hedge",
                "policy_kwargs": {"selection": "argmax"}, "token_cost": 0.1,
-               "record_history": True, "warmup_rounds": 0}  # no shared learner
+               "record_history": True, "warmup_rounds": 0,  # no shared learner
+               "contextual": False}  # no context learners (shared by all requests)
     alone: dict[str, list[list[int]]] = {}
     for rid, truth in truths().items():
         proposer, batch = core(**options), FakeBatch({rid: truth}, {rid: 12})
@@ -175,6 +177,28 @@ def test_new_requests_start_from_the_shared_learner() -> None:
     second = FakeBatch({"again": truths()["copy"]}, {"again": 100})
     second.step(proposer, ["again"], {"copy", "again"})
     assert len(second.drafts["again"]) == K  # its very first draft is the shared choice
+
+
+def test_contexts_learn_where_drafting_pays() -> None:
+    """Requests that open with free text and then copy a loop: the no-match context learns
+    not to speculate, the strong-match-after-a-hit context to draft K tokens, and once
+    warmed up those learners play in every request (they are shared)."""
+    proposer = core(drafters=["ngram"], token_cost=0.2, warmup_rounds=0,
+                    policy_kwargs={"selection": "argmax"})
+    rng = np.random.default_rng(3)
+    for r in range(6):
+        loop = list(rng.integers(2, 50, size=7))
+        truth = list(rng.integers(100, 5000, size=40)) + (loop * 60)[:300]
+        batch = FakeBatch({f"r{r}": truth}, {f"r{r}": 12})
+        for _ in range(60):
+            batch.step(proposer, [f"r{r}"], {f"r{r}"})
+    none_arm = len(proposer.arms) - 1
+    strong_hit, nothing = 1 + 2 + 1, 0  # context_key: drafter 0, level 2, hit
+    assert proposer.context_counts[nothing] >= vllm_integration.CONTEXT_WARMUP
+    assert proposer.contexts[nothing].select() == none_arm
+    assert str(proposer.arms[proposer.contexts[strong_hit].select()]) == f"ngram@k={K}"
+    state = proposer.requests["r5"]
+    assert state.key == strong_hit and proposer._learner(state) is proposer.contexts[state.key]
 
 
 def test_state_is_bounded() -> None:

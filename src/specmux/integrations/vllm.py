@@ -28,6 +28,13 @@ observe, select, propose:
    new request starts from what the workload taught rather than from uniform weights, and
    keeps to it until its own learner has seen as many rounds (32 by default, about 80
    tokens at the acceptance of docs/VLLM.md's runs).
+   In contextual mode (the default) the round's *context* comes first: prompt lookup's
+   match after the row's context (none, shorter than 3 tokens, at least 3) and whether its
+   first guess last round was right, the key of the engine's contextual selector
+   (:func:`specmux.selector.context_key`).  Each context has its own learner, shared by
+   all requests and fed the loss vectors of the rounds played in it; it plays once it has
+   seen ``CONTEXT_WARMUP`` of them.  Where the output copies the prompt a strong match
+   after a right guess earns long drafts; where nothing matches, the no-speculation arm.
 3. *propose*: the drafter drafts up to ``k`` tokens after the row's context.
 
 **Loss (cost-aware).**  A step that verifies ``T`` tokens takes about ``a + b T`` seconds and
@@ -61,7 +68,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Container, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -78,11 +85,12 @@ from pydantic import (
 )
 
 from specmux.drafters.base import Drafter
-from specmux.drafters.ngram import NgramDrafter
+from specmux.drafters.ngram import STRONG_MATCH, NgramDrafter
 from specmux.drafters.suffix import SuffixDrafter
 from specmux.errors import ConfigError
 from specmux.feedback import CounterfactualTracker, expected_accepted
 from specmux.policies import POLICIES, Arm, Policy, make_policy
+from specmux.selector import CONTEXT_WARMUP, context_key
 from specmux.state import atomic_write_json
 from specmux.types import Feedback, SamplingParams
 
@@ -113,6 +121,9 @@ class VllmOptions(BaseModel):
     # A new request's first rounds follow the shared learner (with 8, a 64-token request
     # spent most of its rounds on a learner of 8 rounds' evidence: docs/VLLM.md).
     warmup_rounds: NonNegativeInt = 32
+    # One learner per context (prompt lookup's match strength x whether its last guess was
+    # right), shared by all requests, as the engine's contextual selector (specmux.selector).
+    contextual: bool = True
     seed: NonNegativeInt = 0
     stats_file: str | None = None  # JSON stats, rewritten every second or so
     record_history: bool = False  # keep every request's committed ids (tests)
@@ -142,7 +153,7 @@ def parse_options(raw: Mapping[str, Any] | None, num_speculative_tokens: int) ->
     >>> parse_options({"polcy": "hedge"}, 4)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    specmux.errors.ConfigError: specmux option 'polcy' is unknown; known: drafters, k, ...
+    specmux.errors.ConfigError: specmux option 'polcy' is unknown; known: contextual, ...
     """
     raw = dict(raw or {})
     unknown = sorted(set(raw) - OPTION_KEYS)
@@ -271,6 +282,8 @@ class RequestState:
     policy: Policy
     tracker: CostAwareTracker | None
     arm: int = -1  # arm of the draft now being verified (-1: none yet)
+    key: int = -1  # context key of that round (-1: not contextual)
+    hits: np.ndarray | None = None  # [N] each drafter's first guess last round right
     num_drafted: int = 0
     rounds: int = 0
     drafted: int = 0
@@ -338,6 +351,9 @@ class ProposerCore:
         # Learns from every request's feedback; picks a new request's first arms.
         self.shared = make_policy(opts.policy, len(self.arms), seed=opts.seed + 2**32,
                                   **opts.policy_kwargs) if opts.warmup_rounds else None
+        # Contextual mode: context key -> its learner (fed every request's rounds in it).
+        self.contexts: dict[int, Policy] = {}
+        self.context_counts: dict[int, int] = {}
         self.requests: dict[str, RequestState] = {}
         self.finished_history: dict[str, list[int]] = {}
         self.stats = Stats(arm_plays={str(a): 0 for a in self.arms})
@@ -437,15 +453,19 @@ class ProposerCore:
             if state.history is not None:
                 state.history.extend(committed)
         self.stats.row_steps += 1
-        warm = self.shared is not None and state.rounds < self.opts.warmup_rounds
-        a = (self.shared if warm else state.policy).select()
+        lookups: dict[int, np.ndarray] = {}  # drafter -> prompt lookup's draft at max_k
+        state.key = self._context_key(state, row, n, lookups) if self.opts.contextual else -1
+        a = self._learner(state).select()
         arm = self.arms[a]
         k = max(0, min(arm.k, self.max_model_len - n - 1))
         draft: list[int] = []
         if k:
-            drafter = self.drafters[self.arm_drafter[a]]
+            d = self.arm_drafter[a]
+            drafter = self.drafters[d]
             if isinstance(drafter, NgramDrafter):
-                draft = fast_lookup(row, n, drafter.max_n, drafter.min_n, k).tolist()
+                if d not in lookups:
+                    lookups[d] = fast_match(row, n, drafter.max_n, drafter.min_n, k)[0]
+                draft = lookups[d][:k].tolist()
             else:
                 context = row[:n].tolist() if ctx is None else ctx + list(committed)
                 draft = drafter.propose(context, k, GREEDY).tokens[:k].tolist()
@@ -455,6 +475,33 @@ class ProposerCore:
         self.stats.arm_plays[str(arm)] += 1
         return draft
 
+    def _context_key(self, state: RequestState, row: np.ndarray, n: int,
+                     lookups: dict[int, np.ndarray]) -> int:
+        """This round's context (:func:`specmux.selector.context_key`): prompt lookup's
+        match strength (0 none, 1 shorter than ``STRONG_MATCH``, 2 at least that) and
+        whether its first guess last round was right; the lookups are kept for proposing."""
+        signals: list[int | None] = []
+        for d, drafter in enumerate(self.drafters):
+            level = None
+            if isinstance(drafter, NgramDrafter):
+                lookups[d], matched = fast_match(row, n, drafter.max_n, drafter.min_n,
+                                                 self.max_k)
+                level = 0 if matched == 0 else (
+                    2 if matched >= min(STRONG_MATCH, drafter.max_n) else 1)
+            signals.append(level)
+        hits = state.hits if state.hits is not None else np.zeros(len(self.drafters), bool)
+        return context_key(signals, hits)
+
+    def _learner(self, state: RequestState) -> Policy:
+        """Who plays this round: the context's learner once it has seen
+        ``CONTEXT_WARMUP`` rounds, else the shared learner for a request's first
+        ``warmup_rounds`` rounds, else the request's own."""
+        if state.key >= 0 and self.context_counts.get(state.key, 0) >= CONTEXT_WARMUP:
+            return self.contexts[state.key]
+        if self.shared is not None and state.rounds < self.opts.warmup_rounds:
+            return self.shared
+        return state.policy
+
     def _observe(self, state: RequestState, row: np.ndarray, m: int, ctx: list[int],
                  committed: list[int]) -> None:
         """Learn from the ids committed after ``row[:m]`` (``ctx`` is that as a list)."""
@@ -463,24 +510,56 @@ class ProposerCore:
         if state.arm >= 0:
             state.accepted += min(accepted, state.num_drafted)
             self.stats.accepted += min(accepted, state.num_drafted)
-        losses: tuple[np.ndarray, ...] = ()
+        released: list[tuple[int, np.ndarray]] = []
         if state.tracker is not None:
             path = committed[: self.max_k]
             hits = np.empty((len(path), len(self.drafters)))  # gamma = w = 1[guess == x]
             for i, drafter in enumerate(self.drafters):
                 hits[:, i] = self._guesses(drafter, row, m, ctx, path) == path
-            resolved = state.tracker.add_round(hits, hits)
-            losses = tuple(resolved)
+            released = state.tracker.add_round_tagged(hits, hits, state.key)
+            state.hits = hits[0] > 0.5
+        elif state.arm >= 0 and state.num_drafted:  # bandits: the played drafter's
+            if state.hits is None:
+                state.hits = np.zeros(len(self.drafters), bool)
+            state.hits[self.arm_drafter[state.arm]] = accepted > 0
         for drafter in self.drafters:
             drafter.observe(ctx, committed)
         if state.arm >= 0:  # always, after the request's first step
             feedback = Feedback(
                 arm=state.arm, k=self.arms[state.arm].k, max_k=self.max_k,
                 num_draft_tokens=state.num_drafted,
-                num_accepted_tokens=min(accepted, state.num_drafted), losses=losses)
+                num_accepted_tokens=min(accepted, state.num_drafted),
+                losses=tuple(losses for _, losses in released))
             state.policy.update(feedback)
             if self.shared is not None:
                 self.shared.update(feedback)
+            if self.opts.contextual:
+                self._update_contexts(state.key, feedback, released)
+
+    def _update_contexts(self, key: int, feedback: Feedback,
+                         released: list[tuple[int, np.ndarray]]) -> None:
+        """Each released loss vector to the learner of its round's context; bandits: the
+        played arm's outcome to the context ``key`` it was played in."""
+        if not self.full_information:
+            if key >= 0:
+                self._context(key).update(feedback)
+                self.context_counts[key] += 1
+            return
+        groups: dict[int, list[np.ndarray]] = {}
+        for tag, losses in released:
+            if tag >= 0:
+                groups.setdefault(tag, []).append(losses)
+        for tag, losses in groups.items():
+            self._context(tag).update(replace(feedback, losses=tuple(losses)))
+            self.context_counts[tag] += len(losses)
+
+    def _context(self, key: int) -> Policy:
+        if key not in self.contexts:
+            self.contexts[key] = make_policy(
+                self.opts.policy, len(self.arms), seed=self.opts.seed + 2**33 + key,
+                **self.opts.policy_kwargs)
+            self.context_counts[key] = 0
+        return self.contexts[key]
 
     @staticmethod
     def _guesses(drafter: Drafter, row: np.ndarray, m: int, ctx: list[int],
@@ -522,22 +601,36 @@ class ProposerCore:
 
 
 def fast_lookup(tokens: np.ndarray, end: int, max_n: int, min_n: int, k: int) -> np.ndarray:
-    """:func:`specmux.drafters.ngram.lookup` in one pass over the context.
-
-    Candidates are the earlier positions ``e <= end - 2`` holding the last token; each is
-    extended backwards to its match length (up to ``max_n``); the latest candidate matching
-    ``n`` tokens, for the largest ``n``, gives the continuation ``tokens[e + 1:]``.
+    """:func:`specmux.drafters.ngram.lookup` in one pass over the context (see
+    :func:`fast_match`).
 
     >>> from specmux.drafters.ngram import lookup
     >>> t = np.array([5, 6, 7, 8, 5, 6])
     >>> fast_lookup(t, 6, 3, 1, 2).tolist(), lookup(t, 6, 3, 1, 2).tolist()
     ([7, 8], [7, 8])
     """
+    return fast_match(tokens, end, max_n, min_n, k)[0]
+
+
+def fast_match(tokens: np.ndarray, end: int, max_n: int, min_n: int,
+               k: int) -> tuple[np.ndarray, int]:
+    """Prompt lookup's draft (up to ``k`` tokens) after ``tokens[:end]`` and the length of
+    the n-gram it matched (0: no draft).
+
+    Candidates are the earlier positions ``e <= end - 2`` holding the last token; each is
+    extended backwards to its match length (up to ``max_n``); the latest candidate matching
+    ``n`` tokens, for the largest ``n``, gives the continuation ``tokens[e + 1:]``.
+
+    >>> t = np.array([5, 6, 7, 8, 5, 6])
+    >>> draft, n = fast_match(t, 6, 3, 1, 4)
+    >>> draft.tolist(), n
+    ([7, 8, 5, 6], 2)
+    """
     if end < 2:
-        return tokens[:0]
+        return tokens[:0], 0
     cand = np.flatnonzero(tokens[: end - 1] == tokens[end - 1])  # [C] match ends
     if cand.size == 0:
-        return tokens[:0]
+        return tokens[:0], 0
     length = np.ones(cand.size, dtype=np.int64)  # [C] match length at each candidate
     alive = np.ones(cand.size, dtype=bool)
     for i in range(1, max_n):
@@ -552,8 +645,8 @@ def fast_lookup(tokens: np.ndarray, end: int, max_n: int, min_n: int, k: int) ->
         hits = np.flatnonzero(length >= n)
         if hits.size:
             start = int(cand[hits[-1]]) + 1
-            return tokens[start : min(start + k, end)]
-    return tokens[:0]
+            return tokens[start : min(start + k, end)], n
+    return tokens[:0], 0
 
 
 def _find_runner(proposer: object) -> Any:
