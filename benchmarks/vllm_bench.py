@@ -203,10 +203,10 @@ def diagnose(args: argparse.Namespace) -> None:
         _, batch = logits(ids + case["prefix"], 1)  # the prefix scored in one pass
         for name, top in (("decode_step", step), ("multi_token_pass", batch)):
             a, b = top.get(case["plain_token"]), top.get(case["other_token"])
-            ranked = sorted(top.values(), reverse=True)
+            ranked = sorted(top.items(), key=lambda kv: -kv[1])
             case[name] = {
                 "plain_logit": a, "other_logit": b,
-                "top2": ranked[:2],
+                "top2": ranked[:2],  # (token, logit)
                 "gap_ulp": (None if a is None or b is None
                             else (a - b) / bf16_ulp(max(abs(a), abs(b)))),
             }
