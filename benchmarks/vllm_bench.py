@@ -10,12 +10,14 @@ Run in the vLLM venv (docs/VLLM.md), under the CPU lock on shared machines::
 2. Prompts: ``--per-category`` eval examples of each category -- ``edit`` (rewrite a
    HumanEval solution, copy-heavy), ``code`` (HumanEval stubs, raw completion), ``chat``
    (ShareGPT) -- tokenized with the target's chat template; the *mixed* stream interleaves
-   them.
+   them.  Concurrency 1 and concurrency 8 get disjoint prompts (``--per-category`` of each
+   category each): the specmux proposer learns from every output it sees, so the same
+   prompts again would be drafted from their own earlier outputs.
 3. Each method runs in its own process with one engine: ``plain`` (no speculation),
-   ``ngram`` (vLLM's prompt lookup), ``specmux`` (this repo's proposer).  Concurrency 1: the
-   prompts one at a time, timed per prompt; concurrency 8: the mixed stream submitted at once
+   ``ngram`` (vLLM's prompt lookup), ``specmux`` (this repo's proposer).  Concurrency 1: its
+   prompts one at a time, timed per prompt; concurrency 8: its stream submitted at once
    with ``max_num_seqs=8``.  Greedy, ``--max-tokens`` each, ``ignore_eos``; one short warm-up
-   request first.
+   request first, on a prompt of neither set.
 4. Throughput = generated tokens / wall seconds; ratios are over the other methods' runs in
    the same invocation.  The specmux proposer's own time per (request, step) comes from its
    ``stats_file``.
@@ -79,6 +81,7 @@ def build_prompts(model_dir: Path, per_category: int) -> list[dict]:
     from specmux.bench.datasets import load_domain
 
     tok = AutoTokenizer.from_pretrained(model_dir)
+    per_category *= 2  # the first half at concurrency 1, the second at concurrency 8
     code = load_domain("code", num_eval=2 * per_category, seed=0).eval
     chat = load_domain("chat", num_eval=per_category, seed=0).eval
     by_cat: dict[str, list[list[int]]] = {"edit": [], "code": [], "chat": []}
@@ -90,8 +93,13 @@ def build_prompts(model_dir: Path, per_category: int) -> list[dict]:
         by_cat["code"].append(tok(ex.prompt, add_special_tokens=False)["input_ids"])
     for ex in chat:
         by_cat["chat"].append(chat_ids(tok, ex.prompt))
-    return [{"category": c, "ids": by_cat[c][i]} for i in range(per_category)
-            for c in CATEGORIES]
+    half = per_category // 2
+    out = [{"category": c, "ids": by_cat[c][i], "set": "c1" if i < half else "c8"}
+           for i in range(per_category) for c in CATEGORIES]
+    return [*out, {"category": "warmup", "ids": chat_ids(tok, WARMUP_TEXT), "set": "warmup"}]
+
+
+WARMUP_TEXT = "Say hello in one word."
 
 
 def chat_ids(tok, text: str) -> list[int]:
@@ -117,6 +125,8 @@ def worker(args: argparse.Namespace) -> None:
     from vllm.inputs import TokensPrompt
 
     prompts = json.loads(Path(args.prompts).read_text())
+    warm, c8 = prompts[-1], [x for x in prompts[:-1] if x["set"] == "c8"]
+    prompts = [x for x in prompts[:-1] if x["set"] == "c1"]
     stats = str(Path(args.result).with_suffix(".stats.json"))
     llm = LLM(args.model_dir, dtype="bfloat16", max_model_len=args.max_model_len,
               max_num_seqs=8, seed=0, speculative_config=speculative_config(args.worker, args,
@@ -129,17 +139,17 @@ def worker(args: argparse.Namespace) -> None:
                             use_tqdm=False)
         return time.perf_counter() - t0, [list(o.outputs[0].token_ids) for o in outs]
 
-    generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=8))  # warm-up
+    generate([warm], SamplingParams(temperature=0.0, max_tokens=8))  # warm-up
     single = []
     for x in prompts:
         seconds, (out,) = generate([x])
         single.append({"category": x["category"], "seconds": seconds, "tokens": out})
-    seconds, outs = generate(prompts)
+    seconds, outs = generate(c8)
     result = {"method": args.worker, "c1": single,
               "c8": {"seconds": seconds, "tokens": outs}, "proposer": None}
     if args.worker == "specmux":
         time.sleep(1.5)  # the proposer rewrites its stats file every second
-        generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=4))
+        generate([warm], SamplingParams(temperature=0.0, max_tokens=4))
         if Path(stats).exists():
             result["proposer"] = json.loads(Path(stats).read_text())
     Path(args.result).write_text(json.dumps(result))
@@ -158,7 +168,10 @@ def bf16_ulp(x: float) -> float:
 
 def mismatches(results: dict[str, dict], prompts: list[dict]) -> list[dict]:
     """Every speculative output that leaves plain's at the same concurrency: the method, the
-    prompt, the first differing position and the two tokens there."""
+    prompt (its index in its concurrency's set), the first differing position and the two
+    tokens there."""
+    sets = {"c=1": [x for x in prompts if x["set"] == "c1"],
+            "c=8": [x for x in prompts if x["set"] == "c8"]}
     base = results.get("plain")
     if base is None:
         return []
@@ -175,7 +188,8 @@ def mismatches(results: dict[str, dict], prompts: list[dict]) -> list[dict]:
             d = next((j for j, (x, y) in enumerate(zip(ref, out, strict=False)) if x != y), None)
             if d is not None:
                 cases.append({"method": method, "concurrency": conc, "prompt": i,
-                              "category": prompts[i]["category"], "position": d,
+                              "category": sets[conc][i]["category"], "position": d,
+                              "ids": sets[conc][i]["ids"],
                               "prefix": ref[:d], "plain_token": ref[d], "other_token": out[d]})
     return cases
 
@@ -185,7 +199,6 @@ def diagnose(args: argparse.Namespace) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    prompts = json.loads(Path(args.prompts).read_text())
     cases = json.loads(Path(args.cases).read_text())
     llm = LLM(args.model_dir, dtype="bfloat16", max_model_len=args.max_model_len,
               max_num_seqs=1, seed=0, logprobs_mode="raw_logits",
@@ -198,7 +211,7 @@ def diagnose(args: argparse.Namespace) -> None:
         return list(out.outputs[0].token_ids), {t: v.logprob for t, v in last.items()}
 
     for case in cases:
-        ids = prompts[case["prompt"]]["ids"]
+        ids = case.pop("ids")
         decoded, step = logits(ids, case["position"] + 1)  # one-token steps, plain's way
         _, batch = logits(ids + case["prefix"], 1)  # the prefix scored in one pass
         for name, top in (("decode_step", step), ("multi_token_pass", batch)):
@@ -354,6 +367,7 @@ def main() -> None:
               flush=True)
     for case in cases:
         case.pop("prefix", None)
+        case.pop("ids", None)
     import torch
     import transformers
 
@@ -367,7 +381,8 @@ def main() -> None:
         "settings": {k: v for k, v in vars(args).items()
                      if k not in ("worker", "model_dir", "prompts", "result")},
         "env": {k: v for k, v in os.environ.items() if k.startswith("VLLM_")},
-        "prompt_lengths": [len(p["ids"]) for p in prompts],
+        "prompt_lengths": {k: [len(p["ids"]) for p in prompts if p["set"] == k]
+                           for k in ("c1", "c8")},
         "summary": summarize(results, args),
         "mismatches": cases,
         "wall_seconds": time.perf_counter() - t0,

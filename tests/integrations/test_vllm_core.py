@@ -201,6 +201,38 @@ def test_contexts_learn_where_drafting_pays() -> None:
     assert state.key == strong_hit and proposer._learner(state) is proposer.contexts[state.key]
 
 
+def test_suffix_views_are_per_request_and_outputs_are_shared() -> None:
+    """The SuffixDecoding drafter: each live request's view holds exactly its own context;
+    a finished request's output joins the shared store, so a later request that produces
+    the same text is drafted from it at once."""
+    proposer = core(drafters=["suffix"], token_cost=0.05, warmup_rounds=0,
+                    policy_kwargs={"selection": "argmax"}, record_history=True)
+    d = proposer.drafters.index(next(x for x in proposer.drafters if x.name == "suffix"))
+    rng = np.random.default_rng(5)
+    answer = list(rng.integers(100, 5000, size=120))  # never repeats within itself
+    first = {"a": [7, 8, 9] + answer, "b": list(rng.integers(5000, 9000, size=123))}
+    batch = FakeBatch(first, {"a": 3, "b": 3})
+    for _ in range(30):
+        batch.step(proposer, ["a", "b"], {"a", "b"})
+    for rid in ("a", "b"):
+        view = proposer.requests[rid].local[d]
+        assert view.request.tokens == first[rid][: batch.lens[rid]]
+        assert view.learned is proposer.drafters[d].learned
+    assert proposer.drafters[d].learned.num_tokens == 0  # nothing finished yet
+    while batch.lens["a"] < len(first["a"]) - 1:
+        batch.step(proposer, ["a"], {"a"})  # "b" leaves: its output joins the store
+    batch.step(proposer, [], set())  # "a" leaves too
+    assert not proposer.requests
+    assert proposer.drafters[d].learned.num_tokens >= len(answer) - 1
+
+    again = FakeBatch({"c": [1, 2, 3] + answer}, {"c": 3})
+    steps = 0
+    while again.lens["c"] < len(answer) - 1:
+        again.step(proposer, ["c"], {"c"})
+        steps += 1
+    assert steps < len(answer) / 2  # long drafts from the earlier output
+
+
 def test_state_is_bounded() -> None:
     proposer = core(max_requests=2, drafters=["ngram"])
     batch = FakeBatch(truths(), dict.fromkeys(truths(), 12))

@@ -55,8 +55,13 @@ request ids, so the proposer reads the model runner's ``input_batch.req_ids`` (r
 bounded and freed once the request leaves the runner; at most ``max_requests`` are kept.
 
 **Drafters.**  ``"ngram"``: prompt lookup over the request's own context (stateless);
-``"suffix"``: one n-gram table shared by all requests, learning from every committed token
-(memory-bounded); ``"corpus:PATH"``: a fixed table built from a text corpus.
+``"suffix"``: the SuffixDecoding drafter of ``specmux bench``
+(:class:`~specmux.drafters.suffix_tree.SuffixTreeDrafter`): each request gets its own view,
+with a store of its prompt and output, while the store of earlier outputs (bounded by
+``suffix_max_tokens``, FIFO) is shared: a finished request's output joins it; drafts have
+variable length (capped by the match length, pruned at low estimated probability);
+``"suffix_table"``: one n-gram table shared by all requests, learning from every committed
+token (memory-bounded); ``"corpus:PATH"``: a fixed table built from a text corpus.
 """
 
 from __future__ import annotations
@@ -87,6 +92,7 @@ from pydantic import (
 from specmux.drafters.base import Drafter
 from specmux.drafters.ngram import STRONG_MATCH, NgramDrafter
 from specmux.drafters.suffix import SuffixDrafter
+from specmux.drafters.suffix_tree import SuffixTreeDrafter
 from specmux.errors import ConfigError
 from specmux.feedback import CounterfactualTracker, expected_accepted
 from specmux.policies import POLICIES, Arm, Policy, make_policy
@@ -117,6 +123,7 @@ class VllmOptions(BaseModel):
     ngram_min: PositiveInt = 1
     suffix_max_n: PositiveInt = 6
     suffix_max_memory_mb: PositiveFloat = 64.0
+    suffix_max_tokens: PositiveInt = 1_000_000  # "suffix": its store of earlier outputs
     max_requests: PositiveInt = 4096
     # A new request's first rounds follow the shared learner (with 8, a 64-token request
     # spent most of its rounds on a learner of 8 rounds' evidence: docs/VLLM.md).
@@ -180,14 +187,15 @@ def parse_options(raw: Mapping[str, Any] | None, num_speculative_tokens: int) ->
     if len(set(opts.drafters)) != len(opts.drafters):
         raise ConfigError(f"specmux option 'drafters' lists a drafter twice: {opts.drafters}")
     for spec in opts.drafters:
-        if spec in ("ngram", "suffix"):
+        if spec in ("ngram", "suffix", "suffix_table"):
             continue
         if spec.startswith("corpus:") and len(spec) > len("corpus:"):
             if not Path(spec[len("corpus:"):]).exists():
                 raise ConfigError(f"specmux drafter {spec!r}: corpus not found")
             continue
         raise ConfigError(
-            f"specmux drafter {spec!r} is unknown; use 'ngram', 'suffix' or 'corpus:PATH'"
+            f"specmux drafter {spec!r} is unknown; use 'ngram', 'suffix', 'suffix_table' or "
+            "'corpus:PATH'"
         )
     if opts.policy not in POLICIES:
         raise ConfigError(f"specmux option 'policy': unknown policy {opts.policy!r}; known: "
@@ -208,9 +216,12 @@ def build_drafters(opts: VllmOptions, tokenizer: Callable[[], Any]) -> list[Draf
             if spec == "ngram":
                 drafters.append(NgramDrafter(opts.ngram_max, opts.ngram_min, name="ngram"))
             elif spec == "suffix":
+                drafters.append(SuffixTreeDrafter(max_tokens=opts.suffix_max_tokens,
+                                                  name="suffix"))
+            elif spec == "suffix_table":
                 drafters.append(SuffixDrafter(max_n=opts.suffix_max_n,
                                               max_memory_mb=opts.suffix_max_memory_mb,
-                                              name="suffix"))
+                                              name="suffix_table"))
             else:
                 path = spec[len("corpus:"):]
                 drafters.append(SuffixDrafter.from_path(
@@ -289,6 +300,9 @@ class RequestState:
     drafted: int = 0
     accepted: int = 0
     history: list[int] | None = None
+    # drafter index -> this request's own view of a drafter with per-request state (the
+    # suffix tree: its request store; the store of earlier outputs stays shared)
+    local: dict[int, Drafter] = field(default_factory=dict)
 
 
 @dataclass
@@ -367,7 +381,7 @@ class ProposerCore:
         return self.cost.beta() if cost == "auto" else float(cost)
 
     # --- request lifecycle -------------------------------------------------------------
-    def _new_request(self) -> RequestState:
+    def _new_request(self, prompt: Sequence[int]) -> RequestState:
         seed = self.opts.seed + self.stats.requests_seen
         self.stats.requests_seen += 1
         policy = make_policy(self.opts.policy, len(self.arms), seed=seed,
@@ -379,7 +393,19 @@ class ProposerCore:
                 self.token_cost)
         while len(self.requests) >= self.opts.max_requests:  # the oldest goes first
             self.free(next(iter(self.requests)))
-        return RequestState(policy, tracker, history=[] if self.opts.record_history else None)
+        state = RequestState(policy, tracker,
+                             history=[] if self.opts.record_history else None)
+        for d, drafter in enumerate(self.drafters):
+            if isinstance(drafter, SuffixTreeDrafter):
+                view = drafter.fork()  # same settings and corpus ...
+                view.learned = drafter.learned  # ... and the one store of earlier outputs
+                view.start_query(prompt)
+                state.local[d] = view
+        return state
+
+    def _drafter(self, state: RequestState, d: int) -> Drafter:
+        """Drafter ``d`` as the request sees it (its own view where it has one)."""
+        return state.local.get(d) or self.drafters[d]
 
     def free(self, req_id: str) -> None:
         """Drop a request's state (it finished or was aborted)."""
@@ -387,6 +413,8 @@ class ProposerCore:
         if state is None:
             return
         self.stats.requests_freed += 1
+        for view in state.local.values():
+            view.end_query()  # its output joins the shared store of earlier outputs
         if state.history is not None:
             self.finished_history[req_id] = state.history
             while len(self.finished_history) > 1024:
@@ -442,32 +470,35 @@ class ProposerCore:
         """observe, select, propose for one request; ``row[:n]`` is its context."""
         state = self.requests.get(rid)
         ctx: list[int] | None = None
-        if state is None:
-            state = self.requests[rid] = self._new_request()
+        committed = list(committed)
+        ctx = row[: n - len(committed)].tolist()
+        if state is None:  # its prefill committed the first token
+            state = self.requests[rid] = self._new_request(ctx)
+            for view in state.local.values():
+                view.observe(ctx, committed)
             if state.history is not None:
                 state.history.extend(row[:n].tolist())
         else:
-            committed = list(committed)
-            ctx = row[: n - len(committed)].tolist()
             self._observe(state, row, n - len(committed), ctx, committed)
             if state.history is not None:
                 state.history.extend(committed)
         self.stats.row_steps += 1
+        context = ctx + committed
         lookups: dict[int, np.ndarray] = {}  # drafter -> prompt lookup's draft at max_k
-        state.key = self._context_key(state, row, n, lookups) if self.opts.contextual else -1
+        state.key = (self._context_key(state, row, n, context, lookups)
+                     if self.opts.contextual else -1)
         a = self._learner(state).select()
         arm = self.arms[a]
         k = max(0, min(arm.k, self.max_model_len - n - 1))
         draft: list[int] = []
         if k:
             d = self.arm_drafter[a]
-            drafter = self.drafters[d]
+            drafter = self._drafter(state, d)
             if isinstance(drafter, NgramDrafter):
                 if d not in lookups:
                     lookups[d] = fast_match(row, n, drafter.max_n, drafter.min_n, k)[0]
                 draft = lookups[d][:k].tolist()
             else:
-                context = row[:n].tolist() if ctx is None else ctx + list(committed)
                 draft = drafter.propose(context, k, GREEDY).tokens[:k].tolist()
         state.arm, state.num_drafted = a, len(draft)
         state.drafted += len(draft)
@@ -476,14 +507,19 @@ class ProposerCore:
         return draft
 
     def _context_key(self, state: RequestState, row: np.ndarray, n: int,
-                     lookups: dict[int, np.ndarray]) -> int:
-        """This round's context (:func:`specmux.selector.context_key`): prompt lookup's
-        match strength (0 none, 1 shorter than ``STRONG_MATCH``, 2 at least that) and
-        whether its first guess last round was right; the lookups are kept for proposing."""
+                     context: list[int], lookups: dict[int, np.ndarray]) -> int:
+        """This round's context (:func:`specmux.selector.context_key`) from the drafters'
+        signals -- prompt lookup's match strength (0 none, 1 shorter than
+        ``STRONG_MATCH``, 2 at least that), the suffix tree's
+        (:meth:`~specmux.drafters.suffix_tree.SuffixTreeDrafter.signal`) -- and whether the
+        surest one's first guess last round was right; the lookups are kept for
+        proposing (the tree keeps its own)."""
         signals: list[int | None] = []
         for d, drafter in enumerate(self.drafters):
             level = None
-            if isinstance(drafter, NgramDrafter):
+            if d in state.local:
+                level = state.local[d].offer(context, self.max_k)[0]
+            elif isinstance(drafter, NgramDrafter):
                 lookups[d], matched = fast_match(row, n, drafter.max_n, drafter.min_n,
                                                  self.max_k)
                 level = 0 if matched == 0 else (
@@ -514,16 +550,16 @@ class ProposerCore:
         if state.tracker is not None:
             path = committed[: self.max_k]
             hits = np.empty((len(path), len(self.drafters)))  # gamma = w = 1[guess == x]
-            for i, drafter in enumerate(self.drafters):
-                hits[:, i] = self._guesses(drafter, row, m, ctx, path) == path
+            for i in range(len(self.drafters)):
+                hits[:, i] = self._guesses(self._drafter(state, i), row, m, ctx, path) == path
             released = state.tracker.add_round_tagged(hits, hits, state.key)
             state.hits = hits[0] > 0.5
         elif state.arm >= 0 and state.num_drafted:  # bandits: the played drafter's
             if state.hits is None:
                 state.hits = np.zeros(len(self.drafters), bool)
             state.hits[self.arm_drafter[state.arm]] = accepted > 0
-        for drafter in self.drafters:
-            drafter.observe(ctx, committed)
+        for i in range(len(self.drafters)):
+            self._drafter(state, i).observe(ctx, committed)
         if state.arm >= 0:  # always, after the request's first step
             feedback = Feedback(
                 arm=state.arm, k=self.arms[state.arm].k, max_k=self.max_k,
