@@ -408,7 +408,7 @@ class ProposerCore:
 
     def _drafter(self, state: RequestState, d: int) -> Drafter:
         """Drafter ``d`` as the request sees it (its own view where it has one)."""
-        return state.local.get(d) or self.drafters[d]
+        return state.local.get(d, self.drafters[d])
 
     def free(self, req_id: str) -> None:
         """Drop a request's state (it finished or was aborted)."""
@@ -472,7 +472,6 @@ class ProposerCore:
     def _row(self, rid: str, row: np.ndarray, n: int, committed: Sequence[int]) -> list[int]:
         """observe, select, propose for one request; ``row[:n]`` is its context."""
         state = self.requests.get(rid)
-        ctx: list[int] | None = None
         committed = list(committed)
         ctx = row[: n - len(committed)].tolist()
         if state is None:  # its prefill committed the first token
