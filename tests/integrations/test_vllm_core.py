@@ -11,7 +11,8 @@ import pytest
 
 import specmux.integrations.vllm as vllm_integration
 import specmux.integrations.vllm_plugin as vllm_plugin
-from specmux.drafters.ngram import lookup, match
+from specmux.drafters.ngram import lookup
+from specmux.drafters.ngram import match as ngram_match
 from specmux.errors import ConfigError
 from specmux.integrations.vllm import (
     ProposerCore,
@@ -248,6 +249,9 @@ def test_fast_lookup_is_prompt_lookup(seed: int) -> None:
         for max_n, min_n in ((4, 1), (3, 2), (1, 1), (5, 5)):
             assert fast_lookup(tokens, end, max_n, min_n, 3).tolist() == lookup(
                 tokens, end, max_n, min_n, 3).tolist(), (end, max_n, min_n)
+            draft, n = fast_match(tokens, end, max_n, min_n, 3)
+            want, want_n = ngram_match(tokens, end, max_n, min_n, 3)
+            assert (draft.tolist(), n) == (want.tolist(), want_n), (end, max_n, min_n)
 
 
 def test_ngram_guesses_match_the_drafter_along_the_path() -> None:

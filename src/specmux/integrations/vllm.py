@@ -113,10 +113,10 @@ class VllmOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # stats stay strict JSON
 
-    # The n-gram table, not the SuffixDecoding drafter: on the same code and chat prompts
-    # the latter was 4-8% slower here (docs/VLLM.md, seventh run).
-    drafters: list[str] = Field(default_factory=lambda: ["ngram", "suffix_table"],
-                                min_length=1)
+    # The SuffixDecoding drafter, not the n-gram table: on prompts it has not seen, at
+    # concurrency 8, the pool with the table was slower than no speculation (docs/VLLM.md,
+    # seventh and eighth runs).
+    drafters: list[str] = Field(default_factory=lambda: ["ngram", "suffix"], min_length=1)
     policy: str = "normalhedge"
     policy_kwargs: dict[str, Any] = Field(default_factory=dict)
     k: list[PositiveInt] | None = None  # candidate lengths (default 1, 2, 4, ... and K)
