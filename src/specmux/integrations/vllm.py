@@ -28,9 +28,10 @@ observe, select, propose:
    new request starts from what the workload taught rather than from uniform weights, and
    keeps to it until its own learner has seen as many rounds (32 by default, about 80
    tokens at the acceptance of docs/VLLM.md's runs).
-   In contextual mode (the default) the round's *context* comes first: prompt lookup's
-   match after the row's context (none, shorter than 3 tokens, at least 3) and whether its
-   first guess last round was right, the key of the engine's contextual selector
+   In contextual mode (the default) the round's *context* comes first: the surest
+   drafter's signal (prompt lookup's match after the row's context: none, shorter than 3
+   tokens, at least 3; the suffix drafter's) and whether its first guess last round was
+   right, the key of the engine's contextual selector
    (:func:`specmux.selector.context_key`).  Each context has its own learner, shared by
    all requests and fed the loss vectors of the rounds played in it; it plays once it has
    seen ``CONTEXT_WARMUP`` of them.  Where the output copies the prompt a strong match
