@@ -102,6 +102,11 @@ def build_prompts(model_dir: Path, per_category: int) -> list[dict]:
 WARMUP_TEXT = "Say hello in one word."
 
 
+def prompt_set(prompts: list[dict], name: str) -> list[dict]:
+    """The prompts of one set of :func:`build_prompts` (``"c1"``, ``"c8"``, ``"warmup"``)."""
+    return [x for x in prompts if x["set"] == name]
+
+
 def chat_ids(tok, text: str) -> list[int]:
     return list(tok.apply_chat_template([{"role": "user", "content": text}],
                                         add_generation_prompt=True, tokenize=True,
@@ -125,8 +130,8 @@ def worker(args: argparse.Namespace) -> None:
     from vllm.inputs import TokensPrompt
 
     prompts = json.loads(Path(args.prompts).read_text())
-    warm, c8 = prompts[-1], [x for x in prompts[:-1] if x["set"] == "c8"]
-    prompts = [x for x in prompts[:-1] if x["set"] == "c1"]
+    (warm,), c8 = prompt_set(prompts, "warmup"), prompt_set(prompts, "c8")
+    prompts = prompt_set(prompts, "c1")
     stats = str(Path(args.result).with_suffix(".stats.json"))
     llm = LLM(args.model_dir, dtype="bfloat16", max_model_len=args.max_model_len,
               max_num_seqs=8, seed=0, speculative_config=speculative_config(args.worker, args,
@@ -170,8 +175,7 @@ def mismatches(results: dict[str, dict], prompts: list[dict]) -> list[dict]:
     """Every speculative output that leaves plain's at the same concurrency: the method, the
     prompt (its index in its concurrency's set), the first differing position and the two
     tokens there."""
-    sets = {"c=1": [x for x in prompts if x["set"] == "c1"],
-            "c=8": [x for x in prompts if x["set"] == "c8"]}
+    sets = {"c=1": prompt_set(prompts, "c1"), "c=8": prompt_set(prompts, "c8")}
     base = results.get("plain")
     if base is None:
         return []
@@ -381,7 +385,7 @@ def main() -> None:
         "settings": {k: v for k, v in vars(args).items()
                      if k not in ("worker", "model_dir", "prompts", "result")},
         "env": {k: v for k, v in os.environ.items() if k.startswith("VLLM_")},
-        "prompt_lengths": {k: [len(p["ids"]) for p in prompts if p["set"] == k]
+        "prompt_lengths": {k: [len(p["ids"]) for p in prompt_set(prompts, k)]
                            for k in ("c1", "c8")},
         "summary": summarize(results, args),
         "mismatches": cases,

@@ -135,9 +135,14 @@ class NgramDrafter(Drafter):
         (2, 4)
         """
         guess, n = self.index.match(context, len(context), k)
-        if not guess:
-            return 0, 0
-        return (2 if n >= min(STRONG_MATCH, self.max_n) else 1), len(guess)
+        return self.level(n if guess else 0), len(guess)
+
+    def level(self, matched: int) -> int:
+        """The signal of a match of ``matched`` tokens (0: none): ``2`` from
+        ``STRONG_MATCH`` (or ``prompt_lookup_max``, if smaller) on, else ``1``."""
+        if matched == 0:
+            return 0
+        return 2 if matched >= min(STRONG_MATCH, self.max_n) else 1
 
     def distributions(
         self, context: Sequence[int], path: Sequence[int], sampling: SamplingParams

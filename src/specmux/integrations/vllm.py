@@ -91,7 +91,7 @@ from pydantic import (
 )
 
 from specmux.drafters.base import Drafter
-from specmux.drafters.ngram import STRONG_MATCH, NgramDrafter
+from specmux.drafters.ngram import NgramDrafter
 from specmux.drafters.suffix import SuffixDrafter
 from specmux.drafters.suffix_tree import SuffixTreeDrafter
 from specmux.errors import ConfigError
@@ -486,7 +486,8 @@ class ProposerCore:
             if state.history is not None:
                 state.history.extend(committed)
         self.stats.row_steps += 1
-        context = ctx + committed
+        # row[:n] as a list, for the drafters that take one (prompt lookup reads the row)
+        context = ctx + committed if state.local else None
         lookups: dict[int, np.ndarray] = {}  # drafter -> prompt lookup's draft at max_k
         state.key = (self._context_key(state, row, n, context, lookups)
                      if self.opts.contextual else -1)
@@ -502,6 +503,7 @@ class ProposerCore:
                     lookups[d] = fast_match(row, n, drafter.max_n, drafter.min_n, k)[0]
                 draft = lookups[d][:k].tolist()
             else:
+                context = ctx + committed if context is None else context
                 draft = drafter.propose(context, k, GREEDY).tokens[:k].tolist()
         state.arm, state.num_drafted = a, len(draft)
         state.drafted += len(draft)
@@ -510,7 +512,7 @@ class ProposerCore:
         return draft
 
     def _context_key(self, state: RequestState, row: np.ndarray, n: int,
-                     context: list[int], lookups: dict[int, np.ndarray]) -> int:
+                     context: list[int] | None, lookups: dict[int, np.ndarray]) -> int:
         """This round's context (:func:`specmux.selector.context_key`) from the drafters'
         signals -- prompt lookup's match strength (0 none, 1 shorter than
         ``STRONG_MATCH``, 2 at least that), the suffix tree's
@@ -521,12 +523,12 @@ class ProposerCore:
         for d, drafter in enumerate(self.drafters):
             level = None
             if d in state.local:
+                assert context is not None  # built whenever the request has views
                 level = state.local[d].offer(context, self.max_k)[0]
             elif isinstance(drafter, NgramDrafter):
                 lookups[d], matched = fast_match(row, n, drafter.max_n, drafter.min_n,
                                                  self.max_k)
-                level = 0 if matched == 0 else (
-                    2 if matched >= min(STRONG_MATCH, drafter.max_n) else 1)
+                level = drafter.level(matched)
             signals.append(level)
         hits = state.hits if state.hits is not None else np.zeros(len(self.drafters), bool)
         return context_key(signals, hits)
