@@ -40,7 +40,7 @@ CONFIG_KEYS = ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min
                "suffix_decoding_min_token_prob", "suffix_decoding_max_cached_tokens",
                "suffix_decoding_eviction", "loss",
                "score_rate", "delayed_feedback", "reset_per_query", "contextual", "seed", "exact",
-               "backend")
+               "backend", "drafter_backend")
 
 DrafterSpec = str | Drafter | PreTrainedModel
 
@@ -73,7 +73,8 @@ def make_drafter(
     dir, .gguf, ``embedded:NAME``), or an already-built :class:`Drafter` / HF model.
 
     With ``backend="llama.cpp"`` a model spec (a GGUF) runs on llama.cpp with ``threads``
-    threads; its vocabulary is checked against ``target_lm`` (a ``LlamaCppLM``) if given.
+    threads; its vocabulary is checked against ``target_lm`` if that is a ``LlamaCppLM``,
+    else against ``tokenizer`` (a transformers target drafting with a GGUF).
     ``suffix_options``: keyword arguments of the suffix drafters
     (:meth:`SpeculativeConfig.suffix_options`)."""
     if isinstance(spec, Drafter):
@@ -95,11 +96,18 @@ def make_drafter(
                               ".jsonl file, or a directory of them), or plain 'suffix'")
         return SuffixTreeDrafter.from_path(path, tokenizer, **(suffix_options or {}))
     if check_backend(backend) == "llama.cpp":
-        from specmux.backends.llamacpp import LlamaCppDrafter, LlamaCppLM, check_same_vocab
+        from specmux.backends.llamacpp import (
+            LlamaCppDrafter,
+            LlamaCppLM,
+            check_same_vocab,
+            check_tokenizer_vocab,
+        )
 
         lm = LlamaCppLM.load(spec, threads=threads, install=install)
-        if target_lm is not None and isinstance(target_lm, LlamaCppLM):
+        if isinstance(target_lm, LlamaCppLM):
             check_same_vocab(target_lm, lm)
+        elif tokenizer is not None:
+            check_tokenizer_vocab(tokenizer, lm, spec)
         return LlamaCppDrafter(lm, name=spec.removeprefix("embedded:"))
     from specmux.models import load_model
 
@@ -127,8 +135,9 @@ def _merge_config(config: SpeculativeConfig | None, policy: str | Policy | None,
                   kwargs: dict[str, Any]) -> SpeculativeConfig:
     """``config`` with the config keys found in ``kwargs`` (removed from it) and ``policy``."""
     values = {k: kwargs.pop(k) for k in CONFIG_KEYS if k in kwargs}
-    if isinstance(values.get("backend"), str):
-        values["backend"] = check_backend(values["backend"])  # "llamacpp" -> "llama.cpp"
+    for key in ("backend", "drafter_backend"):
+        if isinstance(values.get(key), str):
+            values[key] = check_backend(values[key])  # "llamacpp" -> "llama.cpp"
     if isinstance(values.get("num_speculative_tokens"), tuple):
         values["num_speculative_tokens"] = list(values["num_speculative_tokens"])
     if isinstance(policy, str):
@@ -239,7 +248,8 @@ class Pipeline:
         pool = [
             make_drafter(d, tokenizer, prompt_lookup_max=config.prompt_lookup_max,
                          prompt_lookup_min=config.prompt_lookup_min, install=install,
-                         backend=self.backend, target_lm=model, threads=threads,
+                         backend=config.drafter_backend or self.backend, target_lm=model,
+                         threads=threads,
                          suffix_options=config.suffix_options())
             for d in specs
         ]

@@ -97,7 +97,8 @@ class SpeculativeConfig(BaseModel):
     drafter specs), ``policy`` (the learner), ``loss``, ``delayed_feedback``,
     ``reset_per_query``, ``contextual`` (one learner per drafter-signal context), ``seed``
     (the learner's seed), ``backend`` (``transformers`` or
-    ``llama.cpp``) and ``exact`` (batch-invariant target
+    ``llama.cpp``), ``drafter_backend`` (the LM drafters' backend; default the target's: a
+    transformers target can draft with a GGUF on llama.cpp) and ``exact`` (batch-invariant target
     passes, see :mod:`specmux.exact`: greedy output bit-identical to target-only in bf16 too).
     """
 
@@ -133,6 +134,8 @@ class SpeculativeConfig(BaseModel):
     seed: Seed = 0
     exact: bool = True
     backend: Literal["transformers", "llama.cpp"] = "transformers"
+    drafter_backend: Literal["transformers", "llama.cpp"] | None = Field(
+        None, description="backend of the LM drafters (default: the target's)")
 
     @field_validator("num_speculative_tokens", mode="before")
     @classmethod

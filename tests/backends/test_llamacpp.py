@@ -233,6 +233,60 @@ def test_pipeline_and_config_select_the_backend(ggufs) -> None:
     assert parse_speculative_config('{"backend": "llama.cpp"}').backend == "llama.cpp"
 
 
+# ------------------------------------------- a transformers target, LM drafters on llama.cpp
+
+
+@pytest.mark.parametrize("policy", ["hedge", "ucb"])
+def test_transformers_target_with_llamacpp_drafters_is_lossless(policy, lms, target_model) -> None:
+    """Greedy output of a transformers target drafted by GGUFs on llama.cpp equals that
+    target's own greedy output: the drafter's backend only changes the proposals."""
+    target = CachedLM(target_model)
+    decoder = SpeculativeDecoder(target, pool(lms), policy, num_speculative_tokens=[0, 2, 4],
+                                 loss="time", contextual=True)
+    for prompt in PROMPTS:
+        ref = autoregressive_generate(CachedLM(target_model), prompt, 40)
+        assert decoder.generate(prompt, max_new_tokens=40).token_ids == ref
+    assert decoder.stats.num_accepted_tokens > 0
+
+
+def test_transformers_target_with_llamacpp_drafter_samples_the_target_law(lms,
+                                                                          target_model) -> None:
+    """Over 4k seeded generations the first two tokens follow the transformers target's law
+    when the (only) drafter is a GGUF on llama.cpp (its float32 q in the rejection test)."""
+    prompt = [3, 1, 4, 1, 5]
+    sampling = SamplingParams(temperature=1.0)
+    decoder = SpeculativeDecoder(CachedLM(target_model), [LlamaCppDrafter(lms["good"], "good")],
+                                 "fixed", num_speculative_tokens=3)
+    counts = np.zeros((VOCAB, VOCAB))
+    for seed in range(4_000):
+        out = decoder.generate(prompt, max_new_tokens=2, sampling=SamplingParams(1.0, seed=seed))
+        counts[out.token_ids[0], out.token_ids[1]] += 1
+    assert decoder.stats.num_accepted_tokens > 500
+    joint = target_first_two(CachedLM(target_model), prompt, sampling)
+    assert_distribution(counts, joint)
+
+
+def test_pipeline_drafter_backend(ggufs, target_model, tmp_path) -> None:
+    """``drafter_backend="llama.cpp"``: a transformers target with a GGUF drafter, its
+    vocabulary checked against the target's tokenizer (a mismatch is one line)."""
+    from specmux.api import Pipeline
+    from specmux.config import parse_speculative_config
+
+    pipe = Pipeline(target_model, [str(ggufs["good"]), "ngram"], "hedge",
+                    drafter_backend="llama.cpp", threads=1, tokenizer=tiny_tokenizer())
+    assert type(pipe.decoder.drafters[0]).__name__ == "LlamaCppDrafter"
+    ref = autoregressive_generate(CachedLM(target_model), pipe.encode("def f(x):"), 24)
+    assert pipe.generate("def f(x):", max_new_tokens=24).token_ids == ref
+    config = parse_speculative_config('{"drafter_backend": "llama.cpp"}')
+    assert config.drafter_backend == "llama.cpp"
+    other = write_gguf(target_model, tmp_path / "other.gguf",
+                       vocab_pieces=[f"w{i}" for i in range(VOCAB)])
+    with pytest.raises(TokenizerMismatchError, match="vocabulary") as e:
+        Pipeline(target_model, [str(other)], "hedge", drafter_backend="llama.cpp", threads=1,
+                 tokenizer=tiny_tokenizer())
+    _first_line(e.value)
+
+
 def _cli_error(args: list[str]) -> str:
     from specmux.cli import app
 

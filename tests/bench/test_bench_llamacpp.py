@@ -81,6 +81,31 @@ def test_hf_baseline_is_transformers_only() -> None:
         BenchConfig(backend="tensorrt")
 
 
+def test_transformers_target_with_a_llamacpp_drafter(ggufs, tmp_path) -> None:
+    """``drafter_backend="llama.cpp"``: the LM drafter is the GGUF on llama.cpp, the target a
+    transformers model; every method stays identical to the target's own greedy output, and
+    the report names the drafter's backend."""
+    drafter = LlamaCppLM.load(ggufs[1], threads=1, context=1024)
+    models = BenchModels(tiny_lm(0, hidden=48, max_positions=2048), tiny_tokenizer(), drafter,
+                         "tiny-target", "tiny-drafter")
+    cfg = BenchConfig(target="tiny-target", drafter_model="tiny-drafter", prompts_per_domain=1,
+                      max_new_tokens=12, policies=("hedge:time:ctx",), hf_baseline=False,
+                      drafter_backend="llama.cpp", dtype="float32", k_choices=(0, 2, 4))
+    records = list(BenchRunner(cfg, models, synthetic_splits(num_eval=1, corpus_size=8)).run())
+    machine = records[0]["machine"]
+    assert machine["backend"] == "transformers" and machine["drafter_backend"] == "llama.cpp"
+    answers = [r for r in records if r["type"] == "answer" and r["method"] != TARGET_ONLY]
+    assert {"only:lm@2", "hedge:time:ctx"} <= {a["method"] for a in answers}
+    assert all(a["lossless"] for a in answers), [a["divergence"] for a in answers]
+    summary = write_report(records, tmp_path, plots=False)
+    assert "on llama.cpp (llama-cpp-python" in (tmp_path / "results.md").read_text()
+    assert summary.rows
+    with pytest.raises(ConfigError, match="no-hf-baseline"):
+        BenchConfig(drafter_backend="llama.cpp", hf_baseline=True)
+    with pytest.raises(ConfigError, match="backend"):
+        BenchConfig(drafter_backend="onnx", hf_baseline=False)
+
+
 def test_cli_bench_with_llamacpp(ggufs, tmp_path) -> None:
     target, drafter = ggufs
     res = cli.invoke(app, [

@@ -30,6 +30,7 @@ import hashlib
 import logging
 import os
 import pathlib
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,7 @@ from specmux.target import check_num_last, common_prefix_length, prefix_to_keep
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -301,6 +303,32 @@ def check_same_vocab(target: LlamaCppLM, drafter: LlamaCppLM) -> None:
             f"drafter {drafter.name!r} has a different vocabulary ({drafter.vocab_size} "
             f"tokens) from the target's ({target.vocab_size} tokens); use a drafter of the "
             "target's model family"
+        )
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _piece_text(piece: str) -> str:
+    """A token's text with SentencePiece's spellings undone (``▁`` is a space, ``<0x0A>`` a
+    byte), so a GGUF's pieces and a transformers tokenizer's vocabulary compare equal."""
+    return _BYTE_PIECE.sub(lambda m: chr(int(m.group(1), 16)), piece.replace("\u2581", " "))
+
+
+def check_tokenizer_vocab(tokenizer: PreTrainedTokenizerBase, lm: LlamaCppLM,
+                          name: str) -> None:
+    """Raise :class:`TokenizerMismatchError` unless every token of ``tokenizer`` (a
+    transformers target's) has the same id and text in the GGUF ``lm`` (a drafter on
+    llama.cpp beside a transformers target)."""
+    pieces = lm.token_pieces()
+    vocab = tokenizer.get_vocab()
+    same = all(i < len(pieces) and _piece_text(pieces[i].decode("utf-8", "replace"))
+               == _piece_text(token) for token, i in vocab.items())
+    if not same:
+        raise TokenizerMismatchError(
+            f"drafter {name!r} has a different vocabulary ({lm.vocab_size} tokens) from the "
+            f"target's tokenizer ({len(vocab)} tokens); use a drafter of the target's model "
+            "family"
         )
 
 

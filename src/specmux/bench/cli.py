@@ -151,6 +151,12 @@ def bench(
                           "baseline) or llama.cpp (GGUFs as they are; anchors: "
                           "llama-cpp-python's own generate loop and prompt-lookup decoding).")
     ] = _D.backend,
+    drafter_backend: Annotated[
+        str | None, typer.Option(help="Backend of the LM drafter (default: the target's). "
+                                 "llama.cpp runs the drafter GGUF as it is beside a "
+                                 "transformers target: on a CPU it drafts several times "
+                                 "faster (needs --no-hf-baseline).")
+    ] = _D.drafter_backend,
     anchors: Annotated[
         bool, typer.Option(help="llama.cpp: also run llama-cpp-python's own loops.")
     ] = _D.anchors,
@@ -185,12 +191,14 @@ def bench(
             single_ks=_ints(single_k, "--single-k") if single_k else None,
             loss=loss, contextual=contextual, score_rate=score_rate, temperature=temperature,
             seed=seed,
-            hf_baseline=not no_hf_baseline and check_backend(backend) == "transformers",
+            hf_baseline=not no_hf_baseline and check_backend(backend) == "transformers"
+            and check_backend(drafter_backend or backend) == "transformers",
             single_drafters=single_drafters, order=order,
             reset_per_query=reset_per_query,
             max_corpus_chars=corpus_chars, dtype=dtype, threads=threads,
             prompts_file=str(prompts) if prompts is not None else None, exact=exact,
-            exact_cost=exact_cost, backend=backend, anchors=anchors, heads=heads,
+            exact_cost=exact_cost, backend=backend, drafter_backend=drafter_backend,
+            anchors=anchors, heads=heads,
         )
         summary = _run_bench(cfg, out, install, started)
     _print_summary(summary, out, started)

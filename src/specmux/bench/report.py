@@ -620,8 +620,13 @@ def describe_run(summary: Summary) -> str:
                 else "persistent across the stream")
     mode = ("greedy" if not summary.sampling else f"sampling at temperature "
             f"{cfg.get('temperature')}")
+    on_llama = (machine.get("drafter_backend") == "llama.cpp"
+                and machine.get("backend") != "llama.cpp")
+    drafter_on = (f" on llama.cpp (llama-cpp-python {machine.get('llama_cpp_python')}, "
+                  f"{machine.get('llama_threads')} threads)" if on_llama else "")
     return (
-        f"Target `{meta.get('model_id')}`, drafter model `{meta.get('drafter_model')}`; pool "
+        f"Target `{meta.get('model_id')}`, drafter model `{meta.get('drafter_model')}`"
+        f"{drafter_on}; pool "
         f"{', '.join('`' + p + '`' for p in meta.get('pool', []))}; k = "
         f"{cfg.get('k_choices') or cfg.get('num_speculative_tokens')}"
         f"{' (single drafters at ' + str(cfg['single_ks']) + ')' if cfg.get('single_ks') else ''}"

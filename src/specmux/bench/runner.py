@@ -197,6 +197,9 @@ class BenchConfig:
     exact: bool = True  # batch-invariant target passes (specmux.exact): greedy is bit-exact
     exact_cost: bool = False  # also run target-only and only:lm with exact mode off
     backend: str = "transformers"  # or "llama.cpp": GGUFs run as they are (threads: llama's)
+    # The LM drafter's backend (None: the target's).  A transformers target may draft with a
+    # GGUF on llama.cpp: drafting is a proposal, so the output stays the target's.
+    drafter_backend: str | None = None
     anchors: bool = True  # llama.cpp: llama-cpp-python's own generate and PLD loops
     heads: bool = True  # default pool: add the trained heads of the benchmarked domains
 
@@ -215,6 +218,11 @@ class BenchConfig:
         if self.backend == "llama.cpp" and self.hf_baseline:
             raise ConfigError("HF assisted generation runs on transformers; use "
                               "--no-hf-baseline with --backend llama.cpp")
+        if self.drafter_backend is not None:
+            self.drafter_backend = check_backend(self.drafter_backend)
+            if self.drafter_backend == "llama.cpp" and self.hf_baseline:
+                raise ConfigError("HF assisted generation needs a transformers drafter; use "
+                                  "--no-hf-baseline with --drafter-backend llama.cpp")
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}; known: {', '.join(DTYPES)}")
         if self.exact_cost and not self.exact:
@@ -288,6 +296,11 @@ class BenchConfig:
         return self.backend == "llama.cpp"
 
     @property
+    def drafter_llamacpp(self) -> bool:
+        """Whether the LM drafter runs on llama.cpp (by default where the target does)."""
+        return (self.drafter_backend or self.backend) == "llama.cpp"
+
+    @property
     def needs_drafter_model(self) -> bool:
         return self.hf_baseline or LM_DRAFTER in self.pool_names()
 
@@ -334,8 +347,15 @@ def load_models(
     say(f"loading target {cfg.target} (about 30 s; embedded models install on first use)")
     dtype = DTYPES[cfg.dtype]
     target, tokenizer = load_model(cfg.target, install=install, dtype=dtype)
-    drafter = None
-    if cfg.needs_drafter_model:
+    drafter: PreTrainedModel | LlamaCppLM | None = None
+    if cfg.needs_drafter_model and cfg.drafter_llamacpp:
+        from specmux.backends.llamacpp import check_tokenizer_vocab
+
+        say(f"loading drafter {cfg.drafter_model} on llama.cpp")
+        drafter = LlamaCppLM.load(cfg.drafter_model, name=LM_DRAFTER, threads=cfg.threads,
+                                  install=install)
+        check_tokenizer_vocab(tokenizer, drafter, cfg.drafter_model)
+    elif cfg.needs_drafter_model:
         say(f"loading drafter {cfg.drafter_model}")
         drafter, drafter_tok = load_model(cfg.drafter_model, install=install, dtype=dtype)
         check_same_tokenizer(tokenizer, drafter_tok, cfg.drafter_model)
@@ -352,12 +372,20 @@ def _load_llamacpp(
     say(f"loading target {cfg.target} on llama.cpp")
     target = LlamaCppLM.load(cfg.target, name="target", threads=cfg.threads, install=install)
     tokenizer = load_tokenizer(cfg.target)
-    drafter = None
-    if cfg.needs_drafter_model:
+    drafter: PreTrainedModel | LlamaCppLM | None = None
+    if cfg.needs_drafter_model and cfg.drafter_llamacpp:
         say(f"loading drafter {cfg.drafter_model} on llama.cpp")
         drafter = LlamaCppLM.load(cfg.drafter_model, name=LM_DRAFTER, threads=cfg.threads,
                                   install=install)
         check_same_vocab(target, drafter)
+    elif cfg.needs_drafter_model:
+        from specmux.api import check_same_tokenizer
+        from specmux.models import load_model
+
+        say(f"loading drafter {cfg.drafter_model} on transformers")
+        drafter, drafter_tok = load_model(cfg.drafter_model, install=install,
+                                          dtype=DTYPES[cfg.dtype])
+        check_same_tokenizer(tokenizer, drafter_tok, cfg.drafter_model)
     say(f"models loaded in {time.perf_counter() - t0:.0f} s")
     return BenchModels(target, tokenizer, drafter, cfg.target, cfg.drafter_model)
 
@@ -865,11 +893,21 @@ class BenchRunner:
         }
 
     def _backend_info(self) -> dict[str, Any]:
+        drafter = self.models.drafter
+        on_llama = isinstance(drafter, LlamaCppLM)
+        info: dict[str, Any] = {"drafter_backend": "llama.cpp" if on_llama else (
+            None if drafter is None else "transformers")}
         if not isinstance(self.target, LlamaCppLM):
-            return {"backend": "transformers", "dtype": self.cfg.dtype}
+            info.update(backend="transformers", dtype=self.cfg.dtype)
+            if on_llama:
+                import llama_cpp
+
+                info.update(llama_cpp_python=llama_cpp.__version__,
+                            llama_threads=drafter.threads)
+            return info
         import llama_cpp
 
-        return {"backend": "llama.cpp", "dtype": "gguf (logits float32)",
+        return {**info, "backend": "llama.cpp", "dtype": "gguf (logits float32)",
                 "llama_cpp_python": llama_cpp.__version__, "llama_threads": self.target.threads,
                 "llama_context": self.target.max_context}
 
