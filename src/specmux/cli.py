@@ -35,6 +35,7 @@ try:  # typer, rich, torch & co. load here: a Ctrl-C now exits quietly, as later
     from specmux.cli_common import console, err_console, setup_logging, user_errors
     from specmux.cli_options import (
         BackendOption,
+        DrafterBackendOption,
         DrafterOption,
         InstallOption,
         NumSpeculativeTokensOption,
@@ -85,6 +86,7 @@ def generate(
     ] = False,
     speculative_config: SpeculativeConfigOption = None,
     backend: BackendOption = None,
+    drafter_backend: DrafterBackendOption = None,
     threads: ThreadsOption = None,
     install: InstallOption = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress.")] = False,
@@ -101,7 +103,8 @@ def generate(
         sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         cfg = speculative_config_from_options(
             speculative_config, drafter=drafter, policy=policy,
-            num_speculative_tokens=num_speculative_tokens, seed=seed, backend=backend)
+            num_speculative_tokens=num_speculative_tokens, seed=seed, backend=backend,
+            drafter_backend=drafter_backend)
         pipe = pipeline_from_config(cfg, target, install=install, threads=threads)
         ids = pipe.encode(prompt, chat)
         pipe.check_fits(ids, max_new_tokens)

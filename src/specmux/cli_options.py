@@ -76,6 +76,11 @@ BackendOption = Annotated[
                              "(reference; HF models and GGUF, dequantized) or llama.cpp (GGUF "
                              "files as they are, fast on CPU).")
 ]
+DrafterBackendOption = Annotated[
+    str | None, typer.Option(help="Backend of the LM drafters (default: the target's). "
+                             "llama.cpp beside a transformers target runs the drafter GGUF "
+                             "as it is, several times faster on a CPU.")
+]
 ThreadsOption = Annotated[
     int | None, typer.Option(help="llama.cpp CPU threads (default: all usable cores).")
 ]
@@ -88,6 +93,7 @@ def speculative_config_from_options(
     speculative_config: str | None, *, drafter: list[str] | None = None,
     policy: str | None = None, num_speculative_tokens: int | None = None,
     seed: int | None = None, reset_per_query: bool | None = None, backend: str | None = None,
+    drafter_backend: str | None = None,
 ) -> SpeculativeConfig:
     """The one config: ``--speculative-config`` over the options given (ConfigError, one line)."""
     return SpeculativeConfig.from_cli(
@@ -95,6 +101,7 @@ def speculative_config_from_options(
         num_speculative_tokens=num_speculative_tokens, seed=seed,
         reset_per_query=reset_per_query or None,
         backend=check_backend(backend) if backend is not None else None,
+        drafter_backend=check_backend(drafter_backend) if drafter_backend is not None else None,
     )
 
 

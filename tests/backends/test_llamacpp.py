@@ -306,3 +306,6 @@ def test_cli_bad_models_exit_2(ggufs, tmp_path) -> None:
     assert "cannot load" in _cli_error([*base, "--target", str(cut)])
     assert "GGUF files" in _cli_error([*base, "--target", str(tmp_path)])
     assert "backend" in _cli_error([*base[:3], "--backend", "onnx"])
+    assert "backend" in _cli_error([*base[:3], "--drafter-backend", "onnx"])
+    assert "drafter_backend" in _cli_error(
+        [*base[:3], "--speculative-config", '{"drafter_backend": "onnx"}'])

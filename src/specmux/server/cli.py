@@ -10,6 +10,7 @@ import typer
 
 from specmux.cli_options import (
     BackendOption,
+    DrafterBackendOption,
     DrafterOption,
     InstallOption,
     NumSpeculativeTokensOption,
@@ -70,6 +71,7 @@ def serve(
     ] = None,
     speculative_config: SpeculativeConfigOption = None,
     backend: BackendOption = None,
+    drafter_backend: DrafterBackendOption = None,
     threads: ThreadsOption = None,
     seed: Annotated[int | None, typer.Option(
         help=f"Learner seed (default 0): {SeedHelp}.", show_default=False)] = None,
@@ -103,7 +105,7 @@ def serve(
         cfg = speculative_config_from_options(
             speculative_config, drafter=drafter, policy=policy,
             num_speculative_tokens=num_speculative_tokens, seed=seed,
-            reset_per_query=reset_per_query, backend=backend)
+            reset_per_query=reset_per_query, backend=backend, drafter_backend=drafter_backend)
         if state_dir is not None:
             check_state_dir(state_dir)
         sock = bind(host, port)  # a port in use is found before the models load
