@@ -98,7 +98,9 @@ class SpeculativeConfig(BaseModel):
     ``reset_per_query``, ``contextual`` (one learner per drafter-signal context), ``seed``
     (the learner's seed), ``backend`` (``transformers`` or
     ``llama.cpp``), ``drafter_backend`` (the LM drafters' backend; default the target's: a
-    transformers target can draft with a GGUF on llama.cpp) and ``exact`` (batch-invariant target
+    transformers target can draft with a GGUF on llama.cpp), ``drafter_context_window`` (an
+    LM drafter sees at most this many recent tokens: it bounds its prefill of a long prompt)
+    and ``exact`` (batch-invariant target
     passes, see :mod:`specmux.exact`: greedy output bit-identical to target-only in bf16 too).
     """
 
@@ -136,6 +138,9 @@ class SpeculativeConfig(BaseModel):
     backend: Literal["transformers", "llama.cpp"] = "transformers"
     drafter_backend: Literal["transformers", "llama.cpp"] | None = Field(
         None, description="backend of the LM drafters (default: the target's)")
+    drafter_context_window: Annotated[int, Field(ge=1, le=1 << 20)] | None = Field(
+        None, description="an LM drafter sees at most this many recent tokens when a query "
+        "starts (its prefill is bounded; default: the whole context)")
 
     @field_validator("num_speculative_tokens", mode="before")
     @classmethod

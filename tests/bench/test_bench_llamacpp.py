@@ -90,7 +90,8 @@ def test_transformers_target_with_a_llamacpp_drafter(ggufs, tmp_path) -> None:
                          "tiny-target", "tiny-drafter")
     cfg = BenchConfig(target="tiny-target", drafter_model="tiny-drafter", prompts_per_domain=1,
                       max_new_tokens=12, policies=("hedge:time:ctx",), hf_baseline=False,
-                      drafter_backend="llama.cpp", dtype="float32", k_choices=(0, 2, 4))
+                      drafter_backend="llama.cpp", dtype="float32", k_choices=(0, 2, 4),
+                      drafter_context_window=16)
     records = list(BenchRunner(cfg, models, synthetic_splits(num_eval=1, corpus_size=8)).run())
     machine = records[0]["machine"]
     assert machine["backend"] == "transformers" and machine["drafter_backend"] == "llama.cpp"
@@ -98,7 +99,8 @@ def test_transformers_target_with_a_llamacpp_drafter(ggufs, tmp_path) -> None:
     assert {"only:lm@2", "hedge:time:ctx"} <= {a["method"] for a in answers}
     assert all(a["lossless"] for a in answers), [a["divergence"] for a in answers]
     summary = write_report(records, tmp_path, plots=False)
-    assert "on llama.cpp (llama-cpp-python" in (tmp_path / "results.md").read_text()
+    text = (tmp_path / "results.md").read_text()
+    assert "on llama.cpp (llama-cpp-python" in text and "context window 16 tokens" in text
     assert summary.rows
     with pytest.raises(ConfigError, match="no-hf-baseline"):
         BenchConfig(drafter_backend="llama.cpp", hf_baseline=True)

@@ -336,5 +336,6 @@ class LlamaCppDrafter(HFDrafter):
     """The LM drafter (:class:`~specmux.drafters.hf.HFDrafter`'s logic: ``k`` one-token
     steps to propose, one batched pass to score a path) over a :class:`LlamaCppLM`."""
 
-    def __init__(self, lm: LlamaCppLM, name: str | None = None) -> None:
-        super().__init__(lm, name=name or lm.name)
+    def __init__(self, lm: LlamaCppLM, name: str | None = None,
+                 context_window: int | None = None) -> None:
+        super().__init__(lm, name=name or lm.name, context_window=context_window)

@@ -157,6 +157,11 @@ def bench(
                                  "transformers target: on a CPU it drafts several times "
                                  "faster (needs --no-hf-baseline).")
     ] = _D.drafter_backend,
+    drafter_context_window: Annotated[
+        int | None, typer.Option(help="The LM drafter sees at most this many recent tokens "
+                                 "when a query starts: its prefill of a long prompt costs at "
+                                 "most this many tokens (default: the whole context).")
+    ] = _D.drafter_context_window,
     anchors: Annotated[
         bool, typer.Option(help="llama.cpp: also run llama-cpp-python's own loops.")
     ] = _D.anchors,
@@ -198,6 +203,7 @@ def bench(
             max_corpus_chars=corpus_chars, dtype=dtype, threads=threads,
             prompts_file=str(prompts) if prompts is not None else None, exact=exact,
             exact_cost=exact_cost, backend=backend, drafter_backend=drafter_backend,
+            drafter_context_window=drafter_context_window,
             anchors=anchors, heads=heads,
         )
         summary = _run_bench(cfg, out, install, started)

@@ -624,6 +624,8 @@ def describe_run(summary: Summary) -> str:
                 and machine.get("backend") != "llama.cpp")
     drafter_on = (f" on llama.cpp (llama-cpp-python {machine.get('llama_cpp_python')}, "
                   f"{machine.get('llama_threads')} threads)" if on_llama else "")
+    if cfg.get("drafter_context_window"):
+        drafter_on += f", context window {cfg['drafter_context_window']} tokens"
     return (
         f"Target `{meta.get('model_id')}`, drafter model `{meta.get('drafter_model')}`"
         f"{drafter_on}; pool "

@@ -200,6 +200,7 @@ class BenchConfig:
     # The LM drafter's backend (None: the target's).  A transformers target may draft with a
     # GGUF on llama.cpp: drafting is a proposal, so the output stays the target's.
     drafter_backend: str | None = None
+    drafter_context_window: int | None = None  # the LM drafter's window (None: everything)
     anchors: bool = True  # llama.cpp: llama-cpp-python's own generate and PLD loops
     heads: bool = True  # default pool: add the trained heads of the benchmarked domains
 
@@ -228,6 +229,9 @@ class BenchConfig:
         if self.exact_cost and not self.exact:
             raise ConfigError("--exact-cost compares exact mode with the fast path; it needs "
                               "--exact")
+        if self.drafter_context_window is not None and self.drafter_context_window < 1:
+            raise ConfigError(f"--drafter-context-window must be >= 1, got "
+                              f"{self.drafter_context_window}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
         if not self.domains and self.prompts_file is None:
@@ -491,6 +495,7 @@ class DrafterFactory:
         tokenizer: PreTrainedTokenizerBase,
         drafter_model: PreTrainedModel | LlamaCppLM | None,
         target_model: PreTrainedModel | LlamaCppLM | None = None,
+        context_window: int | None = None,
     ) -> None:
         self.names = list(names)
         self.suffix: dict[str, SuffixTreeDrafter] = {}
@@ -515,7 +520,8 @@ class DrafterFactory:
             elif name == LM_DRAFTER:
                 if drafter_model is None:
                     raise ConfigError("the 'lm' drafter needs a drafter model")
-                self.shared[name] = HFDrafter(drafter_model, name=LM_DRAFTER)  # any backend
+                self.shared[name] = HFDrafter(drafter_model, name=LM_DRAFTER,  # any backend
+                                              context_window=context_window)
             else:
                 raise ConfigError(f"unknown drafter {name!r}")
 
@@ -610,7 +616,8 @@ class BenchRunner:
             assert isinstance(self.target, LlamaCppLM)
             self.pld = build_pld(self.target)
         self.factory = DrafterFactory(cfg.pool_names(), self.splits, models.tokenizer,
-                                      models.drafter, models.target)
+                                      models.drafter, models.target,
+                                      cfg.drafter_context_window)
         self.methods = self._methods()
         self.calibration_seconds: dict[str, float] = {}  # method -> start-up calibration
         # (exact mode, query index) -> target-only output in that mode

@@ -25,18 +25,38 @@ class HFDrafter(Drafter):
     cache up with tokens committed since this drafter last ran, and keeps the row before
     the last context token too).  ``distributions`` scores a
     whole path in one forward pass, so counterfactual scoring is cheap.
+
+    ``context_window``: the drafter sees only the context from an *anchor* on, at most
+    ``context_window`` tokens back when a query starts (the anchor moves forward by a window
+    once the context outgrows two), so its prefill of a long prompt costs at most a window's
+    tokens.  Drafts are proposals: the output stays the target's, only acceptance can change.
     """
 
     model_based = True
 
-    def __init__(self, model: PreTrainedModel | Target, name: str = "lm") -> None:
+    def __init__(self, model: PreTrainedModel | Target, name: str = "lm",
+                 context_window: int | None = None) -> None:
+        if context_window is not None and context_window < 1:
+            raise ValueError(f"context_window must be >= 1, got {context_window}")
         self.lm: Target = as_target(model, name=name)
         self.name = name
         self.vocab_size = self.lm.vocab_size
+        self.context_window = context_window
         self._prompt_len = 1 << 62  # set by start_query
+        self._anchor = 0  # the first context token this drafter feeds its LM
 
     def start_query(self, prompt: Sequence[int]) -> None:
         self._prompt_len = len(prompt)
+        self._anchor = max(0, len(prompt) - (self.context_window or len(prompt)))
+
+    def _window(self, context: Sequence[int]) -> Sequence[int]:
+        """``context`` from the anchor on (all of it without a window)."""
+        w = self.context_window
+        if w is None:
+            return context
+        if len(context) - self._anchor > 2 * w:  # slide: one re-prefill of w tokens
+            self._anchor = len(context) - w
+        return context[min(self._anchor, max(len(context) - 1, 0)):]
 
     def propose(
         self,
@@ -45,7 +65,8 @@ class HFDrafter(Drafter):
         sampling: SamplingParams,
         generator: torch.Generator | None = None,
     ) -> Draft:
-        seq = list(context)
+        seq = list(self._window(context))
+        skipped = len(context) - len(seq)
         tokens: list[int] = []
         probs: list[torch.Tensor] = []
         for j in range(k):
@@ -53,7 +74,7 @@ class HFDrafter(Drafter):
             # fully accepted draft that is the bonus position's row, which counterfactual
             # scoring asks for later (engine: deferred scoring), at no extra pass.  (Not at
             # a query's first proposal: that row would be inside the prompt.)
-            both = j == 0 and len(seq) > self._prompt_len
+            both = j == 0 and len(seq) + skipped > self._prompt_len
             rows = self.lm.logits(seq, 2 if both else 1)  # [1 or 2, V]
             q = process_logits(rows[-1:], sampling)[0]  # [V]
             x = int(q.argmax()) if sampling.greedy else sample(q, generator)
@@ -69,7 +90,7 @@ class HFDrafter(Drafter):
     ) -> PathDistributions:
         if not path:
             return PathDistributions(tokens=torch.zeros(0, dtype=torch.long))
-        logits = self.lm.logits([*context, *path[:-1]], len(path))  # [L, V]
+        logits = self.lm.logits([*self._window(context), *path[:-1]], len(path))  # [L, V]
         if sampling.greedy:  # only the argmax matters
             return PathDistributions(tokens=logits.argmax(dim=-1))
         probs = process_logits(logits, sampling)

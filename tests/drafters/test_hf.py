@@ -1,0 +1,70 @@
+"""The LM drafter's context window: a bounded prefill, the same lossless output."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from specmux.drafters.hf import HFDrafter
+from specmux.engine import SpeculativeDecoder, autoregressive_generate
+from specmux.lm import CachedLM
+from specmux.types import SamplingParams
+
+from conftest import VOCAB
+
+
+def test_window_bounds_what_the_lm_reads_and_output_stays_the_targets(target_model,
+                                                                      drafter_models) -> None:
+    random.seed(0)
+    prompt = [random.randrange(VOCAB) for _ in range(300)]
+    ref = autoregressive_generate(CachedLM(target_model), prompt, 40)
+    largest = {}  # the most tokens one LM call fed
+    for window in (None, 32):
+        lm = CachedLM(drafter_models[1])
+        calls: list[int] = []
+        logits = lm.logits
+
+        def counted(ids, num_last=1, lm=lm, calls=calls, logits=logits):
+            before = lm.num_tokens_fed
+            out = logits(ids, num_last)
+            calls.append(lm.num_tokens_fed - before)
+            return out
+
+        lm.logits = counted  # type: ignore[method-assign]
+        drafter = HFDrafter(lm, name="lm", context_window=window)
+        decoder = SpeculativeDecoder(CachedLM(target_model), [drafter], "fixed",
+                                     num_speculative_tokens=4)
+        assert decoder.generate(prompt, max_new_tokens=40).token_ids == ref
+        largest[window] = max(calls)
+    # Without a window the drafter prefills the 300-token prompt; with one, 32 tokens at a
+    # time (the query's start, and once more when the window slides).
+    assert largest[None] >= 300 and largest[32] == 32
+
+
+def test_window_slides_once_the_context_outgrows_two_windows() -> None:
+    class Fake:
+        vocab_size = VOCAB
+
+    drafter = HFDrafter.__new__(HFDrafter)
+    drafter.context_window, drafter._anchor = 8, 0
+    drafter.start_query(list(range(20)))
+    assert drafter._anchor == 12  # the last 8 prompt tokens
+    assert list(drafter._window(list(range(24)))) == list(range(12, 24))
+    assert list(drafter._window(list(range(29)))) == list(range(21, 29))  # 17 > 16: slid
+    with pytest.raises(ValueError, match="context_window"):
+        HFDrafter(Fake(), context_window=0)  # type: ignore[arg-type]
+
+
+def test_config_key_reaches_the_drafter(target_model, drafter_models) -> None:
+    from specmux.api import Pipeline
+    from specmux.config import parse_speculative_config
+    from specmux.errors import ConfigError
+
+    pipe = Pipeline(target_model, [drafter_models[1]], "hedge", drafter_context_window=16)
+    assert pipe.decoder.drafters[0].context_window == 16
+    assert parse_speculative_config('{"drafter_context_window": 64}').drafter_context_window == 64
+    with pytest.raises(ConfigError, match="drafter_context_window"):
+        parse_speculative_config('{"drafter_context_window": 0}')
+    out = pipe.decoder.generate([1, 2, 3] * 20, max_new_tokens=8, sampling=SamplingParams())
+    assert out.token_ids == autoregressive_generate(CachedLM(target_model), [1, 2, 3] * 20, 8)
