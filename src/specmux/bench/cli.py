@@ -155,7 +155,8 @@ def bench(
         str | None, typer.Option(help="Backend of the LM drafter (default: the target's). "
                                  "llama.cpp runs the drafter GGUF as it is beside a "
                                  "transformers target: on a CPU it drafts several times "
-                                 "faster (needs --no-hf-baseline).")
+                                 "faster (HF assisted generation, which needs a "
+                                 "transformers drafter, is then left out).")
     ] = _D.drafter_backend,
     drafter_context_window: Annotated[
         int | None, typer.Option(help="The LM drafter sees at most this many recent tokens "
