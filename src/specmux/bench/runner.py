@@ -903,22 +903,20 @@ class BenchRunner:
 
     def _backend_info(self) -> dict[str, Any]:
         drafter = self.models.drafter
-        on_llama = isinstance(drafter, LlamaCppLM)
-        info: dict[str, Any] = {"drafter_backend": "llama.cpp" if on_llama else (
-            None if drafter is None else "transformers")}
-        if not isinstance(self.target, LlamaCppLM):
-            info.update(backend="transformers", dtype=self.cfg.dtype)
-            if on_llama:
-                import llama_cpp
+        on_llama = [m for m in (self.target, drafter) if isinstance(m, LlamaCppLM)]
+        info: dict[str, Any] = {
+            "backend": "llama.cpp" if isinstance(self.target, LlamaCppLM) else "transformers",
+            "drafter_backend": None if drafter is None else (
+                "llama.cpp" if isinstance(drafter, LlamaCppLM) else "transformers"),
+            "dtype": self.cfg.dtype,
+        }
+        if on_llama:  # the target's threads and context where it runs there
+            import llama_cpp
 
-                info.update(llama_cpp_python=llama_cpp.__version__,
-                            llama_threads=drafter.threads)
-            return info
-        import llama_cpp
-
-        return {**info, "backend": "llama.cpp", "dtype": "gguf (logits float32)",
-                "llama_cpp_python": llama_cpp.__version__, "llama_threads": self.target.threads,
-                "llama_context": self.target.max_context}
+            info.update(llama_cpp_python=llama_cpp.__version__, llama_threads=on_llama[0].threads)
+        if isinstance(self.target, LlamaCppLM):
+            info.update(dtype="gguf (logits float32)", llama_context=self.target.max_context)
+        return info
 
     def run(
         self, on_run: Callable[[str, Query], None] | None = None
