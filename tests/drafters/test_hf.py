@@ -68,3 +68,25 @@ def test_config_key_reaches_the_drafter(target_model, drafter_models) -> None:
         parse_speculative_config('{"drafter_context_window": 0}')
     out = pipe.decoder.generate([1, 2, 3] * 20, max_new_tokens=8, sampling=SamplingParams())
     assert out.token_ids == autoregressive_generate(CachedLM(target_model), [1, 2, 3] * 20, 8)
+
+
+def test_windowed_drafter_samples_the_target_law(target_model, drafter_models) -> None:
+    """Over 4k seeded generations, with a drafter that sees only the last 4 of 12 prompt
+    tokens, the first two tokens follow the target's joint law (its q is what it sampled)."""
+    import numpy as np
+
+    from stats import assert_distribution, target_first_two
+
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]
+    sampling = SamplingParams(temperature=1.0)
+    drafter = HFDrafter(CachedLM(drafter_models[1]), name="lm", context_window=4)
+    decoder = SpeculativeDecoder(CachedLM(target_model), [drafter], "fixed",
+                                 num_speculative_tokens=3)
+    counts = np.zeros((VOCAB, VOCAB))
+    for seed in range(4_000):
+        out = decoder.generate(prompt, max_new_tokens=2, sampling=SamplingParams(1.0, seed=seed))
+        counts[out.token_ids[0], out.token_ids[1]] += 1
+    assert decoder.stats.num_accepted_tokens > 500  # drafts were really accepted
+    joint = target_first_two(target_model, prompt, sampling)
+    assert_distribution(counts.sum(1), joint.sum(1))
+    assert_distribution(counts, joint)
