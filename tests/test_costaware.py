@@ -15,6 +15,7 @@ from specmux.errors import ConfigError, PromptError
 from specmux.feedback import CounterfactualTracker
 from specmux.policies import POLICIES
 from specmux.scoring import ScoringPlan
+from specmux.selector import Selector, make_arms
 from specmux.types import SamplingParams
 
 from conftest import VOCAB
@@ -533,7 +534,6 @@ def test_a_drafter_slower_than_plain_steps_at_best_is_never_watched(
     """An LM drafter that costs more per drafted token than a target step can never beat
     plain decoding (even fully accepted): the selector marks it dominated, and the scoring
     plan never watches it, so it costs no pass where it is not played."""
-    from specmux.selector import Selector, make_arms
 
     def selector(draft_per_token: float) -> Selector:
         model = CostModel()
@@ -599,3 +599,106 @@ def test_first_query_calibrates_the_cost_model(target_model, drafter_models) -> 
                                num_speculative_tokens=3)  # length loss, every round scored
     steps = list(plain.generate_steps(prompt, 1))
     assert len(steps) == 1 and math.isnan(plain.selector.cost_model.verify_seconds(3, 0))
+
+
+# ------------------------------------------------------------------ starting a drafter
+
+
+def test_prefill_line_prices_a_drafters_start() -> None:
+    model = CostModel()
+    assert math.isnan(model.prefill_seconds("lm", 100))
+    assert model.prefill_seconds("lm", 0) == 0.0
+    model.observe_prefill("lm", 100, 0.3)
+    assert model.prefill_seconds("lm", 200) == pytest.approx(0.6)  # one length: proportional
+    model.observe_prefill("lm", 1000, 2.1)
+    assert model.prefill_seconds("lm", 550) == pytest.approx(1.2)  # 0.1 s + 2 ms a token
+    assert model.snapshot()["prefill_seconds_per_token"]["lm"] == pytest.approx(0.002)
+
+
+def rated_selector(policy: str = "hedge", **kwargs) -> Selector:
+    """lm and ngram at k = 4, 8 and the plain arm, with 5 ms a token of LM prefill and
+    these modelled seconds per token so far: lm 80 / 70, ngram 120 / 110, none 200 ms."""
+    model = CostModel()
+    model.observe_prefill("lm", 1000, 5.0)
+    selector = Selector(make_arms(["lm", "ngram"], [0, 4, 8]), policy, loss="time",
+                        cost_model=model, **kwargs)
+    selector.tracker._arm_tokens[:] = 10.0
+    selector.tracker._arm_seconds[:] = [0.8, 0.7, 1.2, 1.1, 2.0]
+    return selector
+
+
+def test_worth_starting_rules_out_a_drafter_whose_prefill_does_not_pay() -> None:
+    s = rated_selector()
+    # 1,100 tokens of prefill over 48 tokens left: +115 ms a token, 70 + 115 > 110
+    assert s.worth_starting([1100, 0], remaining=48).tolist() == [False, False, True, True, True]
+    # at +34 ms a token lm@8 still pays (104 < 110), lm@4 does not (114)
+    assert s.worth_starting([1100, 0], remaining=160).tolist() == [False, True, True, True, True]
+    assert s.worth_starting([1100, 0], remaining=10_000) is None  # amortized away
+    assert s.worth_starting([64, 0], remaining=1) is None  # fed within a proposal: no hint
+    assert s.worth_starting(None, remaining=48) is None
+    s.tracker._arm_tokens[1] = 0.0  # lm@8 never scored: not ruled out
+    assert s.worth_starting([1100, 0], remaining=48).tolist() == [False, True, True, True, True]
+    unknown = rated_selector()
+    unknown.cost_model.prefill.clear()  # prefill never measured: no hint
+    assert unknown.worth_starting([1100, 0], remaining=48) is None
+    bandit = rated_selector("ucb", score_all=True)
+    assert not bandit.prices_backlog and bandit.worth_starting([1100, 0], 48) is None
+
+
+@pytest.mark.parametrize("policy", ["hedge", "normalhedge"])
+def test_ruled_out_arms_are_never_played(policy: str) -> None:
+    s = rated_selector(policy)
+    assert s.prices_backlog
+    picks = {s.select(backlogs=[1100, 0], remaining=48) for _ in range(300)}
+    assert picks and picks <= {2, 3, 4}
+    assert len({s.select(backlogs=[0, 0], remaining=48) for _ in range(300)}) == 5
+
+
+def test_ruled_out_arms_with_all_the_weight_leave_the_best_allowed_one() -> None:
+    """NormalHedge gives no weight to arms without positive regret; when those are all
+    that is left, the allowed arm of highest regret plays."""
+    s = rated_selector("normalhedge")
+    s.policy.regret[:] = [1.0, 2.0, -0.5, -0.1, -3.0]
+    s.policy._probs = None
+    assert s.probabilities()[2:].sum() == 0.0
+    assert s.select(backlogs=[1100, 0], remaining=48) == 3
+
+
+class DearPrefill(CostModel):
+    """Every drafter's prefill costs a thousand seconds (as if it were a huge LM)."""
+
+    def prefill_seconds(self, drafter: str, tokens: int) -> float:
+        return 1e3 if tokens > 0 else 0.0
+
+
+def test_engine_does_not_start_an_lm_whose_prefill_does_not_pay(
+    target_model, drafter_models
+) -> None:
+    """Once the arms' rates are known, a query whose LM drafters would have to prefill
+    its prompt first opens with a model-free arm; the output stays the target's."""
+    decoder = SpeculativeDecoder(target_model, pool(drafter_models), "hedge",
+                                 num_speculative_tokens=[0, 2, 4], loss="time",
+                                 cost_model=DearPrefill())
+    for prompt in (PROMPTS[0] * 8, PROMPTS[1] * 12):  # 80 and 84 tokens: prefills
+        steps = list(decoder.generate_steps(prompt, 12))
+        assert [t for s in steps for t in s.tokens] == autoregressive_generate(
+            target_model, prompt, 12)
+    assert steps[0].drafter not in ("small", "good")  # the second query's opening round
+    model = decoder.cost_model
+    assert set(model.prefill) == {"small", "good"}  # calibration, then each query's start
+
+
+def test_catch_up_is_timed_apart_from_drafting(target_model, drafter_models) -> None:
+    """An LM drafter's prefill of a prompt is timed on its own, into the prefill line
+    (calibration times two lengths), not into its first proposal."""
+    decoder = SpeculativeDecoder(target_model, pool(drafter_models), "fixed",
+                                 num_speculative_tokens=[0, 3], loss="time", score_all=True,
+                                 policy_kwargs={"arm": 0})  # small@3 plays
+    decoder.warmup()
+    model = decoder.cost_model
+    assert model.prefill["small"].count == 2 and model.prefill_seconds("small", 500) > 0.0
+    long_prompt = [(7 * i + 3) % VOCAB for i in range(300)]
+    assert decoder.generate(long_prompt, 6).token_ids == autoregressive_generate(
+        target_model, long_prompt, 6)
+    assert model.prefill["small"].count == 3  # the long prompt's prefill, timed apart
+    assert model.prefill["good"].count == 3  # scored, so caught up too

@@ -19,6 +19,14 @@ when it gets busier and the context when it gets longer.
 * **Counterfactual scoring**, ``score_seconds(drafter)``: the decayed mean of the seconds
   the drafter's run along a verified path took (for an LM drafter one forward pass, which
   also catches its KV cache up: see :mod:`specmux.feedback`).
+* **Prefill and catch-up**, ``prefill_seconds(drafter, tokens)``: an LM drafter more than
+  :data:`PREFILL_TOKENS` behind the context (a new prompt, or many rounds it did not run)
+  first feeds it the tokens it lacks, in one batched call (less is fed within its next
+  proposal or scoring run, which the draft and scoring lines price); decayed least
+  squares ``a + b * tokens`` (``a, b >= 0``; through the origin while one length is
+  measured).  It is a one-off cost, paid
+  once per query: not part of any round's price, but of the decision to start the drafter
+  (:meth:`specmux.selector.Selector.worth_starting`).
 * **Proposal length**, ``proposal_length(drafter, k)``: a model-free drafter often has
   fewer than ``k`` tokens to offer (prompt lookup without a match offers none), and its
   round then costs a pass over fewer positions.  A drafter that says what it has this
@@ -43,6 +51,9 @@ Example (a target whose pass costs 0.1 s + 0.01 s per scored position):
 >>> model.observe_draft("lm", 4, 0.2); model.observe_draft("lm", 2, 0.1)
 >>> round(model.draft_seconds("lm", 3), 3)
 0.15
+>>> model.observe_prefill("lm", 100, 0.5); model.observe_prefill("lm", 1000, 4.1)
+>>> round(model.prefill_seconds("lm", 500), 3)  # 0.1 s + 4 ms per token
+2.1
 """
 
 from __future__ import annotations
@@ -55,6 +66,7 @@ import numpy as np
 
 ROBUST_AFTER = 8  # points a line needs before its observations are clipped
 CLIP_FACTOR = 3.0  # an observation counts at most this many times the prediction
+PREFILL_TOKENS = 64  # a drafter further behind the context than this is prefilled apart
 
 
 class DecayedLine:
@@ -144,6 +156,7 @@ class CostModel:
         self.verify: dict[int, DecayedLine] = {}  # positions scored -> seconds(context)
         self.draft: dict[str, DecayedLine] = {}  # drafter -> seconds(k)
         self.score: dict[str, DecayedLine] = {}  # drafter -> seconds (x unused)
+        self.prefill: dict[str, DecayedLine] = {}  # drafter -> seconds(tokens fed)
         # (drafter, k) -> [decayed sum of non-empty proposal lengths, decayed count]
         self.proposals: dict[tuple[str, int], list[float]] = {}
         self.tokens_sum = 0.0
@@ -173,6 +186,14 @@ class CostModel:
         if line is None:
             line = self.score[drafter] = DecayedLine(self.decay)
         line.observe(0.0, float(seconds))
+
+    def observe_prefill(self, drafter: str, tokens: int, seconds: float) -> None:
+        """``drafter`` fed ``tokens`` context tokens it lacked in one call, in ``seconds``."""
+        line = self.prefill.get(drafter)
+        if line is None:
+            line = self.prefill[drafter] = DecayedLine(self.decay, min_slope=0.0,
+                                                       proportional=True, min_intercept=0.0)
+        line.observe(float(tokens), float(seconds))
 
     def observe_proposal(self, drafter: str, k: int, drafted: int) -> None:
         """``drafter``, asked for ``k`` tokens, offered ``drafted`` (empty ones are not
@@ -240,6 +261,14 @@ class CostModel:
         line = self.score.get(drafter)
         return math.nan if line is None else max(line.predict(0.0), 0.0)
 
+    def prefill_seconds(self, drafter: str, tokens: int) -> float:
+        """Modelled seconds for ``drafter`` to feed ``tokens`` context tokens it lacks (0
+        for none; nan if it never did)."""
+        if tokens <= 0:
+            return 0.0
+        line = self.prefill.get(drafter)
+        return math.nan if line is None else max(line.predict(float(tokens)), 0.0)
+
     def round_seconds(self, arms: Sequence[tuple[str, int]], context: int,
                       drafted: Sequence[int | None] | None = None) -> np.ndarray:
         """Modelled seconds of one round per arm ``(drafter, k)``: drafting + verification
@@ -286,6 +315,8 @@ class CostModel:
                                         for d, line in self.draft.items()},
             "draft_seconds_fixed": {d: line.coefficients()[0] for d, line in self.draft.items()},
             "score_seconds": {d: self.score_seconds(d) for d in self.score},
+            "prefill_seconds_per_token": {d: line.coefficients()[1]
+                                          for d, line in self.prefill.items()},
             "proposal_length": {f"{d}@{k}": self.proposal_length(d, k)
                                 for d, k in sorted(self.proposals)},
             "context": context,

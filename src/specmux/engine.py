@@ -30,7 +30,7 @@ import torch
 from transformers import PreTrainedModel
 
 from specmux.config import SpeculativeConfig, seed_entropy
-from specmux.costmodel import CostModel
+from specmux.costmodel import PREFILL_TOKENS, CostModel
 from specmux.drafters.base import Drafter
 from specmux.errors import ConfigError, PromptError, TokenizerMismatchError
 from specmux.feedback import position_scores
@@ -162,6 +162,7 @@ class SpeculativeDecoder:
                               f"context of {self.target.max_context} tokens; use at most "
                               f"{self.target.max_context - 2}")
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        self._prefill_seconds = 0.0  # drafters' catch-ups in the current round
 
     @property
     def cost_model(self) -> CostModel:
@@ -200,9 +201,10 @@ class SpeculativeDecoder:
         self._log = _RowLog(list(prompt_ids), sampling)
         self.selector.span_scorer = self._score_span
         self.warmup(prompt_ids)  # calibrates here only if nobody did at start-up
-        self.selector.start_query(len(prompt_ids))
         for d in self.drafters:
             d.start_query(prompt_ids)
+        self.selector.start_query(len(prompt_ids), self._backlogs(prompt_ids),
+                                  max_new_tokens)
         context = list(prompt_ids)
         produced = 0
         ended = False
@@ -261,8 +263,9 @@ class SpeculativeDecoder:
                 and np.isnan(selector.cost_model.verify_seconds(1, 0)))
 
     def _calibrate(self, prompt_ids: Sequence[int]) -> None:
-        """Time a plain target step, a pass of ``max_k + 1`` positions and one- and
-        two-token proposals of each model drafter on the first :data:`CALIBRATION_TOKENS`
+        """Time a plain target step, a pass of ``max_k + 1`` positions, each model drafter's
+        prefill of :data:`CALIBRATION_PREFILL` and of :data:`CALIBRATION_TOKENS` tokens and
+        its one- and two-token proposals on the first :data:`CALIBRATION_TOKENS`
         of ``prompt_ids``: at start-up (:meth:`warmup`), else before the first query, on its
         prompt.  Without it, the stream's first round scores
         every drafter (nothing counts as expensive yet; an LM drafter's prefill of the
@@ -285,7 +288,12 @@ class SpeculativeDecoder:
         for d in self.drafters:
             if not d.model_based:
                 continue
-            _propose(d, ctx, 1, greedy, generator)  # prefill, untimed
+            # Prefill at two lengths (the line's slope and intercept); the long one shares
+            # no prefix with ctx.  Then ctx's last token, untimed: the cache is ready.
+            longer = min(CALIBRATION_PREFILL, self.target.max_context // 2)
+            for seq in ([(ctx[0] + 3 + j) % vocab for j in range(longer)], ctx):
+                self._catch_up(d, seq, minimum=1)
+            _propose(d, ctx, 1, greedy, generator)
             for k in (1, 2):  # 1 and 2 forward passes after its prefill
                 seq = ctx + [(ctx[0] + j + 1) % vocab for j in range(k)]
                 t0 = time.perf_counter()
@@ -303,15 +311,18 @@ class SpeculativeDecoder:
     ) -> Step:
         """One round: select, propose, score, verify, commit, observe; extends ``context``."""
         t0 = time.perf_counter()
+        self._prefill_seconds = 0.0  # drafters' catch-ups this round (timed apart)
         offers = ([d.offer(context, self.selector.max_k) for d in self.drafters]
                   if self.selector.wants_signals else None)  # (signal, proposal length)
         a = self.selector.select(offers and [o[0] for o in offers],
-                                 offers and [o[1] for o in offers])
+                                 offers and [o[1] for o in offers],
+                                 self._backlogs(context), remaining)
         arm = self.selector.arms[a]
         drafter = self.drafters[self.selector.arm_drafter[a]] if arm.k else None
         room = self.target.max_context - len(context) - 1
         k = max(0, min(arm.k, remaining - 1, room))
         t1 = time.perf_counter()
+        caught_up = self._catch_up(drafter, context) if drafter and k else 0.0
         draft = _propose(drafter, context, k, sampling, generator) if drafter else _EMPTY
         t2 = time.perf_counter()
         # One target pass over context + draft: [k+1, V] logits.
@@ -325,7 +336,7 @@ class SpeculativeDecoder:
         if drafter is not None and k == arm.k:
             model.observe_proposal(drafter.name, k, len(draft))
         if timed and drafter is not None and len(draft):
-            model.observe_draft(drafter.name, len(draft), t2 - t1)
+            model.observe_draft(drafter.name, len(draft), t2 - t1 - caught_up)
         if timed:
             model.observe_verify(len(draft) + 1, len(context), t3 - t2)
         committed, finish_reason = self._commit(verdict.tokens.tolist(), context, remaining,
@@ -343,8 +354,8 @@ class SpeculativeDecoder:
             d.observe(context, committed)
         context.extend(committed)
         t4 = time.perf_counter()
-        if timed:  # the prompt's prefill is no round's cost: rho would sag at each query
-            model.observe_round(len(committed), t4 - t0)
+        if timed:  # prefills are no round's cost: rho would sag at each query
+            model.observe_round(len(committed), t4 - t0 - self._prefill_seconds)
         step = Step(
             round=round_index, drafter=drafter.name if drafter else NO_DRAFT, arm=a, k=k,
             num_draft_tokens=len(draft), num_accepted_tokens=verdict.num_accepted_tokens,
@@ -355,6 +366,29 @@ class SpeculativeDecoder:
         )
         self.stats.record(step)
         return step
+
+    def _backlogs(self, context: Sequence[int]) -> list[int] | None:
+        """Each drafter's :meth:`~specmux.drafters.base.Drafter.backlog` after ``context``
+        [N], when the selector prices them (:attr:`Selector.prices_backlog`), else None."""
+        if not self.selector.prices_backlog:
+            return None
+        return [d.backlog(context) for d in self.drafters]
+
+    def _catch_up(self, d: Drafter, context: Sequence[int], minimum: int | None = None) -> float:
+        """Feed drafter ``d`` its backlog when it lacks more than ``minimum`` tokens of
+        ``context`` (default :data:`~specmux.costmodel.PREFILL_TOKENS`; less is fed within
+        its next proposal or scoring run, in the same pass): its prefill of a new prompt,
+        or many rounds it did not run.  Timed apart, into the cost model's prefill line, so
+        that neither the draft line nor a scoring run carries it; the seconds it took."""
+        backlog = d.backlog(context)
+        if backlog <= (PREFILL_TOKENS if minimum is None else minimum):
+            return 0.0
+        t0 = time.perf_counter()
+        d.catch_up(context)
+        seconds = time.perf_counter() - t0
+        self.selector.cost_model.observe_prefill(d.name, backlog - 1, seconds)
+        self._prefill_seconds += seconds
+        return seconds
 
     def _commit(
         self, tokens: list[int], context: list[int], remaining: int, stop: frozenset[int]
@@ -410,6 +444,8 @@ class SpeculativeDecoder:
             if not run[i] or (late and i == played):
                 dists.append(None)
                 continue
+            if i != played:
+                self._catch_up(d, context)
             t0 = time.perf_counter()
             dists.append(d.distributions(context, scored, sampling))
             if i != played and timed:  # the played drafter's rows come from its draft
@@ -434,6 +470,7 @@ class SpeculativeDecoder:
         positions = [log_.position[r] for r in range(lo, hi)]  # token index of each row
         first, last = positions[0], positions[-1]
         d = self.drafters[drafter]
+        self._catch_up(d, log_.tokens[:first])
         t0 = time.perf_counter()
         dist = d.distributions(log_.tokens[:first], log_.tokens[first : last + 1],
                                log_.sampling)  # [last - first + 1] rows
@@ -534,6 +571,7 @@ def _propose(
 
 _EMPTY = Draft(tokens=torch.zeros(0, dtype=torch.long))
 CALIBRATION_TOKENS = 16  # prompt tokens the first query's cost calibration runs on
+CALIBRATION_PREFILL = 128  # tokens of the longer of the two timed drafter prefills
 
 
 def autoregressive_generate(

@@ -429,6 +429,14 @@ class CounterfactualTracker:
             return 0.0
         return float(np.max(self._arm_tokens[ok] / self._arm_seconds[ok]))
 
+    def seconds_per_token(self) -> np.ndarray:
+        """Each fixed arm's modelled seconds per token so far, ``sum c_a / sum T_a``
+        [num_arms] (``"time"`` loss; ``nan`` for an arm never scored)."""
+        out = np.full(len(self._arm_tokens), np.nan)
+        ok = self._arm_tokens > 0
+        out[ok] = self._arm_seconds[ok] / self._arm_tokens[ok]
+        return out
+
     def _time_losses(self, tokens: np.ndarray, meta: _Pending) -> np.ndarray:
         """Dinkelbach's gain ``T - rho * c`` per arm, shifted and scaled (module docstring)."""
         assert meta.costs is not None

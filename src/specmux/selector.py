@@ -29,6 +29,19 @@ regret bound holds per context, against the best arm *for that context*).  A key
 learner plays once it has :data:`CONTEXT_WARMUP` loss vectors (bandits: updates); until
 then the global learner, which sees every round, plays for it.
 
+Starting a drafter.  An LM drafter far behind the context first feeds the tokens it lacks
+(:data:`~specmux.costmodel.PREFILL_TOKENS`): the whole prompt in a query's first round, or
+many rounds it did not run.
+That prefill is paid once, not per round, so it is no part of the time loss (one long
+prompt would teach a context to avoid the LM on short ones too); it is a known cost of
+*this* decision, given to the learner as a hint (:meth:`Selector.worth_starting`): the
+prefill's modelled seconds spread over the tokens the query may still produce, added to
+the seconds per token of each of the drafter's arms; an arm that then loses to the best
+arm of a drafter with nothing to catch up is not played this round (issue 11's runs 13
+and 15: on a 1,100-token multi-turn prompt with 48 tokens to go the LM drafter's prefill
+costs 5 s on llama.cpp, more than it saves; on a 150-token code prompt, 0.7 s).  The
+learners' weights are untouched; the hint only narrows the arms they choose among.
+
 Feedback to the policy.  Bandit policies learn from the played arm's realized
 :class:`Outcome`; full-information policies from loss vectors over all arms, computed by
 the tracker from every drafter's scores along the verified path.  Those losses arrive late
@@ -51,7 +64,7 @@ from typing import Any
 
 import numpy as np
 
-from specmux.costmodel import CostModel
+from specmux.costmodel import PREFILL_TOKENS, CostModel
 from specmux.errors import ConfigError
 from specmux.feedback import CounterfactualTracker, SpanScorer
 from specmux.metrics import SpecStats
@@ -198,10 +211,12 @@ class Selector:
     def name(self) -> str:
         return self.policy.name
 
-    def start_query(self, prompt_tokens: int = 0) -> None:
+    def start_query(self, prompt_tokens: int = 0, backlogs: Sequence[int] | None = None,
+                    budget: int = 0) -> None:
         """A query starts: forget everything in reset-per-query mode; empty the tracker;
         draw the expensive drafters it watches (``prompt_tokens``: the prompt's length,
-        :meth:`ScoringPlan.start_query`)."""
+        :meth:`ScoringPlan.start_query`; a drafter :meth:`worth_starting` rules out for
+        the ``backlogs`` [N] and token ``budget`` counts as one the learner does not play)."""
         if self.reset_per_query:  # a fresh learner: its random stream restarts too
             self.policy.restart()
             self.tracker.forget()
@@ -211,10 +226,13 @@ class Selector:
         self._final = None
         self._hits[:] = False
         if self.needs_scores and self.scoring.rate < 1.0:  # which drafters it watches
+            plays = self.policy.probabilities() * self._drafts  # [num_arms]
+            allowed = self.worth_starting(backlogs, budget)
+            if allowed is not None:
+                plays = plays * allowed
             self.scoring.start_query(np.bincount(  # each drafter's share of the plays [N]
-                self.arm_drafter, weights=self.policy.probabilities() * self._drafts,
-                minlength=len(self.drafter_names)), prompt_tokens,
-                self.dominated_drafters(prompt_tokens))
+                self.arm_drafter, weights=plays, minlength=len(self.drafter_names)),
+                prompt_tokens, self.dominated_drafters(prompt_tokens))
 
     def dominated_drafters(self, context: int) -> np.ndarray:
         """Per drafter [N]: is every one of its arms slower than a plain target step even
@@ -258,19 +276,68 @@ class Selector:
         return context_key(signals, self._hits)
 
     def select(self, signals: Sequence[int | None] | None = None,
-               lengths: Sequence[int | None] | None = None) -> int:
+               lengths: Sequence[int | None] | None = None,
+               backlogs: Sequence[int] | None = None, remaining: int = 0) -> int:
         """The arm to play this round (an index into :attr:`arms`).  ``signals`` and
         ``lengths``: the drafters' :meth:`~specmux.drafters.base.Drafter.offer` (when
-        :attr:`wants_signals`): the context key, and what each arm would draft."""
+        :attr:`wants_signals`): the context key, and what each arm would draft.
+        ``backlogs`` [N] (when :attr:`prices_backlog`) and ``remaining``, the query's token
+        budget left: for :meth:`worth_starting`."""
         t0 = time.perf_counter()
         self._key = (self.context_key(signals)
                      if self.contextual and signals is not None else None)
         self._lengths = {} if lengths is None else {
             name: int(n) for name, n in zip(self.drafter_names, lengths, strict=True)
             if n is not None}
-        arm = self._playing().select()
+        allowed = self.worth_starting(backlogs, remaining)  # None unless full information
+        playing = self._playing()
+        arm = (playing.select() if allowed is None
+               else playing.select(allowed))  # type: ignore[call-arg]
         self.policy_seconds += time.perf_counter() - t0
         return arm
+
+    @property
+    def prices_backlog(self) -> bool:
+        """Whether :meth:`select` wants the drafters' backlogs: a full-information
+        learner with the ``"time"`` loss (its arms' rates price a drafter's start)."""
+        return self.policy.full_information and self.tracker.loss == "time"
+
+    def worth_starting(self, backlogs: Sequence[int] | None, remaining: int) -> np.ndarray | None:
+        """Which arms are worth their drafter's backlog [num_arms] (bool), or ``None``
+        when all are (module docstring).  A drafter that lacks more than
+        :data:`~specmux.costmodel.PREFILL_TOKENS` tokens (``backlogs`` [N]) costs
+        ``prefill_seconds(backlog) / remaining`` more per token; an arm of it is ruled out
+        when its seconds per token so far plus that lose to the best arm's of a drafter
+        with no such backlog (the no-speculation arm included).  Arms never scored are
+        never ruled out.
+
+        >>> from specmux.costmodel import CostModel
+        >>> model = CostModel()
+        >>> model.observe_prefill("lm", 1000, 5.0)  # 5 ms a token
+        >>> s = Selector(make_arms(["lm", "suffix"], [8]), loss="time", cost_model=model)
+        >>> s.tracker._arm_tokens[:], s.tracker._arm_seconds[:] = [5.6, 1.7], [0.43, 0.205]
+        >>> s.worth_starting([1100, 0], remaining=48).tolist()  # 77 + 115 ms > 121 ms
+        [False, True]
+        >>> s.worth_starting([150, 0], remaining=48) is None  # 77 + 16 ms < 121 ms
+        True
+        """
+        if backlogs is None or remaining < 1 or not self.prices_backlog:
+            return None
+        extra = np.zeros(len(self.drafter_names))  # [N] prefill seconds per token left
+        for i, backlog in enumerate(backlogs):
+            if backlog > PREFILL_TOKENS:
+                seconds = self.cost_model.prefill_seconds(self.drafter_names[i], backlog)
+                extra[i] = seconds / remaining if seconds > 0 else 0.0  # nan: not known
+        if not extra.any():
+            return None
+        per_token = self.tracker.seconds_per_token()  # [num_arms], nan: never scored
+        surcharge = extra[self.arm_drafter] * self._drafts  # [num_arms]
+        free = (surcharge == 0) & np.isfinite(per_token)
+        if not free.any():
+            return None
+        allowed = (surcharge == 0) | ~np.isfinite(per_token) | (
+            per_token + surcharge < per_token[free].min())
+        return None if allowed.all() else allowed
 
     @property
     def needs_divergence(self) -> bool:

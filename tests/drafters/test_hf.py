@@ -37,9 +37,10 @@ def test_window_bounds_what_the_lm_reads_and_output_stays_the_targets(target_mod
                                      num_speculative_tokens=4)
         assert decoder.generate(prompt, max_new_tokens=40).token_ids == ref
         largest[window] = max(calls)
-    # Without a window the drafter prefills the 300-token prompt; with one, 32 tokens at a
-    # time (the query's start, and once more when the window slides).
-    assert largest[None] >= 300 and largest[32] == 32
+    # Without a window the drafter prefills the 300-token prompt (all but its last token in
+    # one call: the engine's catch-up); with one, 32 tokens at a time (the query's start,
+    # and once more when the window slides).
+    assert largest[None] >= 299 and largest[32] == 32
 
 
 def test_window_slides_once_the_context_outgrows_two_windows() -> None:
@@ -90,3 +91,24 @@ def test_windowed_drafter_samples_the_target_law(target_model, drafter_models) -
     joint = target_first_two(target_model, prompt, sampling)
     assert_distribution(counts.sum(1), joint.sum(1))
     assert_distribution(counts, joint)
+
+
+def test_backlog_and_catch_up_leave_a_proposal_its_usual_cost(drafter_models) -> None:
+    """``backlog`` counts the context tokens the LM's cache lacks; ``catch_up`` feeds all
+    but the last, so the next proposal feeds one token per pass, and drafts the same."""
+    ctx = [(5 * i + 1) % VOCAB for i in range(40)]
+    fresh = HFDrafter(drafter_models[0])
+    fresh.start_query(ctx)
+    expected = fresh.propose(ctx, 3, SamplingParams()).tokens.tolist()
+    d = HFDrafter(drafter_models[0])
+    d.start_query(ctx)
+    assert d.backlog(ctx) == 40
+    d.catch_up(ctx)
+    assert d.backlog(ctx) == 1
+    fed = d.lm.num_tokens_fed
+    assert d.propose(ctx, 3, SamplingParams()).tokens.tolist() == expected
+    assert d.lm.num_tokens_fed - fed == 3  # the last context token, then two drafted ones
+    assert d.backlog([*ctx, *expected[:2]]) == 0  # its cache: ctx + two drafted tokens
+    windowed = HFDrafter(drafter_models[0], context_window=16)
+    windowed.start_query(ctx)
+    assert windowed.backlog(ctx) == 16  # a window bounds the prefill

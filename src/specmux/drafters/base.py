@@ -58,6 +58,16 @@ class Drafter(ABC):
         answer both from one lookup."""
         return self.signal(context, k), None
 
+    def backlog(self, context: Sequence[int]) -> int:
+        """How many tokens of ``context`` this drafter must feed its model before it can
+        draft after it: its prefill of a new prompt, or its catch-up after rounds it did
+        not run (0, the default, for model-free drafters).  Must cost microseconds."""
+        return 0
+
+    def catch_up(self, context: Sequence[int]) -> None:  # noqa: B027
+        """Feed :meth:`backlog` now, all but ``context``'s last token, so that the next
+        proposal costs what any proposal costs (the engine times the two apart)."""
+
     def observe(self, context: Sequence[int], committed: Sequence[int]) -> None:  # noqa: B027
         """Called after every round with the tokens just committed after ``context``."""
 

@@ -13,7 +13,7 @@ from transformers import PreTrainedModel
 
 from specmux.drafters.base import Drafter
 from specmux.lm import as_target
-from specmux.target import Target
+from specmux.target import Target, common_prefix_length
 from specmux.types import Draft, PathDistributions, SamplingParams
 from specmux.verify import process_logits, sample
 
@@ -57,6 +57,22 @@ class HFDrafter(Drafter):
         if len(context) - self._anchor > 2 * w:  # slide: one re-prefill of w tokens
             self._anchor = len(context) - w
         return context[min(self._anchor, max(len(context) - 1, 0)):]
+
+    def backlog(self, context: Sequence[int]) -> int:
+        """Tokens of the (windowed) context the LM's cache lacks."""
+        seq = self._window(context)
+        cached = getattr(self.lm, "cached_ids", None)
+        if cached is None:  # a backend that does not say: no backlog known
+            return 0
+        m = len(cached)
+        if m <= len(seq) and cached == list(seq[:m]):  # the usual case, at C speed
+            return len(seq) - m
+        return len(seq) - common_prefix_length(cached, seq)
+
+    def catch_up(self, context: Sequence[int]) -> None:
+        seq = self._window(context)
+        if len(seq) > 1:
+            self.lm.logits(seq[:-1], 1)  # the row propose's first pass would recompute
 
     def propose(
         self,

@@ -54,9 +54,21 @@ class FullInformationPolicy(Policy):
         self.selection = selection
         super().__init__(num_arms, seed=seed)
 
-    def select(self) -> int:
+    def select(self, allowed: np.ndarray | None = None) -> int:
+        """The arm to play; with ``allowed`` [num_arms] (bool) only among those (the
+        selector's cost hint, :meth:`specmux.selector.Selector.worth_starting`): their
+        probabilities renormalized, or, where none has any (NormalHedge), the allowed arm
+        of best :meth:`preference`."""
         probs = self.probabilities()
+        if allowed is not None:
+            probs = probs * allowed
+            if not probs.sum() > 0.0:
+                return int(np.argmax(np.where(allowed, self.preference(), -np.inf)))
         return int(np.argmax(probs)) if self.selection == "argmax" else draw(probs, self.rng)
+
+    def preference(self) -> np.ndarray:
+        """What the weights rank the arms by [num_arms], higher is better."""
+        return self.probabilities()
 
 
 class Hedge(FullInformationPolicy):
@@ -79,6 +91,9 @@ class Hedge(FullInformationPolicy):
 
     def learning_rate(self) -> float:
         return self.eta if self.eta is not None else anytime_eta(self.num_arms, self.num_losses)
+
+    def preference(self) -> np.ndarray:
+        return -self.cumulative_loss
 
     def probabilities(self) -> np.ndarray:
         if self.num_losses == 0:

@@ -90,6 +90,9 @@ class NormalHedge(FullInformationPolicy):
     def probabilities(self) -> np.ndarray:
         return self._weights().copy()
 
+    def preference(self) -> np.ndarray:
+        return self.regret.copy()
+
     def update(self, feedback: Feedback) -> None:
         self.t += 1
         for loss in feedback.losses:

@@ -18,7 +18,9 @@ Speculative decoding (updated every round, so long requests show progress):
 * the online cost model (:mod:`specmux.costmodel`), refreshed after every request:
   ``specmux:cost_verify_seconds{positions}`` (a target pass scoring that many positions),
   ``specmux:cost_draft_seconds_per_token{drafter}``,
-  ``specmux:cost_score_seconds{drafter}`` (one counterfactual scoring run) and
+  ``specmux:cost_score_seconds{drafter}`` (one counterfactual scoring run),
+  ``specmux:cost_prefill_seconds_per_token{drafter}`` (an LM drafter's prefill or
+  catch-up) and
   ``specmux:cost_throughput_tokens_per_second`` (decayed tokens / decayed seconds).
 
 Requests:
@@ -89,6 +91,9 @@ class ServerMetrics:
         self.cost_score = Gauge(f"{p}cost_score_seconds",
                                 "Measured seconds of one counterfactual scoring run.",
                                 ["drafter"], registry=r)
+        self.cost_prefill = Gauge(f"{p}cost_prefill_seconds_per_token",
+                                  "Modelled seconds per token of a drafter's prefill.",
+                                  ["drafter"], registry=r)
         self.cost_throughput = Gauge(f"{p}cost_throughput_tokens_per_second",
                                      "Decayed tokens / decayed seconds of the rounds played.",
                                      registry=r)
@@ -153,6 +158,9 @@ class ServerMetrics:
         for name, secs in snapshot.get("score_seconds", {}).items():
             if ok(secs):
                 self.cost_score.labels(drafter=name).set(secs)
+        for name, secs in snapshot.get("prefill_seconds_per_token", {}).items():
+            if ok(secs):
+                self.cost_prefill.labels(drafter=name).set(secs)
         if ok(snapshot.get("throughput", float("nan"))):
             self.cost_throughput.set(snapshot["throughput"])
 
