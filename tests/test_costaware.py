@@ -604,6 +604,18 @@ def test_first_query_calibrates_the_cost_model(target_model, drafter_models) -> 
 # ------------------------------------------------------------------ starting a drafter
 
 
+def test_an_lm_kept_up_for_scoring_counts_as_expensive_by_its_drafting_pass() -> None:
+    """Scoring runs of a drafter fed every round are short (9 ms for the 0.5B drafter on
+    llama.cpp), but keeping it fed costs its drafting pass (24 ms against a 200 ms step)."""
+    model = CostModel()
+    model.observe_verify(1, 100, 0.2)
+    model.observe_score("lm", 0.009)
+    plan = ScoringPlan(["lm"], rate=0.05)
+    assert plan.expensive(model, 100) == [False]
+    model.observe_draft("lm", 1, 0.024)
+    assert plan.expensive(model, 100) == [True]
+
+
 def test_prefill_line_prices_a_drafters_start() -> None:
     model = CostModel()
     assert math.isnan(model.prefill_seconds("lm", 100))
@@ -638,6 +650,12 @@ def test_worth_starting_rules_out_a_drafter_whose_prefill_does_not_pay() -> None
     assert s.worth_starting(None, remaining=48) is None
     s.tracker._arm_tokens[1] = 0.0  # lm@8 never scored: not ruled out
     assert s.worth_starting([1100, 0], remaining=48).tolist() == [False, True, True, True, True]
+    chat = rated_selector()  # this query ngram offers nothing: plain steps, 200 ms a token
+    chat.tracker._query_tokens[:] = [0.0, 0.0, 8.0, 8.0, 8.0]
+    chat.tracker._query_seconds[:] = [0.0, 0.0, 1.6, 1.6, 1.6]
+    assert chat.worth_starting([1100, 0], remaining=48) is None  # 80 + 115 < 200 ms
+    chat.tracker.reset()  # a new query: the stream's rates again
+    assert chat.worth_starting([1100, 0], remaining=48).tolist()[:2] == [False, False]
     unknown = rated_selector()
     unknown.cost_model.prefill.clear()  # prefill never measured: no hint
     assert unknown.worth_starting([1100, 0], remaining=48) is None

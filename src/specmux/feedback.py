@@ -88,6 +88,7 @@ window a request overlaps wait for it.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -235,6 +236,9 @@ class CounterfactualTracker:
         self._offset = 0  # positions dropped from the front of the log
         self._pending: deque[_Pending] = deque()
         self._requests: list[list[int]] = []  # [drafter, lo, hi, due]: deferred scoring
+        # Per arm, this query's sums of counterfactual tokens and modelled seconds.
+        self._query_tokens = np.zeros(len(self.k_of_arm))
+        self._query_seconds = np.zeros(len(self.k_of_arm))
 
     @property
     def next_row(self) -> int:
@@ -429,12 +433,16 @@ class CounterfactualTracker:
             return 0.0
         return float(np.max(self._arm_tokens[ok] / self._arm_seconds[ok]))
 
-    def seconds_per_token(self) -> np.ndarray:
+    def seconds_per_token(self, query_tokens: float = math.inf) -> np.ndarray:
         """Each fixed arm's modelled seconds per token so far, ``sum c_a / sum T_a``
-        [num_arms] (``"time"`` loss; ``nan`` for an arm never scored)."""
+        [num_arms] (``"time"`` loss; ``nan`` for an arm never scored): over this query's
+        rounds for an arm scored in rounds worth at least ``query_tokens`` of its tokens in
+        it, else over the stream (decayed)."""
         out = np.full(len(self._arm_tokens), np.nan)
         ok = self._arm_tokens > 0
         out[ok] = self._arm_seconds[ok] / self._arm_tokens[ok]
+        mine = self._query_tokens >= query_tokens
+        out[mine] = self._query_seconds[mine] / self._query_tokens[mine]
         return out
 
     def _time_losses(self, tokens: np.ndarray, meta: _Pending) -> np.ndarray:
@@ -458,6 +466,8 @@ class CounterfactualTracker:
         d = self._rate_decay
         self._arm_tokens[seen] = d * self._arm_tokens[seen] + tokens[seen]
         self._arm_seconds[seen] = d * self._arm_seconds[seen] + meta.costs[seen]
+        self._query_tokens[seen] += tokens[seen]
+        self._query_seconds[seen] += meta.costs[seen]
         self.time_scale = max(self.time_scale * self._scale_decay, spread, 1e-9)
         return 0.5 + (mean - gain) / (2.0 * self.time_scale)
 

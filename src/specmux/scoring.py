@@ -4,7 +4,7 @@ Full information (HedgeSpec) runs every drafter along every verified path.  For 
 drafter that is a table lookup; for an LM drafter it is a forward pass, which on a CPU costs
 a third of a target step whenever a cheap drafter was played.  The plan here:
 
-* a drafter whose measured scoring time (or, before that, drafting time per token) is below
+* a drafter whose measured scoring time and drafting time per token are both below
   ``expensive_fraction`` of a one-position target pass (or never measured yet) is scored
   every round, exactly (``factor 1``);
 * the drafter that drafted this round is scored exactly too: its rows come from the draft;
@@ -104,16 +104,17 @@ class ScoringPlan:
         self.watched = self.rng.random(len(self.names)) < self.watch_rate
 
     def expensive(self, model: CostModel, context: int) -> list[bool]:
-        """Per drafter: measured scoring time (else the time of one drafting step) above
-        the threshold (neither measured: False)."""
+        """Per drafter: the larger of its measured scoring time and the time of one
+        drafting step above the threshold (neither measured: False).  One drafting step
+        counts: an LM drafter scored every round must be fed every committed token, and a
+        short scoring run of one that is kept up costs less than a pass, so that the
+        scoring time alone once let the 0.5B drafter on llama.cpp (9 ms runs against a
+        200 ms target step) be scored every round, its prefill of every prompt included."""
         step = model.verify_seconds(1, context)
         out = []
         for name in self.names:
-            cost = model.score_seconds(name)
-            if math.isnan(cost):
-                cost = model.draft_seconds(name, 1)
-            out.append(not (math.isnan(cost) or math.isnan(step))
-                       and cost > self.expensive_fraction * step)
+            cost = np.nanmax([model.score_seconds(name), model.draft_seconds(name, 1), -1.0])
+            out.append(not math.isnan(step) and cost > self.expensive_fraction * step)
         return out
 
     def decide(

@@ -37,7 +37,8 @@ prompt would teach a context to avoid the LM on short ones too); it is a known c
 *this* decision, given to the learner as a hint (:meth:`Selector.worth_starting`): the
 prefill's modelled seconds spread over the tokens the query may still produce, added to
 the seconds per token of each of the drafter's arms; an arm that then loses to the best
-arm of a drafter with nothing to catch up is not played this round (issue 11's runs 13
+arm of a drafter with nothing to catch up (by its rate in this query, once known) is not
+played this round (issue 11's runs 13
 and 15: on a 1,100-token multi-turn prompt with 48 tokens to go the LM drafter's prefill
 costs 5 s on llama.cpp, more than it saves; on a 150-token code prompt, 0.7 s).  The
 learners' weights are untouched; the hint only narrows the arms they choose among.
@@ -77,6 +78,7 @@ Scores = tuple[np.ndarray, np.ndarray]  # gamma, w: [n, N] along a round's verif
 NO_DRAFT = "none"  # the drafter name of the no-speculation arm (k = 0)
 CONTEXT_WARMUP = 8  # loss vectors (bandits: updates) a context's learner needs to play
 CONTEXT_KEYS = "drafter-level-hit"  # the key scheme of :meth:`Selector.context_key` (state)
+QUERY_RATE_TOKENS = 8.0  # an arm's counterfactual tokens in a query before its rate there counts
 
 
 def context_key(signals: Sequence[int | None], hits: Sequence[bool] | np.ndarray) -> int:
@@ -308,8 +310,11 @@ class Selector:
         :data:`~specmux.costmodel.PREFILL_TOKENS` tokens (``backlogs`` [N]) costs
         ``prefill_seconds(backlog) / remaining`` more per token; an arm of it is ruled out
         when its seconds per token so far plus that lose to the best arm's of a drafter
-        with no such backlog (the no-speculation arm included).  Arms never scored are
-        never ruled out.
+        with no such backlog (the no-speculation arm included), each over this query's
+        rounds once it has :data:`QUERY_RATE_TOKENS` counterfactual tokens in it (a
+        model-free drafter is scored every round: in chat it offers nothing, on a
+        multi-turn prompt it copies), else over the stream's.  Arms never scored are never
+        ruled out.
 
         >>> from specmux.costmodel import CostModel
         >>> model = CostModel()
@@ -330,7 +335,9 @@ class Selector:
                 extra[i] = seconds / remaining if seconds > 0 else 0.0  # nan: not known
         if not extra.any():
             return None
-        per_token = self.tracker.seconds_per_token()  # [num_arms], nan: never scored
+        # [num_arms] (nan: never scored): this query's own rates where known (model-free
+        # drafters are scored every round), else the stream's
+        per_token = self.tracker.seconds_per_token(query_tokens=QUERY_RATE_TOKENS)
         surcharge = extra[self.arm_drafter] * self._drafts  # [num_arms]
         free = (surcharge == 0) & np.isfinite(per_token)
         if not free.any():
