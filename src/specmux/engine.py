@@ -314,15 +314,17 @@ class SpeculativeDecoder:
         self._prefill_seconds = 0.0  # drafters' catch-ups this round (timed apart)
         offers = ([d.offer(context, self.selector.max_k) for d in self.drafters]
                   if self.selector.wants_signals else None)  # (signal, proposal length)
+        backlogs = self._backlogs(context)  # [N] or None
         a = self.selector.select(offers and [o[0] for o in offers],
-                                 offers and [o[1] for o in offers],
-                                 self._backlogs(context), remaining)
+                                 offers and [o[1] for o in offers], backlogs, remaining)
         arm = self.selector.arms[a]
         drafter = self.drafters[self.selector.arm_drafter[a]] if arm.k else None
         room = self.target.max_context - len(context) - 1
         k = max(0, min(arm.k, remaining - 1, room))
         t1 = time.perf_counter()
-        caught_up = self._catch_up(drafter, context) if drafter and k else 0.0
+        caught_up = (self._catch_up(drafter, context, backlog=backlogs and
+                                    backlogs[self.selector.arm_drafter[a]])
+                     if drafter and k else 0.0)
         draft = _propose(drafter, context, k, sampling, generator) if drafter else _EMPTY
         t2 = time.perf_counter()
         # One target pass over context + draft: [k+1, V] logits.
@@ -374,13 +376,16 @@ class SpeculativeDecoder:
             return None
         return [d.backlog(context) for d in self.drafters]
 
-    def _catch_up(self, d: Drafter, context: Sequence[int], minimum: int | None = None) -> float:
+    def _catch_up(self, d: Drafter, context: Sequence[int], minimum: int | None = None,
+                  backlog: int | None = None) -> float:
         """Feed drafter ``d`` its backlog when it lacks more than ``minimum`` tokens of
         ``context`` (default :data:`~specmux.costmodel.PREFILL_TOKENS`; less is fed within
         its next proposal or scoring run, in the same pass): its prefill of a new prompt,
         or many rounds it did not run.  Timed apart, into the cost model's prefill line, so
-        that neither the draft line nor a scoring run carries it; the seconds it took."""
-        backlog = d.backlog(context)
+        that neither the draft line nor a scoring run carries it; the seconds it took.
+        ``backlog``: ``d.backlog(context)`` when the caller has it already."""
+        if backlog is None:
+            backlog = d.backlog(context)
         if backlog <= (PREFILL_TOKENS if minimum is None else minimum):
             return 0.0
         t0 = time.perf_counter()
