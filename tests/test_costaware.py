@@ -720,3 +720,30 @@ def test_catch_up_is_timed_apart_from_drafting(target_model, drafter_models) -> 
         target_model, long_prompt, 6)
     assert model.prefill["small"].count == 3  # the long prompt's prefill, timed apart
     assert model.prefill["good"].count == 3  # scored, so caught up too
+
+
+def test_sampling_with_the_prefill_hint_matches_target_distribution(
+    target_model, drafter_models
+) -> None:
+    """With the LM drafters' prefill so dear that the hint rules them out at every query's
+    start (two 80-token prompts alternate, so each query starts with a prefill), 3,000
+    seeded generations of the counted prompt follow the target's joint law of the first
+    two tokens."""
+    prompt, other = PROMPTS[0] * 8, PROMPTS[1] * 12
+    decoder = SpeculativeDecoder(target_model, pool(drafter_models), "hedge",
+                                 num_speculative_tokens=[0, 1, 3], loss="time",
+                                 cost_model=DearPrefill())
+    sampling = SamplingParams(temperature=1.0)
+    decoder.generate(other, 12, sampling=SamplingParams(1.0, seed=-1))  # the arms' rates
+    steps = list(decoder.generate_steps(prompt, 2, SamplingParams(1.0, seed=-2)))
+    assert steps[0].drafter not in ("small", "good")  # the hint fired
+    counts = np.zeros((VOCAB, VOCAB))
+    for seed in range(3_000):
+        decoder.generate(other, 1, sampling=SamplingParams(1.0, seed=seed))
+        out = decoder.generate(prompt, max_new_tokens=2,
+                               sampling=SamplingParams(sampling.temperature, seed=seed))
+        counts[out.token_ids[0], out.token_ids[1]] += 1
+    joint = target_first_two(target_model, prompt, sampling)
+    assert_distribution(counts.sum(1), joint.sum(1))
+    assert_distribution(counts.sum(0), joint.sum(0))
+    assert_distribution(counts, joint)
