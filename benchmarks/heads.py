@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import logging
+import os
 import pathlib
 import platform
 import statistics
@@ -88,8 +90,43 @@ def _stop(model: Any, tok: Any) -> list[int]:
     return sorted({*ids, *([tok.eos_token_id] if tok.eos_token_id is not None else [])})
 
 
+def _recordings_key(prompts: list[list[int]], args: argparse.Namespace) -> str:
+    """What a saved recording must match: target, mode, token budget and the prompts."""
+    digest = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+    return f"{args.target}|exact={args.exact}|max_new={args.max_new_tokens}|{digest}"
+
+
+def _load_recordings(path: pathlib.Path, key: str) -> list[HiddenRecording] | None:
+    """The recordings saved at ``path`` for ``key`` (None when absent or for other prompts)."""
+    if not path.is_file():
+        return None
+    saved = torch.load(path, weights_only=True)
+    if saved.get("key") != key:
+        log.warning("%s holds recordings of other prompts or settings: recording again", path)
+        return None
+    return [HiddenRecording(ids=r["ids"], prompt_len=r["prompt_len"], hidden=r["hidden"],
+                            seconds=r["seconds"], step_seconds=r["step_seconds"])
+            for r in saved["recordings"]]
+
+
+def _save_recordings(path: pathlib.Path, key: str, recs: list[HiddenRecording]) -> None:
+    """Write the recordings atomically (a temporary file renamed over ``path``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"key": key, "recordings": [
+        {"ids": r.ids, "prompt_len": r.prompt_len, "hidden": r.hidden, "seconds": r.seconds,
+         "step_seconds": r.step_seconds} for r in recs]}, tmp)
+    os.replace(tmp, path)
+
+
 def _record(target: CachedLM, prompts: list[list[int]], args: argparse.Namespace,
             stop: list[int]) -> tuple[list[HiddenRecording], list[float]]:
+    key = _recordings_key(prompts, args)
+    saved = None if args.recordings is None else _load_recordings(args.recordings, key)
+    if saved is not None:
+        log.info("loaded %d recordings from %s", len(saved), args.recordings)
+        return saved, [statistics.median(r.step_seconds[1:]) for r in saved
+                       if len(r.output) > 1]
     recs, step_s = [], []
     for i, p in enumerate(prompts):
         target.reset()
@@ -99,6 +136,8 @@ def _record(target: CachedLM, prompts: list[list[int]], args: argparse.Namespace
         recs.append(rec)
         log.info("recorded %d/%d: %d tokens, %.2f s/step", i + 1, len(prompts), len(rec.output),
                  step_s[-1] if step_s else float("nan"))
+    if args.recordings is not None:
+        _save_recordings(args.recordings, key, recs)
     return recs, step_s
 
 
@@ -155,8 +194,10 @@ def _replay(name: str, drafter: HeadDrafter, recs: list[HiddenRecording], k: int
     rnd = sum(q["rounds"] for q in queries)
     res: dict[str, Any] = {"name": name, "mat": tok / rnd, "seconds": time.perf_counter() - t0,
                            "queries": queries}
-    half = len(queries) // 2
-    for part, qs in (("first_half", queries[:half]), ("second_half", queries[half:])):
+    half, quarter = len(queries) // 2, len(queries) // 4
+    for part, qs in (("first_half", queries[:half]), ("second_half", queries[half:]),
+                     ("first_quarter", queries[:quarter]),
+                     ("last_quarter", queries[len(queries) - quarter:])):
         res[f"mat_{part}"] = sum(q["tokens"] for q in qs) / max(sum(q["rounds"] for q in qs), 1)
     if isinstance(drafter, OnlineHeadDrafter):
         h = drafter.history
@@ -225,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("docs/img/heads"))
     p.add_argument("--results", type=pathlib.Path, default=None)
+    p.add_argument("--recordings", type=pathlib.Path, default=None,
+                   help="cache of the target-only recordings (phase 1): loaded when it holds "
+                   "these prompts and settings, else written after recording")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -271,9 +315,10 @@ def main(argv: list[str] | None = None) -> int:
                                   round_seconds=real["verify_s_per_round"]
                                   + args.k * real["draft_s_per_token"])
         runs.append(_replay(name, d, recs, args.k, vocab))
-        log.info("replay %s: MAT %.3f (first half %.3f, second half %.3f) in %.0f s", name,
-                 runs[-1]["mat"], runs[-1]["mat_first_half"], runs[-1]["mat_second_half"],
-                 runs[-1]["seconds"])
+        log.info("replay %s: MAT %.3f (first half %.3f, second half %.3f; first quarter "
+                 "%.3f, last quarter %.3f) in %.0f s", name, runs[-1]["mat"],
+                 runs[-1]["mat_first_half"], runs[-1]["mat_second_half"],
+                 runs[-1]["mat_first_quarter"], runs[-1]["mat_last_quarter"], runs[-1]["seconds"])
     result["replay"] = runs
     out = args.results or args.out / f"heads-{args.domain}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
