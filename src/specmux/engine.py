@@ -316,7 +316,8 @@ class SpeculativeDecoder:
                   if self.selector.wants_signals else None)  # (signal, proposal length)
         backlogs = self._backlogs(context)  # [N] or None
         a = self.selector.select(offers and [o[0] for o in offers],
-                                 offers and [o[1] for o in offers], backlogs, remaining)
+                                 offers and [o[1] for o in offers], backlogs, remaining,
+                                 len(context))
         arm = self.selector.arms[a]
         drafter = self.drafters[self.selector.arm_drafter[a]] if arm.k else None
         room = self.target.max_context - len(context) - 1

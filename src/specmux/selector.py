@@ -79,6 +79,7 @@ NO_DRAFT = "none"  # the drafter name of the no-speculation arm (k = 0)
 CONTEXT_WARMUP = 8  # loss vectors (bandits: updates) a context's learner needs to play
 CONTEXT_KEYS = "drafter-level-hit"  # the key scheme of :meth:`Selector.context_key` (state)
 QUERY_RATE_TOKENS = 8.0  # an arm's counterfactual tokens in a query before its rate there counts
+PRIOR_ACCEPTANCE = 0.5  # per-token acceptance assumed while the learner ranks all arms alike
 
 
 def context_key(signals: Sequence[int | None], hits: Sequence[bool] | np.ndarray) -> int:
@@ -279,12 +280,14 @@ class Selector:
 
     def select(self, signals: Sequence[int | None] | None = None,
                lengths: Sequence[int | None] | None = None,
-               backlogs: Sequence[int] | None = None, remaining: int = 0) -> int:
+               backlogs: Sequence[int] | None = None, remaining: int = 0,
+               context: int = 0) -> int:
         """The arm to play this round (an index into :attr:`arms`).  ``signals`` and
         ``lengths``: the drafters' :meth:`~specmux.drafters.base.Drafter.offer` (when
         :attr:`wants_signals`): the context key, and what each arm would draft.
         ``backlogs`` [N] (when :attr:`prices_backlog`) and ``remaining``, the query's token
-        budget left: for :meth:`worth_starting`."""
+        budget left: for :meth:`worth_starting`; ``context``: tokens before the round (the
+        cost model's context term, for :meth:`prior_arm`)."""
         t0 = time.perf_counter()
         self._key = (self.context_key(signals)
                      if self.contextual and signals is not None else None)
@@ -293,10 +296,66 @@ class Selector:
             if n is not None}
         allowed = self.worth_starting(backlogs, remaining)  # None unless full information
         playing = self._playing()
-        arm = (playing.select() if allowed is None
-               else playing.select(allowed))  # type: ignore[call-arg]
+        arm = self.prior_arm(playing, allowed, backlogs, remaining, context)
+        if arm is None:
+            arm = (playing.select() if allowed is None
+                   else playing.select(allowed))  # type: ignore[call-arg]
         self.policy_seconds += time.perf_counter() - t0
         return arm
+
+    def prior_arm(self, playing: Policy, allowed: np.ndarray | None,
+                  backlogs: Sequence[int] | None = None, remaining: int = 0,
+                  context: int = 0) -> int | None:
+        """Cold start of the ``"time"`` loss: while the full-information learner that plays
+        ranks every allowed arm the same (no loss yet: a round's loss arrives ``max_k``
+        positions later, eight plain steps where nothing is drafted), the arm of fewest
+        modelled seconds per token, each drafter assumed to accept
+        :data:`PRIOR_ACCEPTANCE` of its tokens: ``(1 - a^(n+1)) / (1 - a)`` tokens for the
+        ``n`` it would draft this round (a model-free drafter's offer, an LM's ``k``), over
+        its modelled round, plus its drafter's prefill as :meth:`worth_starting` prices it.
+        ``None`` (the learner decides) when it has a preference, for bandits and other
+        losses, or while the cost model cannot price a plain step.
+
+        >>> from specmux.costmodel import CostModel
+        >>> model = CostModel()
+        >>> for n, sec in [(1, 0.20), (3, 0.22), (5, 0.24)]:
+        ...     model.observe_verify(n, 100, sec)
+        >>> model.observe_draft("lm", 2, 0.05)
+        >>> s = Selector(make_arms(["lm", "ngram"], [0, 2, 4]), loss="time", cost_model=model)
+        >>> s._lengths = {"ngram": 0}  # prompt lookup offers nothing this round
+        >>> str(s.arms[s.prior_arm(s.policy, None, context=100)])  # 1.75 tokens in 0.27 s
+        'lm@k=2'
+        """
+        if not (playing.full_information and self.tracker.loss == "time"):
+            return None
+        mask = np.ones(len(self.arms), dtype=bool) if allowed is None else allowed
+        preference = playing.preference()[mask]
+        if preference.size == 0 or preference.max() > preference.min():
+            return None
+        plain = self.cost_model.verify_seconds(1, context)
+        if not plain > 0.0:  # nan before the first target pass is timed
+            return None
+        drafted = self._drafted()
+        n = np.array([k if known is None else known for known, (_, k) in zip(
+            drafted or [None] * len(self.arms), self._arm_specs, strict=True)], dtype=float)
+        a = PRIOR_ACCEPTANCE
+        tokens = (1.0 - a ** (n + 1.0)) / (1.0 - a)  # [num_arms]
+        seconds = self.cost_model.round_seconds(self._arm_specs, context, drafted)
+        per_token = seconds / tokens + self._prefill_surcharge(backlogs, remaining)
+        return int(np.argmin(np.where(mask, per_token, np.inf)))
+
+    def _prefill_surcharge(self, backlogs: Sequence[int] | None, remaining: int) -> np.ndarray:
+        """Per arm [num_arms]: its drafter's modelled prefill of ``backlogs`` [N] tokens
+        (those past :data:`~specmux.costmodel.PREFILL_TOKENS`) spread over the ``remaining``
+        tokens of the query, in seconds per token (0 where nothing to catch up or not
+        measured)."""
+        extra = np.zeros(len(self.drafter_names))  # [N]
+        if backlogs is not None and remaining >= 1:
+            for i, backlog in enumerate(backlogs):
+                if backlog > PREFILL_TOKENS:
+                    seconds = self.cost_model.prefill_seconds(self.drafter_names[i], backlog)
+                    extra[i] = seconds / remaining if seconds > 0 else 0.0  # nan: not known
+        return extra[self.arm_drafter] * self._drafts
 
     @property
     def prices_backlog(self) -> bool:
@@ -328,17 +387,12 @@ class Selector:
         """
         if backlogs is None or remaining < 1 or not self.prices_backlog:
             return None
-        extra = np.zeros(len(self.drafter_names))  # [N] prefill seconds per token left
-        for i, backlog in enumerate(backlogs):
-            if backlog > PREFILL_TOKENS:
-                seconds = self.cost_model.prefill_seconds(self.drafter_names[i], backlog)
-                extra[i] = seconds / remaining if seconds > 0 else 0.0  # nan: not known
-        if not extra.any():
+        surcharge = self._prefill_surcharge(backlogs, remaining)  # [num_arms]
+        if not surcharge.any():
             return None
         # [num_arms] (nan: never scored): this query's own rates where known (model-free
         # drafters are scored every round), else the stream's
         per_token = self.tracker.seconds_per_token(query_tokens=QUERY_RATE_TOKENS)
-        surcharge = extra[self.arm_drafter] * self._drafts  # [num_arms]
         free = (surcharge == 0) & np.isfinite(per_token)
         if not free.any():
             return None
