@@ -710,6 +710,8 @@ def test_engine_does_not_start_an_lm_whose_prefill_does_not_pay(
         assert [t for s in steps for t in s.tokens] == autoregressive_generate(
             target_model, prompt, 12)
     assert steps[0].drafter not in ("small", "good")  # the second query's opening round
+    assert {"small@k=2", "good@k=4"} <= set(steps[0].ruled_out)  # the trace says why
+    assert all(s.chosen_by == "learner" for s in steps)  # the arms' rates were known
     model = decoder.cost_model
     assert set(model.prefill) == {"small", "good"}  # calibration, then each query's start
 
@@ -814,8 +816,10 @@ def test_engine_from_a_cold_start_is_greedy_identical(target_model, drafter_mode
                                  num_speculative_tokens=[0, 2, 4], loss="time",
                                  reset_per_query=True)
     for prompt in PROMPTS:
-        assert decoder.generate(prompt, 16).token_ids == autoregressive_generate(
+        steps = list(decoder.generate_steps(prompt, 16))
+        assert [t for s in steps for t in s.tokens] == autoregressive_generate(
             target_model, prompt, 16)
+        assert steps[0].chosen_by == "prior"  # the trace says who chose
 
 
 def test_sampling_from_a_cold_start_matches_target_distribution(

@@ -359,6 +359,7 @@ class SpeculativeDecoder:
         t4 = time.perf_counter()
         if timed:  # prefills are no round's cost: rho would sag at each query
             model.observe_round(len(committed), t4 - t0 - self._prefill_seconds)
+        chosen_by, ruled_out = self.selector.round_choice
         step = Step(
             round=round_index, drafter=drafter.name if drafter else NO_DRAFT, arm=a, k=k,
             num_draft_tokens=len(draft), num_accepted_tokens=verdict.num_accepted_tokens,
@@ -366,6 +367,7 @@ class SpeculativeDecoder:
             verify_seconds=t3 - t2, learner_seconds=(t1 - t0) + (t4 - t3),
             finished=finish_reason is not None, finish_reason=finish_reason,
             gammas=self._gammas(scores), context=self.selector.round_context,
+            chosen_by=chosen_by, ruled_out=ruled_out,
         )
         self.stats.record(step)
         return step

@@ -202,6 +202,8 @@ class Selector:
         self.context_counts: dict[int, int] = {}  # key -> loss vectors (bandits: updates)
         self._key: int | None = None  # context key of the round being played
         self._lengths: dict[str, int] = {}  # drafter -> tokens it offers this round (max_k)
+        self._chosen_by = "learner"  # who chose the round's arm: "learner" or "prior"
+        self._ruled_out: tuple[str, ...] = ()  # arms worth_starting ruled out this round
         self._hits = np.zeros(len(names), dtype=bool)  # [N] last round's first guess right
         # Scores a drafter over rows of the query's log (set by the engine: deferred scoring)
         self.span_scorer: SpanScorer | None = None
@@ -297,6 +299,9 @@ class Selector:
         allowed = self.worth_starting(backlogs, remaining)  # None unless full information
         playing = self._playing()
         arm = self.prior_arm(playing, allowed, backlogs, remaining, context)
+        self._chosen_by = "learner" if arm is None else "prior"
+        self._ruled_out = () if allowed is None else tuple(
+            str(self.arms[i]) for i in np.flatnonzero(~allowed))
         if arm is None:
             arm = (playing.select() if allowed is None
                    else playing.select(allowed))  # type: ignore[call-arg]
@@ -411,6 +416,12 @@ class Selector:
         for the ``"time"`` loss, which prices a model-free drafter's arms by the length of
         the proposal it has this round (none: one plain step)."""
         return self.contextual or (self.needs_scores and self.tracker.loss == "time")
+
+    @property
+    def round_choice(self) -> tuple[str, tuple[str, ...]]:
+        """How the round last selected was decided: ``"learner"`` or ``"prior"``
+        (:meth:`prior_arm`), and the arms :meth:`worth_starting` ruled out (their names)."""
+        return self._chosen_by, self._ruled_out
 
     @property
     def round_context(self) -> int | None:

@@ -143,3 +143,5 @@ class Step:
     # gamma[name][j] = sum_x min(p_j(x), q_j(x)) (greedy: the argmax indicator).
     gammas: dict[str, tuple[float, ...]] = field(default_factory=dict)
     context: int | None = None  # the round's context key (contextual selection), else None
+    chosen_by: str = "learner"  # "prior": the cold start chose the arm (Selector.prior_arm)
+    ruled_out: tuple[str, ...] = ()  # arms the prefill hint ruled out (Selector.worth_starting)

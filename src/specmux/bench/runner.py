@@ -752,6 +752,7 @@ class BenchRunner:
                 "policy_seconds": policy_now - policy_before,
                 "gammas": {k: list(v) for k, v in step.gammas.items()},
                 "scored": sorted(step.gammas), "context": step.context,
+                "chosen_by": step.chosen_by, "ruled_out": list(step.ruled_out),
             })
             policy_before = policy_now
             tokens.extend(step.tokens)
