@@ -100,13 +100,19 @@ def _load_recordings(path: pathlib.Path, key: str) -> list[HiddenRecording] | No
     """The recordings saved at ``path`` for ``key`` (None when absent or for other prompts)."""
     if not path.is_file():
         return None
-    saved = torch.load(path, weights_only=True)
-    if saved.get("key") != key:
-        log.warning("%s holds recordings of other prompts or settings: recording again", path)
+    try:
+        saved = torch.load(path, weights_only=True)
+        if saved.get("key") != key:
+            log.warning("%s holds recordings of other prompts or settings: recording again",
+                        path)
+            return None
+        return [HiddenRecording(ids=r["ids"], prompt_len=r["prompt_len"], hidden=r["hidden"],
+                                seconds=r["seconds"], step_seconds=r["step_seconds"])
+                for r in saved["recordings"]]
+    except Exception as err:  # a truncated or foreign file: record again, overwrite it
+        log.warning("%s is not a recordings file (%s): recording again", path,
+                    str(err).splitlines()[0][:120] if str(err) else type(err).__name__)
         return None
-    return [HiddenRecording(ids=r["ids"], prompt_len=r["prompt_len"], hidden=r["hidden"],
-                            seconds=r["seconds"], step_seconds=r["step_seconds"])
-            for r in saved["recordings"]]
 
 
 def _save_recordings(path: pathlib.Path, key: str, recs: list[HiddenRecording]) -> None:
