@@ -14,16 +14,13 @@ The last line sums the seconds.  Reads the trace only; runs no model.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-
-def load(path: Path) -> list[dict[str, Any]]:
-    if path.is_dir():
-        path = path / "trace.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from specmux.bench.runner import read_trace
+from specmux.errors import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--method", default="hedge:time:ctx:argmax")
     p.add_argument("--drafter", default="lm")
     args = p.parse_args(argv)
-    rows = load(args.trace)
+    try:
+        rows = read_trace(args.trace)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     rounds: dict[int, list[dict[str, Any]]] = defaultdict(list)
     seconds: dict[tuple[str, int], float] = {}
     info: dict[int, tuple[str, int]] = {}
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
             seconds[(r["method"], r["query_index"])] = sum(r["choices"][0]["wall_time"])
             info[r["query_index"]] = (r["category"], r["prompt_tokens"])
     if not rounds:
-        raise SystemExit(f"error: no rounds of method {args.method!r} in {args.trace}")
+        print(f"error: no rounds of method {args.method!r} in {args.trace}", file=sys.stderr)
+        return 2
     print(f"{'query':>5} {'category':10} {'prompt':>6} {'rounds':>6} {'prior':>5} "
           f"{'ruled out':>9} {'first ' + args.drafter:>9} {'seconds':>7} {'oracle':>7} "
           f"{'ratio':>6}  fastest fixed arm")
