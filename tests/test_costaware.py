@@ -794,7 +794,8 @@ def test_a_learner_without_a_preference_plays_the_priors_fastest_arm(policy: str
 
 
 def test_the_prior_leaves_bandits_other_losses_and_unpriced_steps_alone() -> None:
-    assert priced_selector("ucb").prior_arm(priced_selector("ucb").policy, None) is None
+    bandit = priced_selector("ucb")
+    assert bandit.prior_arm(bandit.policy, None) is None
     length = Selector(make_arms(["lm", "ngram"], [0, 2, 4]), "hedge", loss="length",
                       cost_model=priced_selector().cost_model)
     assert length.prior_arm(length.policy, None, context=100) is None
