@@ -49,21 +49,26 @@ log = logging.getLogger("benchmarks.heads")
 
 def _train(model: Any, tok: Any, args: argparse.Namespace, path: pathlib.Path) -> None:
     from specmux.bench.datasets import load_domain
+    from specmux.heads.distill import self_distill
     from specmux.heads.extract import corpus_chunks, extract, extraction_key, load_shards
     from specmux.heads.store import save_head
     from specmux.heads.train import TrainConfig, train_head
     from specmux.models import cache_dir
 
     extra = corpus_chunks(args.corpus, args.max_tokens, 0)
-    texts = [*load_domain(args.domain, num_eval=args.num_eval, seed=0).corpus, *extra][
-        : args.max_texts]
+    split = load_domain(args.domain, num_eval=args.num_eval, seed=0)
+    seqs, distill_meta = self_distill(
+        split, tok, model, args.target, num_prompts=args.self_distill,
+        max_new_tokens=args.distill_tokens, threads=args.threads,
+        on_item=lambda n, done: log.info("answered %d prompts", done) if done % 20 == 0 else None)
+    texts = [*seqs, *[*split.corpus, *extra][: args.max_texts]]
     where = cache_dir() / "extract" / (
         f"{args.domain}-{extraction_key(args.target, 'bfloat16', args.max_tokens)}")
     t0 = time.perf_counter()
     shards = load_shards(extract(model, tok, texts, where, max_tokens=args.max_tokens))
     cfg = TrainConfig(epochs=args.epochs, max_seconds=args.train_minutes * 60)
     meta = {"domain": args.domain, "target": args.target, "dtype": "bfloat16", "seed": 0,
-            "num_eval": args.num_eval, "corpus_texts": len(texts),
+            "num_eval": args.num_eval, "corpus_texts": len(texts) - len(seqs), **distill_meta,
             "extra_corpus": [str(p) for p in args.corpus],
             "corpus_tokens": int(sum(len(s.ids) for s in shards)),
             "extract_seconds": round(time.perf_counter() - t0, 1), "extract_dir": str(where)}
@@ -72,7 +77,8 @@ def _train(model: Any, tok: Any, args: argparse.Namespace, path: pathlib.Path) -
                       if s % 20 == 0 else None)
     save_head(head, path.parent, path.stem)
     log.info("trained %s: %s", path, {k: head.meta[k] for k in (
-        "train_seconds", "steps", "holdout_agreement")})
+        "distill_seconds", "extract_seconds", "train_seconds", "steps", "holdout_agreement")
+        if k in head.meta})
 
 
 def _prompts(tok: Any, args: argparse.Namespace) -> list[list[int]]:
@@ -266,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="train even if the head file exists (else --train-minutes trains only "
                    "a missing head)")
     p.add_argument("--max-texts", type=int, default=39)
+    p.add_argument("--self-distill", type=int, default=0,
+                   help="also train on the target's answers to N corpus prompts (heads train "
+                   "--self-distill)")
+    p.add_argument("--distill-tokens", type=int, default=64)
     p.add_argument("--corpus", type=pathlib.Path, nargs="+", action="extend", default=[],
                    help="more training text: files or directories (as heads train --corpus)")
     p.add_argument("--max-tokens", type=int, default=384)

@@ -84,11 +84,18 @@ class Example:
 
 @dataclass(frozen=True)
 class DomainSplit:
-    """A domain's corpus texts (for building drafters) and its disjoint eval examples."""
+    """A domain's corpus texts (for building drafters) and its disjoint eval examples.
+
+    ``prompts``: the prompts of (some of) the corpus items as eval-style examples, without
+    their answers, in corpus order (code, math, chat and the synthetic splits; empty for the
+    other categories).  Disjoint from ``eval``: a head trained on the target's own answers to
+    them (``specmux heads train --self-distill``) never sees an eval prompt.
+    """
 
     domain: str
     corpus: list[str]
     eval: list[Example]
+    prompts: tuple[Example, ...] = ()
 
     @property
     def corpus_chars(self) -> int:
@@ -157,7 +164,9 @@ def _load_code(num_eval: int, seed: int, max_corpus_chars: int) -> DomainSplit:
         (p["prompt"] + p["canonical_solution"] for p in problems[num_eval:-reserve]),
         max_corpus_chars,
     )
-    return DomainSplit("code", corpus, evals)
+    prompts = tuple(Example("code", p["task_id"], p["prompt"], p["canonical_solution"],
+                            chat=False) for p in problems[num_eval:-reserve][:len(corpus)])
+    return DomainSplit("code", corpus, evals, prompts)
 
 
 def _load_code_edit(num_eval: int, seed: int, max_corpus_chars: int) -> DomainSplit:
@@ -240,13 +249,16 @@ def _load_math(num_eval: int, seed: int, max_corpus_chars: int, gsm_corpus: int)
     evals = [ex for pair in zip(gsm_eval, champ_eval, strict=False) for ex in pair]
     evals += gsm_eval[len(champ_eval) :]
 
-    gsm_texts = [f"{q}\n{cot}" for q, cot, _ in gsm[n_gsm:]]
-    champ_texts = [f"{q}\n{sol}\nAnswer: {a}" for _, q, sol, a in champ[n_champ:]]
+    gsm_items = [(f"{q}\n{cot}", Example("math", f"gsm_symbolic/{seed}/{i}", q, a, chat=True))
+                 for i, (q, cot, a) in enumerate(gsm[n_gsm:], start=n_gsm)]
+    champ_items = [(f"{q}\n{sol}\nAnswer: {a}", Example("math", f"champ/{pid}", q, a, chat=True))
+                   for pid, q, sol, a in champ[n_champ:]]
     # Alternate the two sources so a cap keeps both.
-    mixed = [t for pair in zip(gsm_texts, champ_texts, strict=False) for t in pair]
-    longer = gsm_texts if len(gsm_texts) > len(champ_texts) else champ_texts
-    mixed += longer[min(len(gsm_texts), len(champ_texts)) :]
-    return DomainSplit("math", _cap(mixed, max_corpus_chars), evals)
+    mixed = [t for pair in zip(gsm_items, champ_items, strict=False) for t in pair]
+    longer = gsm_items if len(gsm_items) > len(champ_items) else champ_items
+    mixed += longer[min(len(gsm_items), len(champ_items)) :]
+    corpus = _cap((text for text, _ in mixed), max_corpus_chars)
+    return DomainSplit("math", corpus, evals, tuple(ex for _, ex in mixed[:len(corpus)]))
 
 
 # ---------------------------------------------------------------- chat: ShareGPT
@@ -316,7 +328,15 @@ def _load_sharegpt(domain: str, num_eval: int, seed: int, max_corpus_chars: int)
     else:
         texts = (value for _, turns in records for who, value in turns
                  if who == "gpt" and value.strip())
-    return DomainSplit(domain, _cap(texts, max_corpus_chars), evals)
+    prompts: tuple[Example, ...] = ()
+    if domain == "chat":  # first human turns of the corpus conversations (not an eval text)
+        seen = {ex.prompt for ex in evals}
+        prompts = tuple(
+            Example(domain, rid, turns[0][1], turns[1][1], chat=True) for rid, turns in records
+            if len(turns) >= 2 and turns[0][0] == "human" and turns[1][0] == "gpt"
+            and turns[0][1].strip() and len(turns[0][1]) <= CHAT_MAX_PROMPT_CHARS
+            and turns[0][1] not in seen)
+    return DomainSplit(domain, _cap(texts, max_corpus_chars), evals, prompts)
 
 
 # ---------------------------------------------------------------- public API
@@ -432,5 +452,7 @@ def synthetic_splits(
             for i, p, r in items[:num_eval]
         ]
         corpus = [p + ("" if domain == "code" else "\n") + r for _, p, r in items[num_eval:]]
-        out[domain] = DomainSplit(domain, corpus, evals)
+        prompts = tuple(Example(domain, f"synthetic/{domain}/{i}", p, r, chat=domain != "code")
+                        for i, p, r in items[num_eval:])
+        out[domain] = DomainSplit(domain, corpus, evals, prompts)
     return out

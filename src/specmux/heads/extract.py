@@ -30,8 +30,10 @@ def extraction_key(model_label: str, dtype: str, max_tokens: int) -> str:
     return hashlib.sha256(json.dumps([model_label, dtype, max_tokens]).encode()).hexdigest()[:16]
 
 
-def shard_name(text: str) -> str:
-    return f"{hashlib.sha256(text.encode()).hexdigest()[:24]}.safetensors"
+def shard_name(text: str | Sequence[int]) -> str:
+    """A text's shard file name (token sequences are named by their ids)."""
+    key = text if isinstance(text, str) else "ids:" + json.dumps([int(t) for t in text])
+    return f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
 
 
 @dataclass
@@ -55,19 +57,24 @@ def extract_one(model: PreTrainedModel, ids: list[int]) -> Shard:
 def extract(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    texts: Sequence[str],
+    texts: Sequence[str | Sequence[int]],
     directory: pathlib.Path,
     *,
     max_tokens: int = 512,
     on_text: Callable[[int, int], None] | None = None,
 ) -> list[pathlib.Path]:
-    """Extract every text (truncated to ``max_tokens``) into ``directory``; existing shards
-    are kept.  ``on_text(tokens, done)`` reports progress.  Returns the shard paths."""
+    """Extract every text into ``directory``; existing shards are kept.  A text is a string
+    (tokenized, its first ``max_tokens`` tokens kept) or token ids (a prompt and the target's
+    answer, :mod:`specmux.heads.distill`: the last ``max_tokens`` kept, so the answer stays).
+    ``on_text(tokens, done)`` reports progress.  Returns the shard paths."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, text in enumerate(texts):
         path = directory / shard_name(text)
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])[:max_tokens]
+        if isinstance(text, str):
+            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])[:max_tokens]
+        else:
+            ids = [int(t) for t in text][-max_tokens:]
         if len(ids) >= 3:
             if not path.is_file():
                 s = extract_one(model, ids)
