@@ -57,23 +57,18 @@ def _train(model: Any, tok: Any, args: argparse.Namespace, path: pathlib.Path) -
 
     extra = corpus_chunks(args.corpus, args.max_tokens, 0)
     split = load_domain(args.domain, num_eval=args.num_eval, seed=0)
-    distilled = self_distill(
+    seqs, distill_meta = self_distill(
         split, tok, model, args.target, num_prompts=args.self_distill,
         max_new_tokens=args.distill_tokens, threads=args.threads,
         on_item=lambda n, done: log.info("answered %d prompts", done) if done % 20 == 0 else None)
-    seqs = distilled.seqs
     texts = [*seqs, *[*split.corpus, *extra][: args.max_texts]]
     where = cache_dir() / "extract" / (
         f"{args.domain}-{extraction_key(args.target, 'bfloat16', args.max_tokens)}")
     t0 = time.perf_counter()
-    paths = extract(model, tok, texts, where, max_tokens=args.max_tokens)
-    shards = load_shards(paths)
-    if args.distill_answers_only:
-        distilled.train_on_answers(shards, paths, args.max_tokens)
+    shards = load_shards(extract(model, tok, texts, where, max_tokens=args.max_tokens))
     cfg = TrainConfig(epochs=args.epochs, max_seconds=args.train_minutes * 60)
     meta = {"domain": args.domain, "target": args.target, "dtype": "bfloat16", "seed": 0,
-            "num_eval": args.num_eval, "corpus_texts": len(texts) - len(seqs), **distilled.meta,
-            "distill_answers_only": args.distill_answers_only,
+            "num_eval": args.num_eval, "corpus_texts": len(texts) - len(seqs), **distill_meta,
             "extra_corpus": [str(p) for p in args.corpus],
             "corpus_tokens": int(sum(len(s.ids) for s in shards)),
             "extract_seconds": round(time.perf_counter() - t0, 1), "extract_dir": str(where)}
@@ -281,8 +276,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="also train on the target's answers to N corpus prompts (heads train "
                    "--self-distill)")
     p.add_argument("--distill-tokens", type=int, default=64)
-    p.add_argument("--distill-answers-only", action=argparse.BooleanOptionalAction,
-                   default=True, help="train the self-distilled texts on their answers only")
     p.add_argument("--corpus", type=pathlib.Path, nargs="+", action="extend", default=[],
                    help="more training text: files or directories (as heads train --corpus)")
     p.add_argument("--max-tokens", type=int, default=384)

@@ -41,9 +41,6 @@ def train_command(
     distill_generator: Annotated[str, typer.Option(
         help="Who writes the answers: auto (llama.cpp for a GGUF target), llama.cpp or "
         "transformers.")] = "auto",
-    distill_answers_only: Annotated[bool, typer.Option(
-        help="Train the self-distilled texts on their answers only (the prompt is context).")
-                                    ] = True,
     max_tokens: Annotated[int, typer.Option(help="Tokens per text at most.")] = 384,
     inner: Annotated[int, typer.Option(help="Head MLP width.")] = 1024,
     draft_vocab: Annotated[int, typer.Option(help="Draft vocabulary size (0 = full).")] = 32768,
@@ -109,7 +106,7 @@ def train_command(
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
         for domain, split in splits.items():
-            distilled = None
+            seqs, distill_meta = [], {}
             if self_distill:
                 with Progress(*columns, console=console) as progress:
                     task = progress.add_task(f"{domain}: answer", total=self_distill, info="")
@@ -120,11 +117,10 @@ def train_command(
                         made["tokens"] += n
                         progress.update(task, completed=done, info=f"{made['tokens']} tokens")
 
-                    distilled = distill(
+                    seqs, distill_meta = distill(
                         split, tok, model, target, num_prompts=self_distill,
                         max_new_tokens=distill_tokens, generator=distill_generator,
                         threads=threads, on_item=on_item)
-            seqs = distilled.seqs if distilled else []
             texts = [*seqs, *[*split.corpus, *extra][:max_texts]]
             key = extraction_key(target, dtype, max_tokens)
             where = cache_dir() / "extract" / f"{domain}-{key}"
@@ -144,8 +140,6 @@ def train_command(
                               f"-> {where}", highlight=False)
                 continue
             shards = load_shards(paths)
-            if distilled and distill_answers_only:
-                distilled.train_on_answers(shards, paths, max_tokens)
             with Progress(*columns, console=console) as progress:
                 task = progress.add_task(f"{domain}: train", total=None, info="")
 
@@ -155,8 +149,7 @@ def train_command(
 
                 meta = {"domain": domain, "target": target, "dtype": dtype, "seed": seed,
                         "num_eval": num_eval, "corpus_texts": len(texts) - len(seqs),
-                        **(distilled.meta if distilled else {}),
-                        "distill_answers_only": bool(distilled and distill_answers_only),
+                        **distill_meta,
                         "extra_corpus": [str(p) for p in corpus or []],
                         "corpus_tokens": int(sum(len(s.ids) for s in shards)),
                         "extract_seconds": round(extract_s, 1), "extract_dir": str(where)}

@@ -25,10 +25,8 @@ import json
 import logging
 import pathlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from specmux.heads.extract import Shard, shard_name
 from specmux.heads.store import _atomic_write
 
 log = logging.getLogger(__name__)
@@ -147,28 +145,6 @@ def distill_sequences(
     return out
 
 
-@dataclass
-class Distilled:
-    """The self-distilled texts (prompt + answer token ids), their prompt lengths, and the
-    figures for the head's metadata."""
-
-    seqs: list[list[int]]
-    prompt_lens: list[int]
-    meta: dict[str, Any]
-
-    def train_on_answers(self, shards: Sequence[Shard], paths: Sequence[pathlib.Path],
-                         max_tokens: int) -> None:
-        """Train these texts' shards on their answers only, the prompt being context: the
-        first trained position is the prompt's last, whose state (with the first answer
-        token, which the target's own step commits) drafts the second answer token, as in
-        the first drafting round after a prefill.  ``max_tokens``: the extraction limit
-        (a long text keeps its last tokens)."""
-        firsts = {shard_name(seq): max(0, n - 1 - max(0, len(seq) - max_tokens))
-                  for seq, n in zip(self.seqs, self.prompt_lens, strict=True)}
-        for shard, path in zip(shards, paths, strict=True):
-            shard.first = firsts.get(path.name, shard.first)
-
-
 def self_distill(
     split: Any,
     tokenizer: Any,
@@ -180,10 +156,10 @@ def self_distill(
     generator: str = "auto",
     threads: int | None = None,
     on_item: Callable[[int, int], None] | None = None,
-) -> Distilled:
+) -> tuple[list[list[int]], dict[str, Any]]:
     """The target's greedy answers to the first ``num_prompts`` corpus prompts of ``split``
-    (a :class:`~specmux.bench.datasets.DomainSplit`) that fit the model's context, as
-    ``prompt + answer`` token ids."""
+    (a :class:`~specmux.bench.datasets.DomainSplit`), as ``prompt + answer`` token ids, and
+    the figures for the head's metadata (prompts, generator, answer tokens, seconds)."""
     import time
 
     from specmux.bench.runner import encode
@@ -221,4 +197,4 @@ def self_distill(
             "distill_answer_tokens": sum(len(s) - len(p)
                                          for s, p in zip(seqs, prompts, strict=True)),
             "distill_seconds": round(time.perf_counter() - t0, 1)}
-    return Distilled(seqs, [len(p) for p in prompts], meta)
+    return seqs, meta

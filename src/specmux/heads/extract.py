@@ -41,7 +41,6 @@ class Shard:
     ids: torch.Tensor  # [T] int64
     hidden: torch.Tensor  # [T, H] bf16
     argmax: torch.Tensor  # [T] int64
-    first: int = 0  # first position trained on (a self-distilled answer's: its prompt is context)
 
 
 @torch.inference_mode()

@@ -68,8 +68,7 @@ def choose_draft_vocab(shards: Sequence[Shard], vocab_size: int, size: int) -> t
 
 
 class _Data:
-    """All shards flattened: starts are positions from each shard's ``first`` on with
-    ``depth`` tokens after them."""
+    """All shards flattened: starts are positions with ``depth`` tokens after them."""
 
     def __init__(self, shards: Sequence[Shard], depth: int) -> None:
         self.ids = torch.cat([s.ids for s in shards])  # [N]
@@ -78,7 +77,7 @@ class _Data:
         starts, offset = [], 0
         for s in shards:
             n = len(s.ids)
-            starts.append(torch.arange(offset + min(s.first, n), offset + max(0, n - depth)))
+            starts.append(torch.arange(offset, offset + max(0, n - depth)))
             offset += n
         self.starts = torch.cat(starts) if starts else torch.zeros(0, dtype=torch.long)
 
