@@ -102,7 +102,9 @@ def test_cli_trains_on_the_targets_answers(tmp_path, model_dir, monkeypatch) -> 
     assert meta["distill_prompts"] == 3 and meta["distill_generator"] == "transformers"
     assert meta["corpus_texts"] == 0 and 0 < meta["distill_answer_tokens"] <= 15
     assert len(list((tmp_path / "cache" / "distill" / "code").glob("*.json"))) == 3
-    bad = CliRunner().invoke(app, [*args[:6], "--self-distill", "100000"])
-    assert bad.exit_code == 2 and "more prompts" in bad.output
+    capped = CliRunner().invoke(app, [*args[:-2], "--num-eval", "80", "--self-distill", "99"])
+    assert capped.exit_code == 0, capped.output  # the 4 prompts its corpus has (those that fit)
+    meta = load_head(tmp_path / "cache" / "heads" / "head-code.json").meta
+    assert 0 < meta["distill_prompts"] <= 4
     none = CliRunner().invoke(app, [*args[:8], "--self-distill", "0"])
     assert none.exit_code == 2 and "nothing to train on" in none.output

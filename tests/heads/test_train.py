@@ -91,8 +91,8 @@ def test_cli_trains_and_lists_a_head(tmp_path, model_dir, monkeypatch) -> None:
     monkeypatch.setenv("SPECMUX_CACHE", str(tmp_path / "cache"))
     runner = CliRunner()
     args = ["heads", "train", "--target", model_dir, "--dtype", "float32", "--max-texts", "3",
-            "--max-tokens", "24", "--epochs", "1", "--inner", "16", "--draft-vocab", "20",
-            "--num-eval", "2"]
+            "--self-distill", "0", "--max-tokens", "24", "--epochs", "1", "--inner", "16",
+            "--draft-vocab", "20", "--num-eval", "2"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "held-out agreement" in result.output
@@ -112,8 +112,8 @@ def test_cli_trains_on_an_extra_corpus_directory(tmp_path, model_dir, monkeypatc
                                       for i in range(40)))
     (src / "a.pyc").write_bytes(b"\x00\x01binary")
     args = ["heads", "train", "--target", model_dir, "--dtype", "float32", "--max-tokens", "24",
-            "--epochs", "1", "--inner", "16", "--draft-vocab", "20", "--num-eval", "2",
-            "--corpus", str(src), "--extract-only"]
+            "--self-distill", "0", "--epochs", "1", "--inner", "16", "--draft-vocab", "20",
+            "--num-eval", "2", "--corpus", str(src), "--extract-only"]
     few = CliRunner().invoke(app, [*args, "--max-texts", "3"])
     more = CliRunner().invoke(app, [*args, "--max-texts", "100000"])
     assert few.exit_code == 0 and more.exit_code == 0, more.output
@@ -133,8 +133,9 @@ def test_chunk_text_keeps_every_line() -> None:
     assert all(len(p) <= 100 + 10 for p in pieces) and len(pieces) > 10
 
 
-@pytest.mark.parametrize("bad", [["--dtype", "int8"], ["--max-texts", "0"], ["--domain", "x"],
-                                 ["--depth", "0"]])
+@pytest.mark.parametrize("bad", [["--dtype", "int8"], ["--max-texts", "-1"], ["--domain", "x"],
+                                 ["--depth", "0"], ["--self-distill", "-1"],
+                                 ["--domain", "code_edit", "--self-distill", "5"]])
 def test_cli_bad_input_exits_2(bad, model_dir) -> None:
     result = CliRunner().invoke(app, ["heads", "train", "--target", model_dir, *bad])
     assert result.exit_code == 2

@@ -32,12 +32,12 @@ def train_command(
     max_texts: Annotated[int, typer.Option(help="Corpus texts (or pieces) used at most.")
                          ] = 40,
     self_distill: Annotated[int, typer.Option(
-        "--self-distill", help="Also train on the target's own greedy answers to this many "
-        "corpus prompts (never an eval prompt): the text the head drafts at run time. "
-        "Generated on llama.cpp for a GGUF target (about 30 tokens/s on two cores), cached.")
-                            ] = 0,
+        "--self-distill", help="Also train on the target's own greedy answers to up to this "
+        "many corpus prompts (never an eval prompt): the text the head drafts at run time. "
+        "Generated on llama.cpp for a GGUF target (about 2.5 s a prompt on two cores here), "
+        "cached; 0 = corpus text only.")] = 144,
     distill_tokens: Annotated[int, typer.Option(help="Tokens per self-distilled answer.")
-                              ] = 64,
+                              ] = 48,
     distill_generator: Annotated[str, typer.Option(
         help="Who writes the answers: auto (llama.cpp for a GGUF target), llama.cpp or "
         "transformers.")] = "auto",
@@ -45,11 +45,11 @@ def train_command(
     inner: Annotated[int, typer.Option(help="Head MLP width.")] = 1024,
     draft_vocab: Annotated[int, typer.Option(help="Draft vocabulary size (0 = full).")] = 32768,
     depth: Annotated[int, typer.Option(help="Unrolled drafting steps per sample.")] = 2,
-    epochs: Annotated[int, typer.Option(help="Passes over the corpus.")] = 3,
+    epochs: Annotated[int, typer.Option(help="Passes over the corpus.")] = 2,
     batch_size: Annotated[int, typer.Option(help="Positions per step.")] = 128,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
     max_minutes: Annotated[float, typer.Option(help="Training wall clock per head (the "
-                                               "extraction is extra).")] = 6.0,
+                                               "extraction is extra).")] = 3.5,
     seed: Annotated[int, typer.Option(help="Data split and training seed.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Output directory (default "
                                              "<cache>/heads).")] = None,
@@ -100,6 +100,10 @@ def train_command(
                           batch_size=batch_size, lr=lr, max_seconds=max_minutes * 60, seed=seed)
         directory = out or heads_dir()
         splits = {d: load_domain(d, num_eval=num_eval, seed=seed) for d in domains or ["code"]}
+        for split in splits.values():
+            if self_distill and not split.prompts:  # before loading the target
+                raise ConfigError(f"{split.domain} has no corpus prompts to self-distill; "
+                                  "pass --self-distill 0")
         extra = corpus_chunks(corpus or [], max_tokens, seed)
         with console.status("loading the target"):
             model, tok = load_model(target, dtype=DTYPES[dtype], install=install)
@@ -109,7 +113,8 @@ def train_command(
             seqs, distill_meta = [], {}
             if self_distill:
                 with Progress(*columns, console=console) as progress:
-                    task = progress.add_task(f"{domain}: answer", total=self_distill, info="")
+                    task = progress.add_task(f"{domain}: answer", info="",
+                                             total=min(self_distill, len(split.prompts)))
                     made = {"tokens": 0}
 
                     def on_item(n: int, done: int, task=task, progress=progress,

@@ -158,8 +158,9 @@ def self_distill(
     on_item: Callable[[int, int], None] | None = None,
 ) -> tuple[list[list[int]], dict[str, Any]]:
     """The target's greedy answers to the first ``num_prompts`` corpus prompts of ``split``
-    (a :class:`~specmux.bench.datasets.DomainSplit`), as ``prompt + answer`` token ids, and
-    the figures for the head's metadata (prompts, generator, answer tokens, seconds)."""
+    (a :class:`~specmux.bench.datasets.DomainSplit`) that fit the model's context (fewer
+    when the corpus has fewer), as ``prompt + answer`` token ids, and the figures for the
+    head's metadata (prompts, generator, answer tokens, seconds)."""
     import time
 
     from specmux.bench.runner import encode
@@ -168,9 +169,9 @@ def self_distill(
 
     if num_prompts < 0 or max_new_tokens < 1:
         raise ConfigError("--self-distill must be >= 0 and --distill-tokens >= 1")
-    if num_prompts > len(split.prompts):
-        raise ConfigError(f"{split.domain}: --self-distill {num_prompts} asks for more prompts "
-                          f"than its corpus has ({len(split.prompts)})")
+    if num_prompts and not split.prompts:
+        raise ConfigError(f"{split.domain} has no corpus prompts to self-distill; pass "
+                          "--self-distill 0")
     t0 = time.perf_counter()
     # Prompts that leave room for the answer within the model's context, in corpus order.
     limit = int(getattr(model.config, "max_position_embeddings", 1 << 30)) - max_new_tokens
@@ -181,9 +182,12 @@ def self_distill(
         ids = encode(tokenizer, ex)
         if len(ids) <= limit:
             prompts.append(ids)
+    if num_prompts and not prompts:
+        raise ConfigError(f"{split.domain}: no corpus prompt leaves room for {max_new_tokens} "
+                          "answer tokens in the model's context")
     if len(prompts) < num_prompts:
-        raise ConfigError(f"{split.domain}: only {len(prompts)} corpus prompts leave room for "
-                          f"{max_new_tokens} answer tokens in the model's context")
+        log.info("%s: %d corpus prompts to self-distill (of %d asked)", split.domain,
+                 len(prompts), num_prompts)
     name, generate = "none", None
     if prompts:
         name, generate = make_generator(generator, target, model,
