@@ -108,3 +108,19 @@ def test_cli_trains_on_the_targets_answers(tmp_path, model_dir, monkeypatch) -> 
     assert 0 < meta["distill_prompts"] <= 4
     none = CliRunner().invoke(app, [*args[:8], "--self-distill", "0"])
     assert none.exit_code == 2 and "nothing to train on" in none.output
+
+
+def test_llamacpp_answers_are_its_greedy_decoding(tmp_path, target_model) -> None:
+    """``auto`` picks llama.cpp for a GGUF; its answer is the GGUF target-only greedy path."""
+    pytest.importorskip("llama_cpp")
+    from specmux.backends.llamacpp import LlamaCppLM
+    from specmux.engine import autoregressive_generate
+
+    from gguf_helpers import write_gguf
+
+    path = write_gguf(target_model, tmp_path / "t.gguf")
+    name, generate = make_generator("auto", str(path), target_model, frozenset(), threads=1)
+    prompt = [3, 17, 8, 30, 4]
+    reference = autoregressive_generate(LlamaCppLM.load(path, threads=1, context=512), prompt, 12)
+    assert name == "llama.cpp" and generate(prompt, 12) == reference
+    assert generate(prompt, 12) == reference  # the cache was reset in between

@@ -81,7 +81,7 @@ def make_generator(kind: str, target: str, model: Any, stop: frozenset[int],
                    threads: int | None = None) -> tuple[str, Generate]:
     """``(name, generate)`` for ``kind`` in :data:`GENERATORS`; ``auto`` = llama.cpp when
     the target is a GGUF and llama-cpp-python is installed, else transformers."""
-    from specmux.errors import ConfigError
+    from specmux.errors import ConfigError, SpecmuxError
 
     if kind not in GENERATORS:
         raise ConfigError(f"unknown generator {kind!r}; known: {', '.join(GENERATORS)}")
@@ -93,7 +93,7 @@ def make_generator(kind: str, target: str, model: Any, stop: frozenset[int],
             llama_cpp_module()
             resolve_gguf(target)
             kind = "llama.cpp"
-        except Exception as err:  # not a GGUF, or no llama-cpp-python: the loaded model
+        except SpecmuxError as err:  # not a GGUF, or no llama-cpp-python: the loaded model
             log.info("self-distillation through transformers (%s)", err)
     if kind == "llama.cpp":
         return kind, llamacpp_generator(target, stop, threads)
