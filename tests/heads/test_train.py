@@ -135,7 +135,8 @@ def test_chunk_text_keeps_every_line() -> None:
 
 @pytest.mark.parametrize("bad", [["--dtype", "int8"], ["--max-texts", "-1"], ["--domain", "x"],
                                  ["--depth", "0"], ["--self-distill", "-1"],
-                                 ["--domain", "code_edit", "--self-distill", "5"]])
+                                 ["--domain", "code_edit", "--self-distill", "5"],
+                                 ["--distill-generator", "vllm"]])
 def test_cli_bad_input_exits_2(bad, model_dir) -> None:
     result = CliRunner().invoke(app, ["heads", "train", "--target", model_dir, *bad])
     assert result.exit_code == 2

@@ -34,7 +34,7 @@ def train_command(
     self_distill: Annotated[int, typer.Option(
         "--self-distill", help="Also train on the target's own greedy answers to up to this "
         "many corpus prompts (never an eval prompt): the text the head drafts at run time. "
-        "Generated on llama.cpp for a GGUF target (about 2.5 s a prompt on two cores here), "
+        "Generated on llama.cpp for a GGUF target (2-3.5 s a prompt on two cores here), "
         "cached; 0 = corpus text only.")] = 144,
     distill_tokens: Annotated[int, typer.Option(help="Tokens per self-distilled answer.")
                               ] = 48,
@@ -79,6 +79,7 @@ def train_command(
         from specmux.bench.datasets import load_domain
         from specmux.bench.runner import DTYPES
         from specmux.errors import ConfigError
+        from specmux.heads.distill import GENERATORS
         from specmux.heads.distill import self_distill as distill
         from specmux.heads.extract import corpus_chunks, extract, extraction_key, load_shards
         from specmux.heads.store import heads_dir, save_head
@@ -90,6 +91,9 @@ def train_command(
         if max_texts < 0 or max_tokens < 4 or self_distill < 0:
             raise ConfigError("--max-texts and --self-distill must be >= 0 and --max-tokens "
                               ">= 4")
+        if distill_generator not in GENERATORS:
+            raise ConfigError(f"unknown --distill-generator {distill_generator!r}; known: "
+                              f"{', '.join(GENERATORS)}")
         if max_texts == 0 and self_distill == 0:
             raise ConfigError("nothing to train on: give --max-texts or --self-distill > 0")
         if threads is not None:
