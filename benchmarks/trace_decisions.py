@@ -8,7 +8,8 @@ how many the prefill hint ruled out some arm of ``--drafter`` (``ruled_out``,
 :meth:`~specmux.selector.Selector.worth_starting`); the first round that drafter played
 (``-``: never); the query's seconds, and, where the trace has the single-drafter runs, the
 fastest of them on that query (the per-query time oracle) and the learner's time over it.
-The last line sums the seconds.  Reads the trace only; runs no model.
+The last line sums the seconds.  ``--query Q`` lists that query's rounds instead (arm,
+drafted and accepted tokens, seconds, who chose).  Reads the trace only; runs no model.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("trace", type=Path)
     p.add_argument("--method", default="hedge:time:ctx:argmax")
     p.add_argument("--drafter", default="lm")
+    p.add_argument("--query", type=int, default=None, help="list this query's rounds")
     args = p.parse_args(argv)
     try:
         rows = read_trace(args.trace)
@@ -46,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     if not rounds:
         print(f"error: no rounds of method {args.method!r} in {args.trace}", file=sys.stderr)
         return 2
+    if args.query is not None:
+        return _list_rounds(rounds, args.query, args.method)
     print(f"{'query':>5} {'category':10} {'prompt':>6} {'rounds':>6} {'prior':>5} "
           f"{'ruled out':>9} {'first ' + args.drafter:>9} {'seconds':>7} {'oracle':>7} "
           f"{'ratio':>6}  fastest fixed arm")
@@ -71,6 +75,18 @@ def main(argv: list[str] | None = None) -> int:
     if oracle_total:
         line += f", per-query oracle {oracle_total:.2f} (ratio {total / oracle_total:.3f})"
     print(line)
+    return 0
+
+
+def _list_rounds(rounds: dict[int, list[dict[str, Any]]], query: int, method: str) -> int:
+    if query not in rounds:
+        print(f"error: no query {query} of method {method!r} in the trace", file=sys.stderr)
+        return 2
+    print(f"{'round':>5} {'arm':16} {'drafted':>7} {'accepted':>8} {'seconds':>7}  chosen by")
+    for r in rounds[query]:
+        arm = f"{r['drafter']}@{r['k']}"
+        print(f"{r['round']:>5} {arm:16} {r['drafted']:>7} {r['accepted']:>8} "
+              f"{r['seconds']:7.3f}  {r.get('chosen_by', '')}")
     return 0
 
 
