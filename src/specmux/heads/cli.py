@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -117,19 +118,12 @@ def train_command(
             seqs, distill_meta = [], {}
             if self_distill:
                 with Progress(*columns, console=console) as progress:
-                    task = progress.add_task(f"{domain}: answer", info="",
-                                             total=min(self_distill, len(split.prompts)))
-                    made = {"tokens": 0}
-
-                    def on_item(n: int, done: int, task=task, progress=progress,
-                                made=made) -> None:
-                        made["tokens"] += n
-                        progress.update(task, completed=done, info=f"{made['tokens']} tokens")
-
                     seqs, distill_meta = distill(
                         split, tok, model, target, num_prompts=self_distill,
                         max_new_tokens=distill_tokens, generator=distill_generator,
-                        threads=threads, on_item=on_item)
+                        threads=threads, on_item=_answer_progress(
+                            progress, f"{domain}: answer",
+                            min(self_distill, len(split.prompts))))
             texts = [*seqs, *[*split.corpus, *extra][:max_texts]]
             key = extraction_key(target, dtype, max_tokens)
             where = cache_dir() / "extract" / f"{domain}-{key}"
@@ -172,6 +166,18 @@ def train_command(
                 f"{m['train_seconds']:.0f} s ({m['steps']}/{m['steps_planned']} steps), "
                 f"held-out agreement by depth {m['holdout_agreement']} -> {path}",
                 highlight=False)
+
+
+def _answer_progress(progress: Any, label: str, total: int) -> Callable[[int, int], None]:
+    """A rich progress task for the self-distilled answers: ``on_item(tokens, done)``."""
+    task = progress.add_task(label, total=total, info="")
+    made = {"tokens": 0}
+
+    def on_item(n: int, done: int) -> None:
+        made["tokens"] += n
+        progress.update(task, completed=done, info=f"{made['tokens']} tokens")
+
+    return on_item
 
 
 @heads_app.command("list")
