@@ -39,6 +39,7 @@ import torch
 from specmux.drafters.head import HeadDrafter
 from specmux.engine import SpeculativeDecoder
 from specmux.exact import set_exact
+from specmux.heads.distill import stop_tokens
 from specmux.heads.online import OnlineHeadDrafter
 from specmux.heads.replay import HiddenRecording, HiddenReplayTarget, record_greedy
 from specmux.heads.store import HeadFile, heads_dir, load_head
@@ -88,12 +89,6 @@ def _prompts(tok: Any, args: argparse.Namespace) -> list[list[int]]:
     split = load_domain(args.domain, num_eval=args.num_eval, seed=0)
     prompts = [encode(tok, ex) for ex in split.eval[: args.num_prompts]]
     return [q[-args.max_prompt_tokens:] for q in prompts] if args.max_prompt_tokens else prompts
-
-
-def _stop(model: Any, tok: Any) -> list[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    ids = [eos] if isinstance(eos, int) else list(eos or [])
-    return sorted({*ids, *([tok.eos_token_id] if tok.eos_token_id is not None else [])})
 
 
 def _recordings_key(prompts: list[list[int]], args: argparse.Namespace) -> str:
@@ -300,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         _train(model, tok, args, path)
     head = load_head(path)
     set_exact(model, args.exact)  # after training: extraction runs whole texts in one pass
-    stop = _stop(model, tok)
+    stop = sorted(stop_tokens(model, tok))
     prompts = _prompts(tok, args)
     target = CachedLM(model, name="target")
     t0 = time.perf_counter()

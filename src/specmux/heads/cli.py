@@ -80,7 +80,7 @@ def train_command(
         from specmux.bench.datasets import load_domain
         from specmux.bench.runner import DTYPES
         from specmux.errors import ConfigError
-        from specmux.heads.distill import GENERATORS
+        from specmux.heads.distill import GENERATORS, check_request
         from specmux.heads.distill import self_distill as distill
         from specmux.heads.extract import corpus_chunks, extract, extraction_key, load_shards
         from specmux.heads.store import heads_dir, save_head
@@ -105,10 +105,8 @@ def train_command(
                           batch_size=batch_size, lr=lr, max_seconds=max_minutes * 60, seed=seed)
         directory = out or heads_dir()
         splits = {d: load_domain(d, num_eval=num_eval, seed=seed) for d in domains or ["code"]}
-        for split in splits.values():
-            if self_distill and not split.prompts:  # before loading the target
-                raise ConfigError(f"{split.domain} has no corpus prompts to self-distill; "
-                                  "pass --self-distill 0")
+        for split in splits.values():  # before loading the target
+            check_request(split, self_distill, distill_tokens)
         extra = corpus_chunks(corpus or [], max_tokens, seed)
         with console.status("loading the target"):
             model, tok = load_model(target, dtype=DTYPES[dtype], install=install)

@@ -8,11 +8,11 @@ prompts are the corpus items' prompts (:attr:`specmux.bench.datasets.DomainSplit
 disjoint from the eval prompts), each answered greedily by the target; the training
 sequence is prompt + answer, extracted like any text (:mod:`specmux.heads.extract`).
 
-Generation runs on llama.cpp when the target is a GGUF (the embedded models are: about 30
-tokens/s on two cores here, against about 4 through transformers in bf16), else through
-transformers.  The quantized model's greedy answer can differ from the bf16 target's at a
-near-tie; that only shifts which text is trained on, never the teacher, which is the bf16
-target's own distribution at every position (:func:`specmux.heads.extract.extract_one`).
+Generation runs on llama.cpp when the target is a GGUF (the embedded models are: 2-3.5 s
+for a 48-token answer on two cores here, docs/ADAPTATION.md), else through transformers.
+The quantized model's greedy answer can differ from the bf16 target's at a near-tie; that
+only shifts which text is trained on, never the teacher, which is the bf16 target's own
+distribution at every position (:func:`specmux.heads.extract.extract_one`).
 
 Answers are cached one JSON file per prompt (``SHA.json``, written atomically, named by the
 prompt's tokens, the token budget and the generator), so an interrupted run resumes.
@@ -100,6 +100,18 @@ def make_generator(kind: str, target: str, model: Any, stop: frozenset[int],
     return kind, transformers_generator(model, stop)
 
 
+def check_request(split: Any, num_prompts: int, max_new_tokens: int = 1) -> None:
+    """A :class:`~specmux.errors.ConfigError` unless ``split`` can give ``num_prompts``
+    self-distilled answers of ``max_new_tokens`` tokens (checked before any model loads)."""
+    from specmux.errors import ConfigError
+
+    if num_prompts < 0 or max_new_tokens < 1:
+        raise ConfigError("--self-distill must be >= 0 and --distill-tokens >= 1")
+    if num_prompts and not split.prompts:
+        raise ConfigError(f"{split.domain} has no corpus prompts to self-distill; pass "
+                          "--self-distill 0")
+
+
 def _answer_path(directory: pathlib.Path, prompt: Sequence[int], max_new_tokens: int,
                  generator: str) -> pathlib.Path:
     key = json.dumps([generator, max_new_tokens, list(prompt)])
@@ -167,11 +179,7 @@ def self_distill(
     from specmux.errors import ConfigError
     from specmux.models import cache_dir
 
-    if num_prompts < 0 or max_new_tokens < 1:
-        raise ConfigError("--self-distill must be >= 0 and --distill-tokens >= 1")
-    if num_prompts and not split.prompts:
-        raise ConfigError(f"{split.domain} has no corpus prompts to self-distill; pass "
-                          "--self-distill 0")
+    check_request(split, num_prompts, max_new_tokens)
     t0 = time.perf_counter()
     # Prompts that leave room for the answer within the model's context, in corpus order.
     limit = int(getattr(model.config, "max_position_embeddings", 1 << 30)) - max_new_tokens
@@ -188,14 +196,13 @@ def self_distill(
     if len(prompts) < num_prompts:
         log.info("%s: %d corpus prompts to self-distill (of %d asked)", split.domain,
                  len(prompts), num_prompts)
-    name, generate = "none", None
+    name, seqs = "none", []
     if prompts:
         name, generate = make_generator(generator, target, model,
                                         stop_tokens(model, tokenizer), threads)
-    seqs = distill_sequences(prompts, generate or (lambda p, n: []),
-                             cache_dir() / "distill" / split.domain,
-                             max_new_tokens=max_new_tokens, generator=f"{target}|{name}",
-                             on_item=on_item)
+        seqs = distill_sequences(prompts, generate, cache_dir() / "distill" / split.domain,
+                                 max_new_tokens=max_new_tokens, generator=f"{target}|{name}",
+                                 on_item=on_item)
     meta = {"distill_prompts": len(prompts), "distill_generator": name,
             "distill_max_new_tokens": max_new_tokens,
             "distill_answer_tokens": sum(len(s) - len(p)
