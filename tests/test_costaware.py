@@ -624,6 +624,55 @@ def test_an_lm_kept_up_for_scoring_counts_as_expensive_by_its_drafting_pass() ->
     assert plan.expensive(model, 100) == [True]
 
 
+def test_an_expensive_drafter_is_scored_in_its_first_round() -> None:
+    """Until an expensive drafter is scored once its arms' imputed losses are a neutral
+    1/2; so its first round is scored whatever its coin says (even in a query that does
+    not watch it), and later rounds follow the coin again; a dominated one never is."""
+    model = CostModel()
+    model.observe_verify(1, 100, 0.2)
+    model.observe_draft("lm", 1, 0.05)
+    plan = ScoringPlan(["ngram", "lm"], rate=0.01, seed=0)
+    plan.start_query([1.0, 0.0], prompt_tokens=100_000)  # watched with probability 1/1024
+    assert not plan.watched[1]
+    run, factors, deferred = plan.decide(played=0, model=model, context=100, defer=True)
+    assert deferred == [1] and factors is not None and factors[1] > 1.0  # a coin's mark
+    later = [plan.decide(played=0, model=model, context=100, defer=True)[2]
+             for _ in range(200)]
+    assert not any(later)  # unwatched: the coin never comes up
+    fresh = ScoringPlan(["ngram", "lm"], rate=0.01, seed=0)
+    fresh.start_query([1.0, 0.0], dominated=[False, True])
+    assert fresh.decide(played=0, model=model, context=100, defer=True)[2] == []
+    played = ScoringPlan(["ngram", "lm"], rate=0.01, seed=0)
+    played.decide(played=1, model=model, context=100, defer=True)  # played: scored exactly
+    played.start_query([1.0, 0.0], prompt_tokens=100_000)
+    assert not played.watched[1]
+    assert not any(played.decide(played=0, model=model, context=100, defer=True)[2]
+                   for _ in range(20))
+
+
+def test_cold_start_prior_learns_each_drafters_acceptance_from_its_plays() -> None:
+    """While the learner has no loss yet, the prior's per-token acceptance of a drafter
+    moves from 1/2 with the rounds it was played: one that keeps missing yields to one
+    not tried; a reset forgets it."""
+    model = CostModel()
+    for n, sec in [(1, 0.20), (3, 0.22), (5, 0.24)]:
+        model.observe_verify(n, 100, sec)
+    model.observe_draft("head", 2, 0.01)
+    model.observe_draft("lm", 2, 0.04)
+    selector = Selector(make_arms(["head", "lm"], [2]), loss="time", cost_model=model)
+    assert str(selector.arms[selector.prior_arm(selector.policy, None, context=100)]) \
+        == "head@k=2"  # cheaper at the same assumed acceptance
+    for _ in range(2):
+        selector.observe(Outcome(arm=0, num_draft_tokens=2, num_accepted_tokens=0))
+    assert str(selector.arms[selector.prior_arm(selector.policy, None, context=100)]) \
+        == "lm@k=2"
+    selector.observe(Outcome(arm=1, num_draft_tokens=2, num_accepted_tokens=2))
+    assert selector._played[:, 1].tolist() == [2.0, 2.0]  # all accepted: no rejection
+    selector.reset()
+    assert str(selector.arms[selector.prior_arm(selector.policy, None, context=100)]) \
+        == "head@k=2"
+
+
 def test_prefill_line_prices_a_drafters_start() -> None:
     model = CostModel()
     assert math.isnan(model.prefill_seconds("lm", 100))

@@ -35,6 +35,12 @@ watched: even with all ``k`` drafted tokens accepted, ``(k + 1) / (draft(k) + ve
 token: 0.5B against 1.5B on a GPU, or on llama.cpp with two threads), so no outcome of its
 scoring could make it worth playing.
 
+An expensive drafter never scored nor played yet is scored at its first round, as if its
+coin had come up (unless dominated): until one of its rounds is scored its arms' imputed
+losses are a neutral 1/2, which ranks it behind whichever scored arm is best so far.  In
+issue 11's twentieth run the first query played draft heads that accepted nothing for 11
+rounds while the 0.5B LM drafter, which then accepted 8 of 8, waited for its first coin.
+
 ``rate = 1`` scores everything every round (the plain HedgeSpec behaviour).
 
 >>> from specmux.costmodel import CostModel
@@ -43,8 +49,9 @@ scoring could make it worth playing.
 >>> model.observe_score("lm", 0.06); model.observe_score("ngram", 0.0002)
 >>> plan = ScoringPlan(["ngram", "lm"], rate=0.25, seed=0)
 >>> [plan.decide(played=0, model=model, context=100)[1] for _ in range(3)]
-[array([1., 0.]), array([1., 0.]), array([1., 4.])]
->>> # the LM is expensive: scored on a quarter of the rounds, weighted 4, unless played
+[array([1., 4.]), array([1., 0.]), array([1., 4.])]
+>>> # the LM is expensive: scored in its first round (never scored before), then on a
+>>> # quarter of the rounds, weighted 4, unless played
 >>> plan.decide(played=1, model=model, context=100)
 ([True, True], None, [])
 >>> plan.decide(played=0, model=model, context=100, defer=True)  # its coin: deferred
@@ -136,6 +143,9 @@ class ScoringPlan:
                 run.append(True)
                 continue
             coin = bool(self.watched[i]) and self.rng.random() < self.rate
+            # Never scored yet (nor played): scored now, so imputing its arms' losses has
+            # a sample of them instead of a neutral 1/2 (module docstring).
+            coin = coin or bool(self.num_runs[i] == 0 and self.watch_rate[i] > 0.0)
             factors[i] = 1.0 / (self.rate * self.watch_rate[i]) if coin else 0.0
             run.append(coin and not defer)
             if coin and defer:

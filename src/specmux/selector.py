@@ -80,6 +80,7 @@ CONTEXT_WARMUP = 8  # loss vectors (bandits: updates) a context's learner needs 
 CONTEXT_KEYS = "drafter-level-hit"  # the key scheme of :meth:`Selector.context_key` (state)
 QUERY_RATE_TOKENS = 8.0  # an arm's counterfactual tokens in a query before its rate there counts
 PRIOR_ACCEPTANCE = 0.5  # per-token acceptance assumed while the learner ranks all arms alike
+PRIOR_PSEUDO_TRIALS = 2.0  # ...worth this many draft-token trials next to a drafter's own
 
 
 def context_key(signals: Sequence[int | None], hits: Sequence[bool] | np.ndarray) -> int:
@@ -205,6 +206,9 @@ class Selector:
         self._chosen_by = "learner"  # who chose the round's arm: "learner" or "prior"
         self._ruled_out: tuple[str, ...] = ()  # arms worth_starting ruled out this round
         self._hits = np.zeros(len(names), dtype=bool)  # [N] last round's first guess right
+        # [2, N]: each drafter's accepted draft tokens and draft-token trials (accepted +
+        # the first rejection) in the rounds it was played: the prior's acceptance estimate
+        self._played = np.zeros((2, len(names)))
         # Scores a drafter over rows of the query's log (set by the engine: deferred scoring)
         self.span_scorer: SpanScorer | None = None
         self.stats = SpecStats()
@@ -227,6 +231,7 @@ class Selector:
             self.tracker.forget()
             self.contexts.clear()
             self.context_counts.clear()
+            self._played[:] = 0.0
         self.tracker.reset()
         self._final = None
         self._hits[:] = False
@@ -314,10 +319,14 @@ class Selector:
         """Cold start of the ``"time"`` loss: while the full-information learner that plays
         ranks every allowed arm the same (no loss yet: a round's loss arrives ``max_k``
         positions later, eight plain steps where nothing is drafted), the arm of fewest
-        modelled seconds per token, each drafter assumed to accept
-        :data:`PRIOR_ACCEPTANCE` of its tokens: ``(1 - a^(n+1)) / (1 - a)`` tokens for the
-        ``n`` it would draft this round (a model-free drafter's offer, an LM's ``k``), over
-        its modelled round, plus its drafter's prefill as :meth:`worth_starting` prices it.
+        modelled seconds per token: ``(1 - a^(n+1)) / (1 - a)`` tokens for the ``n`` it
+        would draft this round (a model-free drafter's offer, an LM's ``k``), over its
+        modelled round, plus its drafter's prefill as :meth:`worth_starting` prices it.
+        ``a``, the drafter's per-token acceptance, is :data:`PRIOR_ACCEPTANCE` worth
+        :data:`PRIOR_PSEUDO_TRIALS` draft tokens, updated by the rounds it was played:
+        (accepted + 2 · 0.5) / (accepted + first rejections + 2).  A drafter that keeps
+        missing (a head outside its domain) soon yields to one not yet tried, the way a
+        bandit's optimism would, while the loss of its rounds is still on its way.
         ``None`` (the learner decides) when it has a preference, for bandits and other
         losses, or while the cost model cannot price a plain step.
 
@@ -330,6 +339,11 @@ class Selector:
         >>> s._lengths = {"ngram": 0}  # prompt lookup offers nothing this round
         >>> str(s.arms[s.prior_arm(s.policy, None, context=100)])  # 1.75 tokens in 0.27 s
         'lm@k=2'
+        >>> s = Selector(make_arms(["lm"], [0, 2]), loss="time", cost_model=model)
+        >>> for _ in range(2):  # lm@k=2 played twice, its first token rejected both times
+        ...     s.observe(Outcome(arm=0, num_draft_tokens=2, num_accepted_tokens=0))
+        >>> str(s.arms[s.prior_arm(s.policy, None, context=100)])  # a = 1/4: 1.31 in 0.27 s
+        'none@k=0'
         """
         if not (playing.full_information and self.tracker.loss == "time"):
             return None
@@ -343,7 +357,9 @@ class Selector:
         drafted = self._drafted()
         n = np.array([k if known is None else known for known, (_, k) in zip(
             drafted or [None] * len(self.arms), self._arm_specs, strict=True)], dtype=float)
-        a = PRIOR_ACCEPTANCE
+        accepted, trials = self._played  # [N] each
+        a = np.minimum((accepted + PRIOR_PSEUDO_TRIALS * PRIOR_ACCEPTANCE)
+                       / (trials + PRIOR_PSEUDO_TRIALS), 0.999)[self.arm_drafter]  # [num_arms]
         tokens = (1.0 - a ** (n + 1.0)) / (1.0 - a)  # [num_arms]
         seconds = self.cost_model.round_seconds(self._arm_specs, context, drafted)
         per_token = seconds / tokens + self._prefill_surcharge(backlogs, remaining)
@@ -481,6 +497,10 @@ class Selector:
                 self._hits = np.nan_to_num(scores[0][0]) >= 0.5
         elif self.arms[outcome.arm].k and outcome.num_draft_tokens:  # bandits: the played one
             self._hits[self.arm_drafter[outcome.arm]] = outcome.num_accepted_tokens > 0
+        if self.arms[outcome.arm].k and outcome.num_draft_tokens:
+            accepted = outcome.num_accepted_tokens
+            missed = accepted < outcome.num_draft_tokens  # the first rejection: a trial
+            self._played[:, self.arm_drafter[outcome.arm]] += (accepted, accepted + missed)
         feedback = Feedback(
             arm=outcome.arm, k=self.arms[outcome.arm].k, max_k=self.max_k,
             num_draft_tokens=outcome.num_draft_tokens,
@@ -575,6 +595,7 @@ class Selector:
         self.stats = SpecStats()
         self._final = None
         self._hits[:] = False
+        self._played[:] = 0.0
 
     def state_dict(self) -> dict[str, Any]:
         """The policy's JSON-able learned state (what a server persists); in contextual

@@ -74,6 +74,20 @@ def test_head_drafts_from_the_verification_rows(tiny_head, target_model) -> None
     assert target.num_forward_calls == len(steps)
 
 
+def test_head_offers_nothing_where_it_has_no_state(tiny_head, target_model) -> None:
+    """A cost-aware selector prices a head's arms by its offer: 0 tokens in a query's first
+    round (no pass has computed the state it drafts from), ``k`` (None) after a pass."""
+    target = CachedLM(target_model)
+    head = HeadDrafter(tiny_head, target_model, target=target)
+    ctx = PROMPTS[1]
+    assert head.offer(ctx, 4) == (None, 0)
+    assert len(head.propose(ctx, 4, SamplingParams()).tokens) == 0  # as offered
+    target.logits(ctx, 1)
+    nxt = int(target.logits(ctx, 1)[0].argmax())
+    assert head.offer([*ctx, nxt], 4) == (None, None)
+    assert len(head.propose([*ctx, nxt], 4, SamplingParams()).tokens) == 4
+
+
 def test_counterfactual_rows_match_what_the_head_would_draft(tiny_head, target_model) -> None:
     target = CachedLM(target_model)
     head = HeadDrafter(tiny_head, target_model, target=target)

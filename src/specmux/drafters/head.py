@@ -90,6 +90,12 @@ class HeadDrafter(Drafter):
         except LookupError:
             return None
 
+    def offer(self, context: Sequence[int], k: int) -> tuple[int | None, int | None]:
+        """``(None, 0)`` where no pass computed the state the head drafts from (a query's
+        first round): it drafts nothing there, and a cost-aware selector prices its arms
+        so; else ``(None, None)`` (it drafts ``k``)."""
+        return None, (0 if k >= 1 and self.state_before(context) is None else None)
+
     def embed(self, tokens: Sequence[int]) -> torch.Tensor:
         return self.embedding[torch.as_tensor(list(tokens), dtype=torch.long)].float()  # [n, H]
 
