@@ -113,3 +113,31 @@ def test_a_position_past_max_k_changes_no_released_loss() -> None:
         assert len(out_full) == len(out_cut) == 300
         for a, b in zip(out_full, out_cut, strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+def test_provisional_losses_read_the_known_positions_and_move_nothing() -> None:
+    """While a round's window is being verified, its provisional loss counts the positions
+    known (a drafter that missed is final; one still matching is assumed to match the
+    rest), changes no running statistic, and becomes the real loss once the window is
+    complete with the optimistic guess right."""
+    tracker = CounterfactualTracker([(0, 4), (1, 4), (1, 2)], "time")
+    costs = np.array([0.4, 0.4, 0.3])
+    hit_b = np.array([[0.0, 1.0]])  # drafter 0 misses, drafter 1 matches
+
+    def add() -> list:
+        return tracker.add_round_tagged(hit_b, hit_b.copy(), 7, costs=costs, rho=5.0)
+
+    assert add() == []
+    (tag, ahead), = tracker.provisional()
+    np.testing.assert_array_equal(tracker.provisional()[0][1], ahead)  # nothing moved
+    assert tag == 7 and ahead[1] < ahead[2] < ahead[0]  # b@4 (5 tokens) best, a@4 worst
+    assert tracker.time_scale == 0.0 and tracker.best_fixed_rate() == 0.0
+    released = [add() for _ in range(3)][-1]  # the fourth position completes the window
+    np.testing.assert_allclose(released[0][1], ahead)  # b did match the rest: the same loss
+    pending = CounterfactualTracker([(0, 4), (1, 4)], "length")
+    pending.add_round_tagged(np.array([[0.0, np.nan]]), np.array([[0.0, np.nan]]), 0,
+                             factors=np.array([1.0, 20.0]), deferred=[1],
+                             scorer=lambda d, lo, hi: (np.ones(hi - lo), np.ones(hi - lo)))
+    (_, ahead), = pending.provisional()  # drafter 1's coin run waits: imputed (1/2)
+    assert ahead.tolist() == [0.8, 0.5]
+    assert CounterfactualTracker([(0, 4)], "acceptance").provisional() == []

@@ -86,3 +86,33 @@ def test_bad_arms() -> None:
         Selector([Arm("x", 2)], "hedge", drafter_names=["a"])
     with pytest.raises(ConfigError, match="score_all"):
         Selector(make_arms(["a"], 2), "hedge", score_all=False)
+
+
+def test_a_learner_leaves_a_failing_arm_before_its_losses_arrive() -> None:
+    """Delayed losses arrive ``max_k`` positions after a round starts: ``max_k`` rounds
+    where every draft fails.  A full-information learner selects as if the provisional
+    losses of the pending rounds had arrived, so it leaves a drafter that stopped matching
+    within a round or two; a learner fed the released losses only keeps it."""
+    def run(provisional: bool) -> list[int]:
+        selector = Selector(make_arms(["a", "b"], 8), "hedge",
+                            policy_kwargs={"selection": "argmax"})
+        if not provisional:
+            selector._provisional = lambda playing: []  # type: ignore[method-assign]
+        selector.start_query()
+        for _ in range(2):  # a matches 8 of 8, b nothing: two losses (windows complete)
+            arm = selector.select()
+            gamma = np.tile([1.0, 0.0], (9, 1))
+            selector.observe(Outcome(arm, 8, 8), (gamma, gamma.copy()))
+        assert selector.policy.num_losses == 2 and selector.select() == 0
+        played = []
+        for _ in range(6):  # now a misses every first token, b matches
+            arm = selector.select()
+            played.append(arm)
+            gamma = np.array([[0.0, 1.0]])
+            selector.observe(Outcome(arm, 8, 0), (gamma, gamma.copy()))
+        return played
+
+    # pending rounds' b@8 (9 tokens, optimistic) against a@8 (1 token): the third one
+    # outweighs a's two good rounds; the first real loss would come after 8 rounds
+    assert run(provisional=True) == [0, 0, 0, 1, 1, 1]
+    assert run(provisional=False) == [0] * 6

@@ -91,7 +91,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -385,8 +385,50 @@ class CounterfactualTracker:
             self._offset += drop
         return out
 
-    def _losses(self, gamma: np.ndarray, weight: np.ndarray, meta: _Pending) -> np.ndarray:
-        """Loss vector [num_arms] from the scores along one round's (possibly longer) path."""
+    def provisional(self) -> list[tuple[int, np.ndarray]]:
+        """``(tag, losses)`` of the rounds still waiting for their window (delayed
+        ``length``/``time`` losses), from the positions verified so far: a drafter still
+        matching at the last of them is assumed to match the rest of the window (optimism),
+        a drafter not scored yet (its coin's run waits for the window) is imputed, as are
+        the unscored ones.  Nothing changes: no rate, scale or imputation baseline moves.
+
+        A round's loss arrives ``max_k`` positions after it starts; where drafts fail, that
+        is ``max_k`` rounds of one token each, in which a learner reading only the
+        released losses keeps playing the arm that fails (issue 11's twentieth run: a
+        multi-turn query played ``head:code@2``, accepting nothing for ten rounds, while
+        prompt lookup would have matched 8 of 8).  A learner may select as if these
+        losses had arrived (:meth:`specmux.policies.hedge.FullInformationPolicy.select_with`);
+        the real ones replace them once the window is verified.
+
+        >>> tracker = CounterfactualTracker([(0, 4), (1, 4)], "length")
+        >>> # one position verified: drafter 0 missed it, drafter 1 matched it
+        >>> tracker.add_round(np.array([[0.0, 1.0]]), np.array([[0.0, 1.0]]))
+        []
+        >>> [losses.tolist() for _, losses in tracker.provisional()]  # 1 and 5 tokens of 5
+        [[0.8, 0.0]]
+        """
+        if self.loss == "acceptance" or not self.delayed or self._gamma is None:
+            return []
+        out: list[tuple[int, np.ndarray]] = []
+        for meta in self._pending:
+            lo = meta.start - self._offset
+            hi = min(lo + self.max_k, self._len)
+            if hi <= lo:
+                continue
+            gamma, weight = self._gamma[lo:hi], self._weight[lo:hi]  # [n, N]
+            pad = np.ones((self.max_k - (hi - lo), gamma.shape[1]))  # the rest: all match
+            factors = None
+            if meta.factors is not None:  # a coin's drafter whose run has not come: imputed
+                factors = np.where(np.isnan(gamma).all(axis=0), 0.0, meta.factors)
+            out.append((meta.tag, self._losses(
+                np.vstack([gamma, pad]), np.vstack([weight, pad]),
+                replace(meta, factors=factors), commit=False)))
+        return out
+
+    def _losses(self, gamma: np.ndarray, weight: np.ndarray, meta: _Pending,
+                commit: bool = True) -> np.ndarray:
+        """Loss vector [num_arms] from the scores along one round's (possibly longer) path
+        (``commit=False``: no running statistic moves, :meth:`provisional`)."""
         factors = meta.factors
         # Positions a drafter was not run on are nan: past a drafter's first certain miss
         # (weight 0) they do not count, and a factor-0 drafter's arms use the baseline.
@@ -399,12 +441,13 @@ class CounterfactualTracker:
             if self.loss == "length":
                 losses = 1.0 - tokens / (self.max_k + 1)
             else:
-                losses = self._time_losses(tokens, meta)
+                losses = self._time_losses(tokens, meta, commit)
         if factors is None:
             return losses
-        return self._impute(losses, factors[self.drafter_of_arm], meta.tag)
+        return self._impute(losses, factors[self.drafter_of_arm], meta.tag, commit)
 
-    def _impute(self, losses: np.ndarray, f: np.ndarray, tag: int) -> np.ndarray:
+    def _impute(self, losses: np.ndarray, f: np.ndarray, tag: int,
+                commit: bool = True) -> np.ndarray:
         """Losses of arms whose drafter was not scored (``f == 0``) replaced by the decayed
         mean of that arm's losses in the rounds its drafter was scored by a coin (``f >
         1``) in the round's context (``tag // num_arms``), shrunk toward the same mean in
@@ -418,7 +461,7 @@ class CounterfactualTracker:
         for key in (keys[1], keys[0]):  # any context's coins, then this context's
             total, weight = self._baselines.get(key, empty)
             base = (total + IMPUTE_PRIOR * base) / (weight + IMPUTE_PRIOR)
-        for key, mask in ((keys[0], f > 1), (-1, f > 1), (-2, f > 0)):
+        for key, mask in ((keys[0], f > 1), (-1, f > 1), (-2, f > 0)) if commit else ():
             total, weight = self._baselines.setdefault(
                 key, (np.zeros(num_arms), np.zeros(num_arms)))
             total[mask] = self._decay * total[mask] + losses[mask]
@@ -445,8 +488,9 @@ class CounterfactualTracker:
         out[mine] = self._query_seconds[mine] / self._query_tokens[mine]
         return out
 
-    def _time_losses(self, tokens: np.ndarray, meta: _Pending) -> np.ndarray:
-        """Dinkelbach's gain ``T - rho * c`` per arm, shifted and scaled (module docstring)."""
+    def _time_losses(self, tokens: np.ndarray, meta: _Pending, commit: bool = True) -> np.ndarray:
+        """Dinkelbach's gain ``T - rho * c`` per arm, shifted and scaled (module docstring);
+        ``commit=False`` leaves the arms' rates and the scale as they are."""
         assert meta.costs is not None
         exact = (np.ones(len(tokens), dtype=bool) if meta.factors is None
                  else meta.factors[self.drafter_of_arm] == 1.0)
@@ -462,6 +506,8 @@ class CounterfactualTracker:
         seen = exact if meta.factors is None else meta.factors[self.drafter_of_arm] > 0
         if seen.any():  # scored by a coin: known exactly too
             spread = max(spread, float(np.abs(gain[seen] - mean).max()))
+        if not commit:
+            return 0.5 + (mean - gain) / (2.0 * max(self.time_scale, spread, 1e-9))
         # This round's tokens and costs feed the fixed arms' rates only after its loss.
         d = self._rate_decay
         self._arm_tokens[seen] = d * self._arm_tokens[seen] + tokens[seen]

@@ -308,10 +308,28 @@ class Selector:
         self._ruled_out = () if allowed is None else tuple(
             str(self.arms[i]) for i in np.flatnonzero(~allowed))
         if arm is None:
-            arm = (playing.select() if allowed is None
-                   else playing.select(allowed))  # type: ignore[call-arg]
+            ahead = self._provisional(playing)
+            if ahead:
+                arm = playing.select_with(ahead, allowed)  # type: ignore[attr-defined]
+            else:
+                arm = (playing.select() if allowed is None
+                       else playing.select(allowed))  # type: ignore[call-arg]
         self.policy_seconds += time.perf_counter() - t0
         return arm
+
+    def _provisional(self, playing: Policy) -> list[np.ndarray]:
+        """For a full-information learner: the provisional losses of the query's rounds
+        still waiting for their window (:meth:`CounterfactualTracker.provisional`), those of
+        the playing learner's context when it is a context's (what :meth:`_update` will
+        give it).  Selecting as if they had arrived lets a learner leave an arm that keeps
+        failing at once rather than ``max_k`` rounds later."""
+        if not (playing.full_information and self.needs_scores):
+            return []
+        pending = self.tracker.provisional()
+        if playing is self.policy:
+            return [losses for _, losses in pending]
+        mine = len(self.arms) * (1 + self._key) if self._key is not None else -1
+        return [losses for tag, losses in pending if tag - tag % len(self.arms) == mine]
 
     def prior_arm(self, playing: Policy, allowed: np.ndarray | None,
                   backlogs: Sequence[int] | None = None, remaining: int = 0,

@@ -25,7 +25,9 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Sequence
 from typing import ClassVar
 
 import numpy as np
@@ -69,6 +71,20 @@ class FullInformationPolicy(Policy):
     def preference(self) -> np.ndarray:
         """What the weights rank the arms by [num_arms], higher is better."""
         return self.probabilities()
+
+    def select_with(self, losses: Sequence[np.ndarray], allowed: np.ndarray | None = None) -> int:
+        """:meth:`select` as if ``losses`` (loss vectors [num_arms]) had arrived too: the
+        provisional losses of rounds whose feedback is still on its way
+        (:meth:`specmux.feedback.CounterfactualTracker.provisional`).  Only the random
+        stream moves, as in :meth:`select`."""
+        if not losses:
+            return self.select(allowed)
+        ahead = copy.deepcopy(self)
+        ahead.update(Feedback(arm=0, k=0, max_k=1, num_draft_tokens=0, num_accepted_tokens=0,
+                              losses=tuple(losses)))
+        arm = ahead.select(allowed)
+        self.rng = ahead.rng
+        return arm
 
 
 class Hedge(FullInformationPolicy):
