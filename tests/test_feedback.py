@@ -141,3 +141,17 @@ def test_provisional_losses_read_the_known_positions_and_move_nothing() -> None:
     (_, ahead), = pending.provisional()  # drafter 1's coin run waits: imputed (1/2)
     assert ahead.tolist() == [0.8, 0.5]
     assert CounterfactualTracker([(0, 4)], "acceptance").provisional() == []
+
+
+def test_provisional_losses_count_positions_a_drafter_was_not_run_on_as_unknown() -> None:
+    """An LM drafter played in a round is run on that round's path only (nan after it):
+    there its later positions are unknown, so optimistic like the unverified ones, not
+    misses; a drafter that missed where it was run stays final."""
+    tracker = CounterfactualTracker([(0, 4), (1, 4)], "length")
+    played = np.ones((2, 2))  # the LM (drafter 0) drafted 2, both accepted; ngram matched
+    tracker.add_round_tagged(played, played.copy(), 0, factors=np.ones(2))
+    later = np.array([[np.nan, 1.0]])  # the next round: prompt lookup played, LM not run
+    tracker.add_round_tagged(later, later.copy(), 1, factors=np.array([0.0, 1.0]))
+    (_, first), (_, second) = tracker.provisional()
+    assert first.tolist() == [0.0, 0.0]  # both 5 of 5 (not the LM 3: a miss where not run)
+    assert second.tolist() == [0.5, 0.0]  # the LM unscored there: imputed

@@ -388,9 +388,11 @@ class CounterfactualTracker:
     def provisional(self) -> list[tuple[int, np.ndarray]]:
         """``(tag, losses)`` of the rounds still waiting for their window (delayed
         ``length``/``time`` losses), from the positions verified so far: a drafter still
-        matching at the last of them is assumed to match the rest of the window (optimism),
-        a drafter not scored yet (its coin's run waits for the window) is imputed, as are
-        the unscored ones.  Nothing changes: no rate, scale or imputation baseline moves.
+        matching at the last position it was run on is assumed to match the rest of the
+        window (optimism; an LM drafter played in the round is run on that round's path
+        only), a drafter not scored yet (its coin's run waits for the window) is imputed,
+        as are the unscored ones.  Nothing changes: no rate, scale or imputation baseline
+        moves.
 
         A round's loss arrives ``max_k`` positions after it starts; where drafts fail, that
         is ``max_k`` rounds of one token each, in which a learner reading only the
@@ -415,14 +417,17 @@ class CounterfactualTracker:
             hi = min(lo + self.max_k, self._len)
             if hi <= lo:
                 continue
-            gamma, weight = self._gamma[lo:hi], self._weight[lo:hi]  # [n, N]
-            pad = np.ones((self.max_k - (hi - lo), gamma.shape[1]))  # the rest: all match
+            # [max_k, N]: positions not verified yet, or where a drafter was not run, match
+            gamma = np.ones((self.max_k, self._gamma.shape[1]))
+            weight = gamma.copy()
+            known = self._gamma[lo:hi]  # [n, N] (nan: not run there)
+            gamma[: hi - lo] = np.where(np.isnan(known), 1.0, known)
+            weight[: hi - lo] = np.where(np.isnan(known), 1.0, self._weight[lo:hi])
             factors = None
             if meta.factors is not None:  # a coin's drafter whose run has not come: imputed
-                factors = np.where(np.isnan(gamma).all(axis=0), 0.0, meta.factors)
-            out.append((meta.tag, self._losses(
-                np.vstack([gamma, pad]), np.vstack([weight, pad]),
-                replace(meta, factors=factors), commit=False)))
+                factors = np.where(np.isnan(known).all(axis=0), 0.0, meta.factors)
+            out.append((meta.tag, self._losses(gamma, weight, replace(meta, factors=factors),
+                                               commit=False)))
         return out
 
     def _losses(self, gamma: np.ndarray, weight: np.ndarray, meta: _Pending,
