@@ -328,8 +328,9 @@ class Selector:
         pending = self.tracker.provisional()
         if playing is self.policy:
             return [losses for _, losses in pending]
-        mine = len(self.arms) * (1 + self._key) if self._key is not None else -1
-        return [losses for tag, losses in pending if tag - tag % len(self.arms) == mine]
+        # a tag's context, decoded as _update_contexts does (a context learner plays only
+        # with a key)
+        return [losses for tag, losses in pending if tag // len(self.arms) - 1 == self._key]
 
     def prior_arm(self, playing: Policy, allowed: np.ndarray | None,
                   backlogs: Sequence[int] | None = None, remaining: int = 0,
