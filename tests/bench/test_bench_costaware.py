@@ -63,3 +63,33 @@ def test_bench_over_drafter_x_k(models: BenchModels, tmp_path) -> None:
 def test_bench_config_rejects(kw) -> None:
     with pytest.raises(ConfigError):
         _config(**kw)
+
+
+def test_issue12_goals_read_policy_variants_and_suffix_at_k() -> None:
+    """The headroom goal reads a Hedge variant's row (``hedge:time:ctx:argmax``) when the
+    run has no plain ``hedge``, and the suffix-MAT goals read ``only:suffix@k`` rows."""
+    from specmux.bench.report import Cell, Row, Summary, choice_goals, family_row
+    from specmux.bench.runner import SINGLE_PREFIX, TARGET_ONLY
+
+    def row(method: str, kind: str, seconds: float, mat: float = 1.0) -> Row:
+        r = Row(method, method, kind)
+        for d in ("code_edit", OVERALL):
+            r.cells[d] = Cell(queries=1, tokens=100, seconds=seconds, calls=100,
+                              accepted=round(100 * (mat - 1)))
+        return r
+
+    rows = [row(TARGET_ONLY, "target", 10.0), row(SINGLE_PREFIX + "suffix@8", "single", 5.0, 3.5),
+            row(SINGLE_PREFIX + "suffix@4", "single", 6.0, 3.0),
+            row(ORACLE_TIME, "oracle", 4.0), row("ucb", "policy", 4.5),
+            row("hedge:time", "policy", 4.8), row("hedge:time:ctx:argmax", "policy", 4.2)]
+    summary = Summary(meta={}, domains=["code_edit"], rows=rows, goals=[])
+    assert family_row(summary, "hedge").method == "hedge:time:ctx:argmax"  # the fastest
+    assert family_row(summary, "normalhedge") is None
+    goals = {g.name: g for g in choice_goals(summary)}
+    # speedups: fixed 2.0, oracle 2.5, hedge 10/4.2: share (2.381 - 2) / 0.5
+    share = goals["hedge:time:ctx:argmax: share of the oracle's headroom over the best fixed "
+                  "drafter (wall clock)"]
+    assert share.value == pytest.approx((10 / 4.2 - 2.0) / 0.5)
+    assert goals["suffix drafter alone: MAT on code_edit"].value == pytest.approx(3.5)
+    rows.append(row("hedge", "policy", 9.0))
+    assert family_row(summary, "hedge").method == "hedge"  # the plain one when it ran
