@@ -105,6 +105,28 @@ def test_counterfactual_rows_match_what_the_head_would_draft(tiny_head, target_m
     assert float(probs[:, outside].sum()) == 0.0  # q = 0 outside the draft vocabulary
 
 
+def test_product_dtype_is_measured_and_a_bfloat16_head_stays_lossless(
+        tiny_head, target_model, references) -> None:
+    from specmux.drafters.head import MEASURE_FROM, product_dtype
+
+    assert product_dtype(torch.ones(8, 4)) == torch.float32  # small: never timed
+    assert product_dtype(torch.ones(MEASURE_FROM // 64, 64), reps=1) in (torch.float32,
+                                                                         torch.bfloat16)
+    head = HeadDrafter(tiny_head, target_model, name="head")
+    assert head.product_dtype == torch.float32 and head._w_run is head.w_draft
+    head.product_dtype, head._w_run = torch.bfloat16, head.w_draft.to(torch.bfloat16)
+    decoder = SpeculativeDecoder(target_model, [head], "fixed", num_speculative_tokens=3)
+    for p in PROMPTS:
+        assert decoder.generate(p, 40).token_ids == references[tuple(p)]
+    assert decoder.stats.num_draft_tokens > 0
+    ctx = PROMPTS[1]
+    target = CachedLM(target_model)
+    head.bind_target(target)
+    target.logits(ctx[:-1], 1)
+    drafted = head.propose(ctx, 3, SamplingParams(temperature=0.7))
+    assert drafted.probs is not None and torch.allclose(drafted.probs.sum(-1), torch.ones(3))
+
+
 def test_wrong_target_is_a_clear_error(tiny_head, drafter_models) -> None:
     with pytest.raises(ConfigError, match="hidden size"):
         HeadDrafter(tiny_head, drafter_models[0])
