@@ -16,8 +16,9 @@ rows of the LM head; the distributions along a path (counterfactual scoring) run
 chain over the path's tokens.  The product dominates (a 32,768-row draft vocabulary over a
 1,536-wide state is 200 MB of float32 read per step), so it runs in bfloat16 where that is
 measured faster on this CPU (:func:`product_dtype`: 4.8 ms against 12.5 ms per drafted token,
-6.0 against 35 ms for a 9-position scoring run, on the 2-core AVX512-BF16 development box).  Tokens outside the draft vocabulary get ``q = 0``; greedy and
-sampled verification stay exact for any ``q`` (:mod:`specmux.verify`).
+6.0 against 35 ms for a 9-position scoring run, on the 2-core AVX512-BF16 development box).
+Tokens outside the draft vocabulary get ``q = 0``; greedy and sampled verification stay exact
+for any ``q`` (:mod:`specmux.verify`).
 """
 
 from __future__ import annotations
