@@ -23,9 +23,8 @@ for any ``q`` (:mod:`specmux.verify`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import time
+from collections.abc import Sequence
 
 import torch
 from transformers import PreTrainedModel
