@@ -406,7 +406,9 @@ def test_played_lm_scores_its_bonus_row_later_without_an_extra_pass(
 ) -> None:
     """After a fully accepted LM draft the bonus position's row is deferred: the next
     proposal computes it (the LM is played every round here), and the losses are the ones
-    scoring every row at once gives."""
+    scoring every row at once gives, except that a query's last round has no next proposal:
+    its bonus row stays unknown (a miss), which only the played drafter's longer arms
+    (good@2, good@4) can feel."""
     results = {}
     for defer in (False, True):
         drafters = pool(drafter_models)
@@ -422,8 +424,42 @@ def test_played_lm_scores_its_bonus_row_later_without_an_extra_pass(
     (calls_now, losses_now, rounds_now), (calls_later, losses_later, rounds_later) = (
         results[False], results[True])
     assert rounds_now == rounds_later
-    np.testing.assert_allclose(losses_later, losses_now, atol=1e-12)
+    longer = [4, 5]  # good@2, good@4 (arms: drafter-major over k = 1, 2, 4)
+    rest = [i for i in range(len(losses_now)) if i not in longer]
+    np.testing.assert_allclose(losses_later[rest], losses_now[rest], atol=1e-12)
+    assert np.all(losses_later[longer] >= losses_now[longer] - 1e-12)
+    assert np.all(losses_later[longer] - losses_now[longer] <= 0.5 * len(PROMPTS) + 1e-12)
     assert calls_later < 0.8 * calls_now
+
+
+def test_a_played_lm_bonus_row_is_left_unknown_rather_than_paid(
+    target_model, drafter_models
+) -> None:
+    """The rows past a played LM's fully accepted draft come free from its next proposal;
+    where the LM was not played again, they stay unknown (nan) and cost no forward pass,
+    while a coin's rows (not optional) are run."""
+    from specmux.engine import _RowLog
+
+    drafters = pool(drafter_models)
+    decoder = SpeculativeDecoder(target_model, drafters, "fixed", num_speculative_tokens=3,
+                                 score_all=True)
+    prompt, path = PROMPTS[0], [4, 5, 6]
+    log_ = decoder._log = _RowLog(list(prompt), SamplingParams())
+    log_.add(0, len(prompt), len(path), None)
+    log_.tokens = [*prompt, *path]
+    log_.optional = {(0, 1), (0, 2)}
+    lm = drafters[0].lm
+    calls = lm.num_forward_calls
+    gamma, weight = decoder._score_span(0, 1, 3)
+    assert np.isnan(gamma).all() and np.isnan(weight).all()
+    assert lm.num_forward_calls == calls  # nothing run
+    gamma, _ = decoder._score_span(0, 0, 3)  # row 0 is a coin's: the span is run
+    assert not np.isnan(gamma).any() and lm.num_forward_calls > calls
+    calls = lm.num_forward_calls
+    gamma, _ = decoder._score_span(0, 1, 3)  # the LM has the tokens now: free rows, known
+    assert not np.isnan(gamma).any()
+    log_.prune(2)
+    assert log_.optional == {(0, 2)}
 
 
 def watch_rarely_played_lm(plan: ScoringPlan, prompt_tokens: int, watch: float,
