@@ -116,3 +116,28 @@ def test_a_learner_leaves_a_failing_arm_before_its_losses_arrive() -> None:
     # outweighs a's two good rounds; the first real loss would come after 8 rounds
     assert run(provisional=True) == [0, 0, 0, 1, 1, 1]
     assert run(provisional=False) == [0] * 6
+
+
+@pytest.mark.parametrize("name", ["hedge", "normalhedge"])
+def test_full_information_learner_skips_arms_that_offer_nothing(name: str) -> None:
+    """Under the length loss a full-information learner never plays an arm whose drafter
+    offers no token this round while another drafts (a bandit keeps its exploration), and
+    the no-speculation arm is such an arm; with nothing offered the learner decides."""
+    for _ in range(3):
+        selector = Selector(make_arms(["head", "lm"], [0, 4]), name, loss="length")
+        assert selector.wants_signals
+        selector.start_query()
+        for r in range(12):
+            offered = 0 if r % 3 == 0 else None  # the head has nothing every third round
+            arm = selector.select([None, None], [offered, None])
+            spec = selector.arms[arm]
+            assert spec.k > 0 and (offered is None or spec.drafter == "lm")
+            gamma = np.tile([1.0, 1.0], (5, 1))
+            selector.observe(Outcome(arm, 4, 4), (gamma, gamma.copy()))
+        selector._lengths = {"lm": 4}
+        out = selector.drafting(None)  # only the k = 0 arms are out
+        assert out is not None and out.tolist() == [s.k > 0 for s in selector.arms]
+    bandit = Selector(make_arms(["head", "lm"], 4), "ucb", loss="length")
+    assert not bandit.wants_signals
+    bandit._lengths = {"head": 0}
+    assert bandit.drafting(None) is None

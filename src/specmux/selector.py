@@ -78,7 +78,7 @@ Scores = tuple[np.ndarray, np.ndarray]  # gamma, w: [n, N] along a round's verif
 NO_DRAFT = "none"  # the drafter name of the no-speculation arm (k = 0)
 CONTEXT_WARMUP = 8  # loss vectors (bandits: updates) a context's learner needs to play
 CONTEXT_KEYS = "drafter-level-hit"  # the key scheme of :meth:`Selector.context_key` (state)
-QUERY_RATE_TOKENS = 8.0  # an arm's counterfactual tokens in a query before its rate there counts
+QUERY_PRIOR_TOKENS = 4.0  # pseudo-tokens at the stream's rate an arm's rate in a query starts from
 PRIOR_ACCEPTANCE = 0.5  # per-token acceptance assumed while the learner ranks all arms alike
 PRIOR_PSEUDO_TRIALS = 2.0  # ...worth this many draft-token trials next to a drafter's own
 
@@ -301,7 +301,7 @@ class Selector:
         self._lengths = {} if lengths is None else {
             name: int(n) for name, n in zip(self.drafter_names, lengths, strict=True)
             if n is not None}
-        allowed = self.worth_starting(backlogs, remaining)  # None unless full information
+        allowed = self.drafting(self.worth_starting(backlogs, remaining))  # None: all
         playing = self._playing()
         arm = self.prior_arm(playing, allowed, backlogs, remaining, context)
         self._chosen_by = "learner" if arm is None else "prior"
@@ -403,6 +403,34 @@ class Selector:
         learner with the ``"time"`` loss (its arms' rates price a drafter's start)."""
         return self.policy.full_information and self.tracker.loss == "time"
 
+    def drafting(self, allowed: np.ndarray | None) -> np.ndarray | None:
+        """Under the ``"length"`` and ``"acceptance"`` losses, ``allowed`` [num_arms] (bool,
+        ``None``: all) less the arms that would draft nothing this round (their drafter
+        offers no token: prompt lookup without a match, a draft head before the query's
+        first target pass; or ``k = 0``) while another allowed arm drafts: such a round
+        commits one token for a target call, which no draft can do worse than, so no
+        outcome of it could be better.  The ``"time"`` loss prices them instead (an empty
+        proposal is also the cheapest round), and learners without full information keep
+        their exploration.  Losses are untouched: only the choice is.
+
+        >>> s = Selector(make_arms(["head", "lm"], 4), loss="length")
+        >>> s._lengths = {"head": 0}  # the LM drafts k
+        >>> s.drafting(None).tolist()
+        [False, True]
+        >>> s._lengths = {"head": 0, "lm": 0}
+        >>> s.drafting(None) is None  # nobody drafts: the learner's choice
+        True
+        """
+        if (self.tracker.loss == "time" or not self._lengths or not self.needs_scores
+                or not self.policy.full_information):
+            return allowed
+        drafts = np.array([k > 0 and self._lengths.get(name, k) > 0
+                           for name, k in self._arm_specs])  # [num_arms]
+        mask = drafts if allowed is None else drafts & allowed
+        if not mask.any() or (allowed is None and mask.all()):
+            return allowed
+        return mask
+
     def worth_starting(self, backlogs: Sequence[int] | None, remaining: int) -> np.ndarray | None:
         """Which arms are worth their drafter's backlog [num_arms] (bool), or ``None``
         when all are (module docstring).  A drafter that lacks more than
@@ -410,10 +438,11 @@ class Selector:
         ``prefill_seconds(backlog) / remaining`` more per token; an arm of it is ruled out
         when its seconds per token so far plus that lose to the best arm's of a drafter
         with no such backlog (the no-speculation arm included), each over this query's
-        rounds once it has :data:`QUERY_RATE_TOKENS` counterfactual tokens in it (a
-        model-free drafter is scored every round: in chat it offers nothing, on a
-        multi-turn prompt it copies), else over the stream's.  Arms never scored are never
-        ruled out.
+        rounds shrunk toward the stream's rate by :data:`QUERY_PRIOR_TOKENS` pseudo-tokens
+        (a model-free drafter is scored every round: in chat it offers nothing, on a
+        multi-turn prompt it copies; a fixed 8-token threshold kept an LM waiting 12
+        rounds of a chat query in issue 11's run 24).  Arms never scored are never ruled
+        out.
 
         >>> from specmux.costmodel import CostModel
         >>> model = CostModel()
@@ -430,9 +459,9 @@ class Selector:
         surcharge = self._prefill_surcharge(backlogs, remaining)  # [num_arms]
         if not surcharge.any():
             return None
-        # [num_arms] (nan: never scored): this query's own rates where known (model-free
-        # drafters are scored every round), else the stream's
-        per_token = self.tracker.seconds_per_token(query_tokens=QUERY_RATE_TOKENS)
+        # [num_arms] (nan: never scored): this query's own rates, shrunk toward the
+        # stream's (model-free drafters are scored every round)
+        per_token = self.tracker.seconds_per_token(prior_tokens=QUERY_PRIOR_TOKENS)
         free = (surcharge == 0) & np.isfinite(per_token)
         if not free.any():
             return None
@@ -447,10 +476,12 @@ class Selector:
 
     @property
     def wants_signals(self) -> bool:
-        """Whether :meth:`select` wants the drafters' offers: for the context key, and
-        for the ``"time"`` loss, which prices a model-free drafter's arms by the length of
-        the proposal it has this round (none: one plain step)."""
-        return self.contextual or (self.needs_scores and self.tracker.loss == "time")
+        """Whether :meth:`select` wants the drafters' offers: for the context key, for the
+        ``"time"`` loss, which prices a model-free drafter's arms by the length of the
+        proposal it has this round (none: one plain step), and for a full-information
+        learner's :meth:`drafting` rule under the other losses."""
+        return self.contextual or (self.needs_scores and (
+            self.tracker.loss == "time" or self.policy.full_information))
 
     @property
     def round_choice(self) -> tuple[str, tuple[str, ...]]:
