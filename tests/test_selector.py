@@ -122,21 +122,31 @@ def test_a_learner_leaves_a_failing_arm_before_its_losses_arrive() -> None:
 def test_full_information_learner_skips_arms_that_offer_nothing(name: str) -> None:
     """Under the length loss a full-information learner never plays an arm whose drafter
     offers no token this round while another drafts (a bandit keeps its exploration), and
-    the no-speculation arm is such an arm; with nothing offered the learner decides."""
-    for _ in range(3):
-        selector = Selector(make_arms(["head", "lm"], [0, 4]), name, loss="length")
-        assert selector.wants_signals
-        selector.start_query()
-        for r in range(12):
-            offered = 0 if r % 3 == 0 else None  # the head has nothing every third round
-            arm = selector.select([None, None], [offered, None])
-            spec = selector.arms[arm]
-            assert spec.k > 0 and (offered is None or spec.drafter == "lm")
-            gamma = np.tile([1.0, 1.0], (5, 1))
-            selector.observe(Outcome(arm, 4, 4), (gamma, gamma.copy()))
-        selector._lengths = {"lm": 4}
-        out = selector.drafting(None)  # only the k = 0 arms are out
-        assert out is not None and out.tolist() == [s.k > 0 for s in selector.arms]
+    the no-speculation arm is such an arm; without the rule, some seeds do."""
+    def picks(rule: bool) -> list[bool]:
+        bad = []
+        for seed in range(20):
+            selector = Selector(make_arms(["head", "lm"], [0, 4]), name, loss="length",
+                                seed=seed)
+            assert selector.wants_signals
+            if not rule:
+                selector.drafting = lambda allowed: allowed  # type: ignore[method-assign]
+            selector.start_query()
+            for r in range(6):
+                offered = 0 if r % 3 == 0 else None  # the head has nothing every third round
+                spec = selector.arms[selector.select([None, None], [offered, None])]
+                bad.append(spec.k == 0 or (offered == 0 and spec.drafter == "head"))
+                gamma = np.tile([1.0, 1.0], (5, 1))
+                selector.observe(Outcome(selector.arms.index(spec), 4, 4),
+                                 (gamma, gamma.copy()))
+        return bad
+
+    assert not any(picks(rule=True))
+    assert any(picks(rule=False))  # uniform weights before the first loss: some seeds do
+    selector = Selector(make_arms(["head", "lm"], [0, 4]), name, loss="length")
+    selector._lengths = {}  # no offers (LMs draft k): only the k = 0 arms are out
+    out = selector.drafting(None)
+    assert out is not None and out.tolist() == [a.k > 0 for a in selector.arms]
     bandit = Selector(make_arms(["head", "lm"], 4), "ucb", loss="length")
     assert not bandit.wants_signals
     bandit._lengths = {"head": 0}

@@ -468,8 +468,10 @@ class SpeculativeDecoder:
             scores[0][:drafted, played] = gamma[:, 0]
             scores[1][:drafted, played] = weight[:, 0]
             deferred = [*deferred, (played, drafted, len(scored))]
-            row0 = selector.tracker.next_row  # this round's first row
-            self._log.optional.update((played, row0 + j) for j in range(drafted, len(scored)))
+            if len(scored) < selector.max_k:  # due in a later round: its next proposal may
+                row0 = selector.tracker.next_row  # feed them (this round's first row)
+                self._log.optional.update((played, row0 + j)
+                                          for j in range(drafted, len(scored)))
         return scores, factors, deferred
 
     def _score_span(self, drafter: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:

@@ -83,7 +83,9 @@ caller passes it in ``deferred`` (its columns ``nan`` for now) with a ``scorer``
 the window is verified the tracker asks ``scorer(drafter, lo, hi)`` for the drafter's
 ``(gamma, w)`` over log rows ``lo..hi`` (:attr:`CounterfactualTracker.next_row` numbers
 them): one run of the drafter over all of them instead of one per round.  Rounds whose
-window a request overlaps wait for it.
+window a request overlaps wait for it.  A scorer may answer ``nan`` rows (not run: the
+engine does so for a played drafter's rows past its draft that would need a pass of their
+own), which count as positions the drafter was not run on.
 """
 
 from __future__ import annotations

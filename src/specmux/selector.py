@@ -204,7 +204,7 @@ class Selector:
         self._key: int | None = None  # context key of the round being played
         self._lengths: dict[str, int] = {}  # drafter -> tokens it offers this round (max_k)
         self._chosen_by = "learner"  # who chose the round's arm: "learner" or "prior"
-        self._ruled_out: tuple[str, ...] = ()  # arms worth_starting ruled out this round
+        self._ruled_out: tuple[str, ...] = ()  # arms worth_starting/drafting ruled out
         self._hits = np.zeros(len(names), dtype=bool)  # [N] last round's first guess right
         # [2, N]: each drafter's accepted draft tokens and draft-token trials (accepted +
         # the first rejection) in the rounds it was played: the prior's acceptance estimate
@@ -420,8 +420,12 @@ class Selector:
         >>> s._lengths = {"head": 0, "lm": 0}
         >>> s.drafting(None) is None  # nobody drafts: the learner's choice
         True
+        >>> s = Selector(make_arms(["lm"], [0, 4]), loss="length")
+        >>> s._lengths = {}  # no offer (an LM drafts k): only the no-speculation arm is out
+        >>> [str(arm) for arm, ok in zip(s.arms, s.drafting(None)) if ok]
+        ['lm@k=4']
         """
-        if (self.tracker.loss == "time" or not self._lengths or not self.needs_scores
+        if (self.tracker.loss == "time" or not self.needs_scores
                 or not self.policy.full_information):
             return allowed
         drafts = np.array([k > 0 and self._lengths.get(name, k) > 0
@@ -486,7 +490,8 @@ class Selector:
     @property
     def round_choice(self) -> tuple[str, tuple[str, ...]]:
         """How the round last selected was decided: ``"learner"`` or ``"prior"``
-        (:meth:`prior_arm`), and the arms :meth:`worth_starting` ruled out (their names)."""
+        (:meth:`prior_arm`), and the arms :meth:`worth_starting` (the prefill hint) or
+        :meth:`drafting` (nothing to draft) ruled out (their names)."""
         return self._chosen_by, self._ruled_out
 
     @property

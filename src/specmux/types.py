@@ -144,4 +144,5 @@ class Step:
     gammas: dict[str, tuple[float, ...]] = field(default_factory=dict)
     context: int | None = None  # the round's context key (contextual selection), else None
     chosen_by: str = "learner"  # "prior": the cold start chose the arm (Selector.prior_arm)
-    ruled_out: tuple[str, ...] = ()  # arms the prefill hint ruled out (Selector.worth_starting)
+    ruled_out: tuple[str, ...] = ()  # arms not allowed: worth_starting's prefill hint, or
+    # drafting's nothing-to-draft rule (Selector.round_choice)

@@ -88,15 +88,23 @@ def test_head_offers_nothing_where_it_has_no_state(tiny_head, target_model) -> N
     assert len(head.propose([*ctx, nxt], 4, SamplingParams()).tokens) == 4
 
 
-def test_counterfactual_rows_match_what_the_head_would_draft(tiny_head, target_model) -> None:
+def _head(tiny_head, target_model, dtype: torch.dtype, **kwargs) -> HeadDrafter:
+    head = HeadDrafter(tiny_head, target_model, **kwargs)
+    head.product_dtype, head._w_run = dtype, head.w_draft.to(dtype)
+    return head
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_counterfactual_rows_match_what_the_head_would_draft(tiny_head, target_model,
+                                                             dtype) -> None:
     target = CachedLM(target_model)
-    head = HeadDrafter(tiny_head, target_model, target=target)
+    head = _head(tiny_head, target_model, dtype, target=target)
     ctx = PROMPTS[1]
     target.logits(ctx[:-1], 1)
     drafted = head.propose(ctx, 4, SamplingParams()).tokens.tolist()
     rows = head.distributions(ctx, drafted, SamplingParams()).tokens.tolist()
     assert rows == drafted  # reused from drafting
-    fresh = HeadDrafter(tiny_head, target_model, target=target)  # computed along the path
+    fresh = _head(tiny_head, target_model, dtype, target=target)  # computed along the path
     assert fresh.distributions(ctx, drafted, SamplingParams()).tokens.tolist() == drafted
     probs = fresh.distributions(ctx, drafted, SamplingParams(temperature=0.7)).probs
     assert probs is not None and torch.allclose(probs.sum(-1), torch.ones(4))

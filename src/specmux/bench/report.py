@@ -445,7 +445,7 @@ def regret_rows(
 def goals(summary: Summary) -> list[Goal]:
     """The project's goal ratios, each ``None`` when the run lacks what it needs."""
     def mat(method: str) -> float | None:
-        row = summary.row(method)
+        row = family_row(summary, method) if method == "hedge" else summary.row(method)
         return row.cells[OVERALL].mat if row and OVERALL in row.cells else None
 
     def ratio(a: float | None, b: float | None) -> float | None:

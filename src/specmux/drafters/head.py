@@ -17,12 +17,17 @@ chain over the path's tokens.  The product dominates (a 32,768-row draft vocabul
 1,536-wide state is 200 MB of float32 read per step), so it runs in bfloat16 where that is
 measured faster on this CPU (:func:`product_dtype`: 4.8 ms against 12.5 ms per drafted token,
 6.0 against 35 ms for a 9-position scoring run, on the 2-core AVX512-BF16 development box).
+In bfloat16 two candidates within a rounding step tie (argmax takes the lower index), and a
+scoring run's batched product may round a near-tie differently from the one-row product of
+drafting: the counterfactual row can then differ from what the head would have drafted
+there.  Either way the output stays the target's; only acceptance can move.
 Tokens outside the draft vocabulary get ``q = 0``; greedy and sampled verification stay exact
 for any ``q`` (:mod:`specmux.verify`).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 
@@ -37,6 +42,7 @@ from specmux.types import Draft, PathDistributions, SamplingParams
 from specmux.verify import process_logits, sample
 
 _NONE = torch.zeros(0, dtype=torch.long)
+log = logging.getLogger(__name__)
 MEASURE_FROM = 1 << 20  # draft rows with at least this many entries: time the product's dtype
 
 
@@ -66,7 +72,9 @@ class HeadDrafter(Drafter):
     """Drafts with a :class:`~specmux.heads.net.HeadNet` through the target's frozen LM head.
 
     ``model``: the target (its input embedding and LM head are read, not copied, apart from
-    the ``[V_d, H]`` float32 draft rows).  ``draft_vocab_size`` keeps only the first (most
+    the ``[V_d, H]`` float32 draft rows, and their bfloat16 copy where :func:`product_dtype`
+    picks it; the online learner, :class:`~specmux.heads.online.OnlineHeadDrafter`, trains
+    against the float32 rows).  ``draft_vocab_size`` keeps only the first (most
     frequent) ids of the head's draft vocabulary.  ``target``: the
     :class:`~specmux.lm.CachedLM` the engine verifies with (else bound by the engine).
     """
@@ -95,6 +103,8 @@ class HeadDrafter(Drafter):
         self.draft_vocab = head.draft_vocab[:draft_vocab_size].clone()  # [V_d]
         self.w_draft = out.detach()[self.draft_vocab].float().contiguous()  # [V_d, H]
         self.product_dtype = product_dtype(self.w_draft)
+        log.info("head %s: %d draft rows, product in %s", self.name, len(self.draft_vocab),
+                 str(self.product_dtype).removeprefix("torch."))
         self._w_run = (self.w_draft if self.product_dtype == torch.float32  # [V_d, H]
                        else self.w_draft.to(self.product_dtype))
         self.embedding = model.get_input_embeddings().weight.detach()  # [V, H]
