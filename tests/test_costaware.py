@@ -744,14 +744,10 @@ def test_worth_starting_rules_out_a_drafter_whose_prefill_does_not_pay() -> None
     assert s.worth_starting(None, remaining=48) is None
     s.tracker._arm_tokens[1] = 0.0  # lm@8 never scored: not ruled out
     assert s.worth_starting([1100, 0], remaining=48).tolist() == [False, True, True, True, True]
-    chat = rated_selector()  # this query ngram offers nothing: one token a round
-    chat.tracker._query_tokens[:] = [0.0, 0.0, 1.0, 1.0, 1.0]
-    chat.tracker._query_seconds[:] = [0.0, 0.0, 0.4, 0.4, 0.4]
-    # one round of 400 ms against 4 pseudo-tokens at 110 ms: ngram@8 at 168 ms, not enough
-    assert chat.worth_starting([1100, 0], remaining=48).tolist()[:2] == [False, False]
-    chat.tracker._query_tokens[:] = [0.0, 0.0, 4.0, 4.0, 4.0]
+    chat = rated_selector()  # this query ngram offers nothing: plain steps, 200 ms a token
+    chat.tracker._query_tokens[:] = [0.0, 0.0, 8.0, 8.0, 8.0]
     chat.tracker._query_seconds[:] = [0.0, 0.0, 1.6, 1.6, 1.6]
-    assert chat.worth_starting([1100, 0], remaining=48) is None  # 80 + 115 < 255 ms
+    assert chat.worth_starting([1100, 0], remaining=48) is None  # 80 + 115 < 200 ms
     chat.tracker.reset()  # a new query: the stream's rates again
     assert chat.worth_starting([1100, 0], remaining=48).tolist()[:2] == [False, False]
     unknown = rated_selector()

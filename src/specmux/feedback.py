@@ -483,30 +483,16 @@ class CounterfactualTracker:
             return 0.0
         return float(np.max(self._arm_tokens[ok] / self._arm_seconds[ok]))
 
-    def seconds_per_token(self, prior_tokens: float = math.inf) -> np.ndarray:
-        """Each fixed arm's modelled seconds per token so far [num_arms] (``"time"``
-        loss; ``nan`` for an arm never scored): over this query's rounds, ``sum c_a / sum
-        T_a``, shrunk toward the stream's (decayed) rate by ``prior_tokens`` pseudo-tokens
-        at it; ``inf`` (default): the stream's rate.  Two rounds in which prompt lookup
-        finds nothing (1 token each) already weigh a third against its stream-wide rate
-        at ``prior_tokens = 4``.
-
-        >>> t = CounterfactualTracker([(0, 4)], "time")
-        >>> t._arm_tokens[:], t._arm_seconds[:] = [10.0], [0.5]  # 50 ms a token
-        >>> t._query_tokens[:], t._query_seconds[:] = [2.0], [0.4]  # 200 ms a token here
-        >>> t.seconds_per_token().round(3).tolist(), t.seconds_per_token(4.0).round(3).tolist()
-        ([0.05], [0.1])
-        """
-        stream = np.full(len(self._arm_tokens), np.nan)  # [num_arms]
+    def seconds_per_token(self, query_tokens: float = math.inf) -> np.ndarray:
+        """Each fixed arm's modelled seconds per token so far, ``sum c_a / sum T_a``
+        [num_arms] (``"time"`` loss; ``nan`` for an arm never scored): over this query's
+        rounds for an arm scored in rounds worth at least ``query_tokens`` of its tokens in
+        it, else over the stream (decayed)."""
+        out = np.full(len(self._arm_tokens), np.nan)
         ok = self._arm_tokens > 0
-        stream[ok] = self._arm_seconds[ok] / self._arm_tokens[ok]
-        if math.isinf(prior_tokens):
-            return stream
-        here = self._query_tokens > 0
-        pseudo = np.where(ok, prior_tokens, 0.0)  # an arm without a stream rate: its own
-        out = stream.copy()
-        out[here] = ((self._query_seconds[here] + pseudo[here] * np.nan_to_num(stream[here]))
-                     / (self._query_tokens[here] + pseudo[here]))
+        out[ok] = self._arm_seconds[ok] / self._arm_tokens[ok]
+        mine = self._query_tokens >= query_tokens
+        out[mine] = self._query_seconds[mine] / self._query_tokens[mine]
         return out
 
     def _time_losses(self, tokens: np.ndarray, meta: _Pending, commit: bool = True) -> np.ndarray:

@@ -78,7 +78,7 @@ Scores = tuple[np.ndarray, np.ndarray]  # gamma, w: [n, N] along a round's verif
 NO_DRAFT = "none"  # the drafter name of the no-speculation arm (k = 0)
 CONTEXT_WARMUP = 8  # loss vectors (bandits: updates) a context's learner needs to play
 CONTEXT_KEYS = "drafter-level-hit"  # the key scheme of :meth:`Selector.context_key` (state)
-QUERY_PRIOR_TOKENS = 4.0  # pseudo-tokens at the stream's rate an arm's rate in a query starts from
+QUERY_RATE_TOKENS = 8.0  # an arm's counterfactual tokens in a query before its rate there counts
 PRIOR_ACCEPTANCE = 0.5  # per-token acceptance assumed while the learner ranks all arms alike
 PRIOR_PSEUDO_TRIALS = 2.0  # ...worth this many draft-token trials next to a drafter's own
 
@@ -442,11 +442,12 @@ class Selector:
         ``prefill_seconds(backlog) / remaining`` more per token; an arm of it is ruled out
         when its seconds per token so far plus that lose to the best arm's of a drafter
         with no such backlog (the no-speculation arm included), each over this query's
-        rounds shrunk toward the stream's rate by :data:`QUERY_PRIOR_TOKENS` pseudo-tokens
-        (a model-free drafter is scored every round: in chat it offers nothing, on a
-        multi-turn prompt it copies; a fixed 8-token threshold kept an LM waiting 12
-        rounds of a chat query in issue 11's run 24).  Arms never scored are never ruled
-        out.
+        rounds once it has :data:`QUERY_RATE_TOKENS` counterfactual tokens in it (a
+        model-free drafter is scored every round: in chat it offers nothing, on a
+        multi-turn prompt it copies), else over the stream's.  Arms never scored are never
+        ruled out.  (Shrinking the query's rate toward the stream's by 4 pseudo-tokens
+        instead started the LM sooner, on summaries and grounded answers too, where prompt
+        lookup pays later: issue 11's run 25, reverted.)
 
         >>> from specmux.costmodel import CostModel
         >>> model = CostModel()
@@ -463,9 +464,9 @@ class Selector:
         surcharge = self._prefill_surcharge(backlogs, remaining)  # [num_arms]
         if not surcharge.any():
             return None
-        # [num_arms] (nan: never scored): this query's own rates, shrunk toward the
-        # stream's (model-free drafters are scored every round)
-        per_token = self.tracker.seconds_per_token(prior_tokens=QUERY_PRIOR_TOKENS)
+        # [num_arms] (nan: never scored): this query's own rates where known (model-free
+        # drafters are scored every round), else the stream's
+        per_token = self.tracker.seconds_per_token(query_tokens=QUERY_RATE_TOKENS)
         free = (surcharge == 0) & np.isfinite(per_token)
         if not free.any():
             return None
