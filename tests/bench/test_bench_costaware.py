@@ -85,6 +85,7 @@ def test_issue12_goals_read_policy_variants_and_suffix_at_k() -> None:
     summary = Summary(meta={}, domains=["code_edit"], rows=rows, goals=[])
     assert family_row(summary, "hedge").method == "hedge:time:ctx:argmax"  # the fastest
     assert family_row(summary, "normalhedge") is None
+    assert family_row(summary, "hedge", losses=("length", "acceptance")) is None  # time only
     goals = {g.name: g for g in choice_goals(summary)}
     # speedups: fixed 2.0, oracle 2.5, hedge 10/4.2: share (2.381 - 2) / 0.5
     share = goals["hedge:time:ctx:argmax: share of the oracle's headroom over the best fixed "

@@ -361,14 +361,19 @@ def best_fixed(summary: Summary) -> Row | None:
     return max(singles, key=lambda r: summary.speedup(r) or 0.0, default=None)
 
 
-def family_row(summary: Summary, name: str) -> Row | None:
+def family_row(summary: Summary, name: str,
+               losses: tuple[str, ...] | None = None) -> Row | None:
     """The row of policy ``name`` (``"hedge"``), else its fastest variant of the run
-    (``"hedge:time:ctx:argmax"``): a goal about "Hedge" reads whichever Hedge ran."""
+    (``"hedge:time:ctx:argmax"``): a goal about "Hedge" reads whichever Hedge ran.
+    ``losses``: only variants that name none of the other losses (``"hedge:argmax"``
+    under ``--loss length`` qualifies, ``"hedge:time"`` does not)."""
     row = summary.row(name)
     if row is not None:
         return row
+    others = set() if losses is None else {"length", "acceptance", "time"} - set(losses)
     variants = [r for r in summary.rows if r.kind == "policy"
-                and r.method.partition(":")[0] == name and OVERALL in r.cells]
+                and r.method.partition(":")[0] == name and OVERALL in r.cells
+                and not others & set(r.method.split(":")[1:])]
     return max(variants, key=lambda r: summary.speedup(r) or 0.0, default=None)
 
 
@@ -444,8 +449,9 @@ def regret_rows(
 
 def goals(summary: Summary) -> list[Goal]:
     """The project's goal ratios, each ``None`` when the run lacks what it needs."""
-    def mat(method: str) -> float | None:
-        row = family_row(summary, method) if method == "hedge" else summary.row(method)
+    def mat(method: str) -> float | None:  # a time-loss Hedge is not compared by MAT
+        row = (family_row(summary, method, losses=("length", "acceptance"))
+               if method == "hedge" else summary.row(method))
         return row.cells[OVERALL].mat if row and OVERALL in row.cells else None
 
     def ratio(a: float | None, b: float | None) -> float | None:
