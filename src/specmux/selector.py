@@ -373,14 +373,12 @@ class Selector:
         plain = self.cost_model.verify_seconds(1, context)
         if not plain > 0.0:  # nan before the first target pass is timed
             return None
-        drafted = self._drafted()
-        n = np.array([k if known is None else known for known, (_, k) in zip(
-            drafted or [None] * len(self.arms), self._arm_specs, strict=True)], dtype=float)
+        n = self._draft_lengths().astype(float)
         accepted, trials = self._played  # [N] each
         a = np.minimum((accepted + PRIOR_PSEUDO_TRIALS * PRIOR_ACCEPTANCE)
                        / (trials + PRIOR_PSEUDO_TRIALS), 0.999)[self.arm_drafter]  # [num_arms]
         tokens = (1.0 - a ** (n + 1.0)) / (1.0 - a)  # [num_arms]
-        seconds = self.cost_model.round_seconds(self._arm_specs, context, drafted)
+        seconds = self.cost_model.round_seconds(self._arm_specs, context, self._drafted())
         per_token = seconds / tokens + self._prefill_surcharge(backlogs, remaining)
         return int(np.argmin(np.where(mask, per_token, np.inf)))
 
@@ -428,8 +426,7 @@ class Selector:
         if (self.tracker.loss == "time" or not self.needs_scores
                 or not self.policy.full_information):
             return allowed
-        drafts = np.array([k > 0 and self._lengths.get(name, k) > 0
-                           for name, k in self._arm_specs])  # [num_arms]
+        drafts = self._draft_lengths() > 0  # [num_arms]
         mask = drafts if allowed is None else drafts & allowed
         if not mask.any() or (allowed is None and mask.all()):
             return allowed
@@ -541,8 +538,7 @@ class Selector:
                                                       drafted)
                 rho = self.cost_model.throughput()
                 if drafted is not None:
-                    ks = np.array([k if n is None else n
-                                   for n, (_, k) in zip(drafted, self._arm_specs, strict=True)])
+                    ks = self._draft_lengths()
             tag = outcome.arm + len(self.arms) * (0 if self._key is None else 1 + self._key)
             released = self.tracker.add_round_tagged(
                 scores[0], scores[1], tag, costs=costs, rho=rho, factors=factors,
@@ -577,6 +573,12 @@ class Selector:
             return None
         return [min(k, self._lengths[d]) if d in self._lengths else None
                 for d, k in self._arm_specs]
+
+    def _draft_lengths(self) -> np.ndarray:
+        """Per arm [num_arms], how many tokens it would draft this round: ``min(k,
+        offered)`` where its drafter said, else its ``k``."""
+        return np.array([k if n is None else n for n, (_, k) in zip(
+            self._drafted() or [None] * len(self.arms), self._arm_specs, strict=True)])
 
     def end_query(self) -> None:
         """The query ended (finished, or closed early): deliver the delayed feedback."""
