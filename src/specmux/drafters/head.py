@@ -15,8 +15,9 @@ Drafting ``k`` tokens costs ``k`` MLP steps and ``k`` products with the ``[V_d, 
 rows of the LM head; the distributions along a path (counterfactual scoring) run the same
 chain over the path's tokens.  The product dominates (a 32,768-row draft vocabulary over a
 1,536-wide state is 200 MB of float32 read per step), so it runs in bfloat16 where that is
-measured faster on this CPU (:func:`product_dtype`: 4.8 ms against 12.5 ms per drafted token,
-6.0 against 35 ms for a 9-position scoring run, on the 2-core AVX512-BF16 development box).
+measured faster on this CPU (:func:`product_dtype`: 4.8 ms against 12.1 ms per drafted token,
+5.8 against 35.2 ms for a 9-position scoring run on the 2-core AVX512-BF16 development box,
+``benchmarks/head_product.py``).
 In bfloat16 two candidates within a rounding step tie (argmax takes the lower index), and a
 scoring run's batched product may round a near-tie differently from the one-row product of
 drafting: the counterfactual row can then differ from what the head would have drafted
