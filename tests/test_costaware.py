@@ -882,9 +882,9 @@ def test_a_learner_without_a_preference_plays_the_priors_fastest_arm(policy: str
 def test_the_prior_leaves_bandits_other_losses_and_unpriced_steps_alone() -> None:
     bandit = priced_selector("ucb")
     assert bandit.prior_arm(bandit.policy, None) is None
-    length = Selector(make_arms(["lm", "ngram"], [0, 2, 4]), "hedge", loss="length",
-                      cost_model=priced_selector().cost_model)
-    assert length.prior_arm(length.policy, None, context=100) is None
+    acceptance = Selector(make_arms(["lm", "ngram"], [0, 2, 4]), "hedge", loss="acceptance",
+                          cost_model=priced_selector().cost_model)
+    assert acceptance.prior_arm(acceptance.policy, None, context=100) is None
     fresh = Selector(make_arms(["lm", "ngram"], [0, 2, 4]), "hedge", loss="time")
     assert fresh.prior_arm(fresh.policy, None) is None  # no plain step timed yet
     s = priced_selector()
@@ -894,6 +894,30 @@ def test_the_prior_leaves_bandits_other_losses_and_unpriced_steps_alone() -> Non
     assert s.prior_arm(s.policy, allowed, context=100) is None
     allowed[1] = False  # the allowed arms tie: the prior picks among them
     assert s.prior_arm(s.policy, allowed, context=100) in {2, 3, 4}
+
+
+@pytest.mark.parametrize("prior", [True, False])
+def test_the_prior_breaks_the_length_losss_ties(prior: bool) -> None:
+    """Under the length loss with per-query resets (issue 16's MAT goal) the learner's
+    first rounds tie: no loss at the start, and later every arm still matching where
+    nothing is verified looks alike, a head not run before the first target pass too.
+    The prior chooses by the tokens it expects: the LM's four drafted tokens over prompt
+    lookup's one-token match (1.94 against 1.5), and after a round whose one verified
+    position the LM guessed, the LM (acceptance 2/3 from that guess) over the head
+    (1/2, never scored).  Without it the lowest index wins both times."""
+    s = Selector(make_arms(["head", "suffix", "lm"], 4), "hedge", loss="length",
+                 policy_kwargs={"selection": "argmax"}, reset_per_query=True)
+    if not prior:
+        s.prior_arm = lambda *args, **kw: None  # type: ignore[method-assign]
+    s.start_query()
+    names = [str(a) for a in s.arms]
+    first = names[s.select([0, 1, None], [0, 1, None])]  # the head has no state yet
+    assert first == ("lm@k=4" if prior else "suffix@k=4")
+    gamma = np.array([[np.nan, 0.0, 1.0]])  # suffix played, rejected; the LM's guess right
+    s.observe(Outcome(1, 1, 0), (gamma, gamma.copy()))
+    second = names[s.select([2, 0, None], [4, 0, None])]
+    assert second == ("lm@k=4" if prior else "head@k=4")
+    assert s.round_choice[0] == ("prior" if prior else "learner")
 
 
 def test_engine_from_a_cold_start_is_greedy_identical(target_model, drafter_models) -> None:

@@ -129,6 +129,7 @@ def test_full_information_learner_skips_arms_that_offer_nothing(name: str) -> No
             selector = Selector(make_arms(["head", "lm"], [0, 4]), name, loss="length",
                                 seed=seed)
             assert selector.wants_signals
+            selector.prior_arm = lambda *args, **kw: None  # type: ignore[method-assign]
             if not rule:
                 selector.drafting = lambda allowed: allowed  # type: ignore[method-assign]
             selector.start_query()

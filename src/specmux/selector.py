@@ -206,8 +206,9 @@ class Selector:
         self._chosen_by = "learner"  # who chose the round's arm: "learner" or "prior"
         self._ruled_out: tuple[str, ...] = ()  # arms worth_starting/drafting ruled out
         self._hits = np.zeros(len(names), dtype=bool)  # [N] last round's first guess right
-        # [2, N]: each drafter's accepted draft tokens and draft-token trials (accepted +
-        # the first rejection) in the rounds it was played: the prior's acceptance estimate
+        # [2, N]: the prior's acceptance evidence per drafter: its right guesses and the
+        # positions it was scored on along the verified paths, or, in rounds it was played
+        # and not scored, its accepted draft tokens and trials (accepted + first rejection)
         self._played = np.zeros((2, len(names)))
         # Scores a drafter over rows of the query's log (set by the engine: deferred scoring)
         self.span_scorer: SpanScorer | None = None
@@ -303,17 +304,16 @@ class Selector:
             if n is not None}
         allowed = self.drafting(self.worth_starting(backlogs, remaining))  # None: all
         playing = self._playing()
-        arm = self.prior_arm(playing, allowed, backlogs, remaining, context)
+        pending = self._provisional(playing)  # the rounds whose losses are on their way
+        ranking = playing.ahead(pending) if pending else playing  # type: ignore[attr-defined]
+        arm = self.prior_arm(playing, allowed, backlogs, remaining, context, ranking)
         self._chosen_by = "learner" if arm is None else "prior"
         self._ruled_out = () if allowed is None else tuple(
             str(self.arms[i]) for i in np.flatnonzero(~allowed))
         if arm is None:
-            ahead = self._provisional(playing)
-            if ahead:
-                arm = playing.select_with(ahead, allowed)  # type: ignore[attr-defined]
-            else:
-                arm = (playing.select() if allowed is None
-                       else playing.select(allowed))  # type: ignore[call-arg]
+            arm = (ranking.select() if allowed is None
+                   else ranking.select(allowed))  # type: ignore[call-arg]
+            playing.rng = ranking.rng  # the copy drew from the playing learner's stream
         self.policy_seconds += time.perf_counter() - t0
         return arm
 
@@ -334,20 +334,30 @@ class Selector:
 
     def prior_arm(self, playing: Policy, allowed: np.ndarray | None,
                   backlogs: Sequence[int] | None = None, remaining: int = 0,
-                  context: int = 0) -> int | None:
-        """Cold start of the ``"time"`` loss: while the full-information learner that plays
+                  context: int = 0, ranking: Policy | None = None) -> int | None:
+        """The prior's arm, where a full-information learner (``"time"`` or ``"length"``
+        loss) has no preference of its own: at a cold start, while the ``playing`` learner
         ranks every allowed arm the same (no loss yet: a round's loss arrives ``max_k``
-        positions later, eight plain steps where nothing is drafted), the arm of fewest
-        modelled seconds per token: ``(1 - a^(n+1)) / (1 - a)`` tokens for the ``n`` it
-        would draft this round (a model-free drafter's offer, an LM's ``k``), over its
-        modelled round, plus its drafter's prefill as :meth:`worth_starting` prices it.
-        ``a``, the drafter's per-token acceptance, is :data:`PRIOR_ACCEPTANCE` worth
-        :data:`PRIOR_PSEUDO_TRIALS` draft tokens, updated by the rounds it was played:
-        (accepted + 2 · 0.5) / (accepted + first rejections + 2).  A drafter that keeps
-        missing (a head outside its domain) soon yields to one not yet tried, the way a
-        bandit's optimism would, while the loss of its rounds is still on its way.
-        ``None`` (the learner decides) when it has a preference, for bandits and other
-        losses, or while the cost model cannot price a plain step.
+        positions later, eight plain steps where nothing is drafted), among all of them;
+        later, where its ``ranking`` (the playing learner with the provisional losses in,
+        :meth:`select`) puts several allowed arms first, among those (the length loss ties
+        every arm still matching where no position is verified yet: a head not run before
+        the query's first target pass and an LM that matched so far look alike, and the
+        learner's lowest index is no reason to pick either).
+
+        The prior expects ``(1 - a^(n+1)) / (1 - a)`` tokens of an arm that would draft
+        ``n`` this round (a model-free drafter's offer, an LM's ``k``).  ``a``, its
+        drafter's per-token acceptance, is :data:`PRIOR_ACCEPTANCE` worth
+        :data:`PRIOR_PSEUDO_TRIALS` draft tokens, updated by the positions it was scored
+        on along the verified paths (with full information, every drafter's guesses; else
+        the rounds it was played: accepted tokens and first rejections):
+        (matches + 2 · 0.5) / (positions + 2).  Under the length loss: the most tokens;
+        under the time loss: the fewest modelled seconds per token, that round's modelled
+        seconds over its tokens, plus its drafter's prefill as :meth:`worth_starting`
+        prices it.  A drafter that keeps missing (a head outside its domain) soon yields to
+        one not yet tried, the way a bandit's optimism would, while the loss of its rounds
+        is still on its way.  ``None`` (the learner decides) when it has a preference, for
+        bandits and other losses, or while the cost model cannot price a plain step.
 
         >>> from specmux.costmodel import CostModel
         >>> model = CostModel()
@@ -363,21 +373,36 @@ class Selector:
         ...     s.observe(Outcome(arm=0, num_draft_tokens=2, num_accepted_tokens=0))
         >>> str(s.arms[s.prior_arm(s.policy, None, context=100)])  # a = 1/4: 1.31 in 0.27 s
         'none@k=0'
+        >>> s = Selector(make_arms(["suffix", "lm"], [4]), loss="length")
+        >>> s._lengths = {"suffix": 1}  # a one-token match; the LM drafts 4
+        >>> str(s.arms[s.prior_arm(s.policy, None)])  # 1.94 tokens expected against 1.5
+        'lm@k=4'
         """
-        if not (playing.full_information and self.tracker.loss == "time"):
+        loss = self.tracker.loss
+        if not (playing.full_information and loss in ("time", "length")):
             return None
         mask = np.ones(len(self.arms), dtype=bool) if allowed is None else allowed
-        preference = playing.preference()[mask]
-        if preference.size == 0 or preference.max() > preference.min():
+        if not mask.any():
             return None
+        preference = playing.preference()  # [num_arms]
+        if preference[mask].max() > preference[mask].min():  # past the cold start
+            if ranking is None:
+                return None
+            preference = ranking.preference()
+            top = preference[mask].max()
+            mask = mask & (preference >= top - 1e-12 * max(1.0, abs(top)))  # the first
+            if mask.sum() < 2:
+                return None
+        n = self._draft_lengths().astype(float)
+        matches, positions = self._played  # [N] each
+        a = np.minimum((matches + PRIOR_PSEUDO_TRIALS * PRIOR_ACCEPTANCE)
+                       / (positions + PRIOR_PSEUDO_TRIALS), 0.999)[self.arm_drafter]  # [num_arms]
+        tokens = (1.0 - a ** (n + 1.0)) / (1.0 - a)  # [num_arms]
+        if loss == "length":
+            return int(np.argmax(np.where(mask, tokens, -np.inf)))
         plain = self.cost_model.verify_seconds(1, context)
         if not plain > 0.0:  # nan before the first target pass is timed
             return None
-        n = self._draft_lengths().astype(float)
-        accepted, trials = self._played  # [N] each
-        a = np.minimum((accepted + PRIOR_PSEUDO_TRIALS * PRIOR_ACCEPTANCE)
-                       / (trials + PRIOR_PSEUDO_TRIALS), 0.999)[self.arm_drafter]  # [num_arms]
-        tokens = (1.0 - a ** (n + 1.0)) / (1.0 - a)  # [num_arms]
         seconds = self.cost_model.round_seconds(self._arm_specs, context, self._drafted())
         per_token = seconds / tokens + self._prefill_surcharge(backlogs, remaining)
         return int(np.argmin(np.where(mask, per_token, np.inf)))
@@ -530,6 +555,7 @@ class Selector:
         that became known go to the policy with the outcome; a finished round's feedback
         waits for :meth:`end_query`, which adds the still-pending losses to it."""
         released: list[tuple[int, np.ndarray]] = []
+        scored = np.zeros(len(self.drafter_names), dtype=bool)  # [N]: guesses on the path
         if scores is not None:
             costs, rho, ks = None, 0.0, None
             if self.tracker.loss == "time":  # modelled seconds per arm [num_arms], tokens/s
@@ -547,9 +573,13 @@ class Selector:
                 self.stats.record_losses(tag % len(self.arms), losses)
             if len(scores[0]):  # [N]: each drafter's first guess on this round's path
                 self._hits = np.nan_to_num(scores[0][0]) >= 0.5
+                seen = ~np.isnan(scores[0])  # [n, N]: the prior's evidence, every guess
+                self._played += (np.where(seen, scores[0], 0.0).sum(axis=0), seen.sum(axis=0))
+                scored = seen.any(axis=0)
         elif self.arms[outcome.arm].k and outcome.num_draft_tokens:  # bandits: the played one
             self._hits[self.arm_drafter[outcome.arm]] = outcome.num_accepted_tokens > 0
-        if self.arms[outcome.arm].k and outcome.num_draft_tokens:
+        if (self.arms[outcome.arm].k and outcome.num_draft_tokens
+                and not scored[self.arm_drafter[outcome.arm]]):
             accepted = outcome.num_accepted_tokens
             missed = accepted < outcome.num_draft_tokens  # the first rejection: a trial
             self._played[:, self.arm_drafter[outcome.arm]] += (accepted, accepted + missed)

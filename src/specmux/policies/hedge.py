@@ -79,12 +79,19 @@ class FullInformationPolicy(Policy):
         stream moves, as in :meth:`select`."""
         if not losses:
             return self.select(allowed)
-        ahead = copy.deepcopy(self)
-        ahead.update(Feedback(arm=0, k=0, max_k=1, num_draft_tokens=0, num_accepted_tokens=0,
-                              losses=tuple(losses)))
+        ahead = self.ahead(losses)
         arm = ahead.select(allowed)
         self.rng = ahead.rng
         return arm
+
+    def ahead(self, losses: Sequence[np.ndarray]) -> FullInformationPolicy:
+        """A copy of this learner that has also received ``losses`` (loss vectors
+        [num_arms]): how it would rank the arms were the provisional losses in.  This one
+        is untouched; :meth:`select_with` selects on such a copy."""
+        ahead = copy.deepcopy(self)
+        ahead.update(Feedback(arm=0, k=0, max_k=1, num_draft_tokens=0, num_accepted_tokens=0,
+                              losses=tuple(losses)))
+        return ahead
 
 
 class Hedge(FullInformationPolicy):
