@@ -311,9 +311,8 @@ class Selector:
         self._ruled_out = () if allowed is None else tuple(
             str(self.arms[i]) for i in np.flatnonzero(~allowed))
         if arm is None:
-            arm = (ranking.select() if allowed is None
+            arm = (ranking.select() if allowed is None  # the copy draws from playing's rng
                    else ranking.select(allowed))  # type: ignore[call-arg]
-            playing.rng = ranking.rng  # the copy drew from the playing learner's stream
         self.policy_seconds += time.perf_counter() - t0
         return arm
 

@@ -225,3 +225,23 @@ def test_hedge_uniform_until_losses_and_fixed_eta() -> None:
                            losses=(loss, loss)))
     expected = np.exp(-2.0 * 2 * loss)
     np.testing.assert_allclose(policy.probabilities(), expected / expected.sum())
+
+
+@pytest.mark.parametrize("name", ["hedge", "normalhedge"])
+def test_ahead_ranks_with_the_provisional_losses_and_leaves_the_learner_alone(name: str) -> None:
+    """``ahead`` (what :meth:`Selector.select` ranks by) has the provisional losses in; the
+    learner's own state does not move, and the copy draws from the learner's random
+    stream, as the learner itself would (``select_with`` = select on the copy)."""
+    policy = make_policy(name, 4, seed=3)
+    policy.update(Feedback(arm=0, k=1, max_k=1, num_draft_tokens=1, num_accepted_tokens=0,
+                           losses=(np.array([0.1, 0.2, 0.3, 0.4]),)))
+    before = json.dumps(policy.state_dict())
+    ahead = policy.ahead([np.array([1.0, 0.0, 0.0, 0.0])] * 3)
+    assert np.argmax(policy.probabilities()) == 0 and np.argmax(ahead.probabilities()) != 0
+    assert json.dumps(policy.state_dict()) == before
+    twin = make_policy(name, 4, seed=3)
+    twin.load_state_dict(json.loads(before))
+    ahead.select()
+    policy.select()  # the stream moved once for the copy's draw: the third draw alike
+    twin.select(), twin.select()
+    assert policy.rng.random() == twin.rng.random()

@@ -79,16 +79,20 @@ class FullInformationPolicy(Policy):
         stream moves, as in :meth:`select`."""
         if not losses:
             return self.select(allowed)
-        ahead = self.ahead(losses)
-        arm = ahead.select(allowed)
-        self.rng = ahead.rng
-        return arm
+        return self.ahead(losses).select(allowed)
 
     def ahead(self, losses: Sequence[np.ndarray]) -> FullInformationPolicy:
         """A copy of this learner that has also received ``losses`` (loss vectors
-        [num_arms]): how it would rank the arms were the provisional losses in.  This one
-        is untouched; :meth:`select_with` selects on such a copy."""
-        ahead = copy.deepcopy(self)
+        [num_arms]): how it would rank the arms were the provisional losses in.  Its
+        learned state is its own; its random stream is this one's (a draw from either
+        moves both).  :meth:`select_with` selects on such a copy.  (A shallow copy with
+        the state's arrays copied: a deep copy, random generator included, took 80 µs, a
+        tenth of the learner's time per round on llama.cpp.)"""
+        ahead = copy.copy(self)
+        for key in self._state_keys:  # the arrays update() changes in place
+            value = getattr(self, key)
+            if isinstance(value, np.ndarray):
+                setattr(ahead, key, value.copy())
         ahead.update(Feedback(arm=0, k=0, max_k=1, num_draft_tokens=0, num_accepted_tokens=0,
                               losses=tuple(losses)))
         return ahead
