@@ -401,7 +401,7 @@ class CounterfactualTracker:
         released losses keeps playing the arm that fails (issue 11's twentieth run: a
         multi-turn query played ``head:code@2``, accepting nothing for ten rounds, while
         prompt lookup would have matched 8 of 8).  A learner may select as if these
-        losses had arrived (:meth:`specmux.policies.hedge.FullInformationPolicy.select_with`);
+        losses had arrived (:meth:`specmux.policies.hedge.FullInformationPolicy.ahead`);
         the real ones replace them once the window is verified.
 
         >>> tracker = CounterfactualTracker([(0, 4), (1, 4)], "length")

@@ -335,28 +335,27 @@ class Selector:
                   backlogs: Sequence[int] | None = None, remaining: int = 0,
                   context: int = 0, ranking: Policy | None = None) -> int | None:
         """The prior's arm, where a full-information learner (``"time"`` or ``"length"``
-        loss) has no preference of its own: at a cold start, while the ``playing`` learner
-        ranks every allowed arm the same (no loss yet: a round's loss arrives ``max_k``
-        positions later, eight plain steps where nothing is drafted), among all of them;
-        later, where its ``ranking`` (the playing learner with the provisional losses in,
-        :meth:`select`) puts several allowed arms first, among those (the length loss ties
-        every arm still matching where no position is verified yet: a head not run before
-        the query's first target pass and an LM that matched so far look alike, and the
-        learner's lowest index is no reason to pick either).
+        loss) has no preference of its own (:meth:`_undecided`): at a cold start, while
+        the ``playing`` learner ranks every allowed arm the same (no released loss yet: a
+        round's loss arrives ``max_k`` positions later, eight plain steps where nothing is
+        drafted), among all of them; later, where an argmax learner's ``ranking`` (the
+        playing learner with the provisional losses in, :meth:`select`) puts several
+        allowed arms first that would play different rounds, among those.
 
         The prior expects ``(1 - a^(n+1)) / (1 - a)`` tokens of an arm that would draft
         ``n`` this round (a model-free drafter's offer, an LM's ``k``).  ``a``, its
         drafter's per-token acceptance, is :data:`PRIOR_ACCEPTANCE` worth
         :data:`PRIOR_PSEUDO_TRIALS` draft tokens, updated by the positions it was scored
-        on along the verified paths (with full information, every drafter's guesses; else
-        the rounds it was played: accepted tokens and first rejections):
-        (matches + 2 · 0.5) / (positions + 2).  Under the length loss: the most tokens;
-        under the time loss: the fewest modelled seconds per token, that round's modelled
-        seconds over its tokens, plus its drafter's prefill as :meth:`worth_starting`
-        prices it.  A drafter that keeps missing (a head outside its domain) soon yields to
-        one not yet tried, the way a bandit's optimism would, while the loss of its rounds
-        is still on its way.  ``None`` (the learner decides) when it has a preference, for
-        bandits and other losses, or while the cost model cannot price a plain step.
+        on along the verified paths when the round was observed (with full information,
+        every drafter's guesses, but not those of a deferred scoring run; else the rounds
+        it was played: accepted tokens and first rejections): (matches + 2 · 0.5) /
+        (positions + 2).  Under the length loss: the most tokens; under the time loss: the
+        fewest modelled seconds per token, that round's modelled seconds over its tokens,
+        plus its drafter's prefill as :meth:`worth_starting` prices it.  A drafter that
+        keeps missing (a head outside its domain) soon yields to one not yet tried, the
+        way a bandit's optimism would, while the loss of its rounds is still on its way.
+        ``None`` (the learner decides) when it has a preference, for bandits and other
+        losses, or while the cost model cannot price a plain step.
 
         >>> from specmux.costmodel import CostModel
         >>> model = CostModel()
@@ -381,17 +380,9 @@ class Selector:
         if not (playing.full_information and loss in ("time", "length")):
             return None
         mask = np.ones(len(self.arms), dtype=bool) if allowed is None else allowed
-        if not mask.any():
+        mask = self._undecided(playing, ranking, mask) if mask.any() else None
+        if mask is None:
             return None
-        preference = playing.preference()  # [num_arms]
-        if preference[mask].max() > preference[mask].min():  # past the cold start
-            if ranking is None:
-                return None
-            preference = ranking.preference()
-            top = preference[mask].max()
-            mask = mask & (preference >= top - 1e-12 * max(1.0, abs(top)))  # the first
-            if mask.sum() < 2:
-                return None
         n = self._draft_lengths().astype(float)
         matches, positions = self._played  # [N] each
         a = np.minimum((matches + PRIOR_PSEUDO_TRIALS * PRIOR_ACCEPTANCE)
@@ -405,6 +396,31 @@ class Selector:
         seconds = self.cost_model.round_seconds(self._arm_specs, context, self._drafted())
         per_token = seconds / tokens + self._prefill_surcharge(backlogs, remaining)
         return int(np.argmin(np.where(mask, per_token, np.inf)))
+
+    def _undecided(self, playing: Policy, ranking: Policy | None,
+                   mask: np.ndarray) -> np.ndarray | None:
+        """The allowed arms (``mask`` [num_arms]) the prior chooses among
+        (:meth:`prior_arm`), or ``None`` where the learner decides.  All of them while
+        ``playing`` ranks them alike (the cold start: Hedge's cumulative losses,
+        NormalHedge's regrets all equal); else, for a learner that plays its most likely
+        arm, those its ``ranking`` puts first, when they would play different rounds:
+        the length loss ties every arm still matching where the window is not verified
+        yet, and a lower index is no reason to pick one.  Arms that would play one and the
+        same round (a drafter offering nothing: each of its arms is a plain step) are left
+        to the learner: pricing them all would change nothing and, on llama.cpp, cost
+        0.2 ms a round.  A learner that samples draws among its ties itself."""
+        preference = playing.preference()  # [num_arms]
+        if not preference[mask].max() > preference[mask].min():
+            return mask
+        if ranking is None or getattr(ranking, "selection", None) != "argmax":
+            return None
+        preference = ranking.preference()
+        top = preference[mask].max()
+        first = mask & (preference >= top - 1e-12 * max(1.0, abs(top)))
+        lengths = self._draft_lengths()
+        rounds = {(self.arm_drafter[i] if lengths[i] else -1, int(lengths[i]))
+                  for i in np.flatnonzero(first)}
+        return first if len(rounds) > 1 else None
 
     def _prefill_surcharge(self, backlogs: Sequence[int] | None, remaining: int) -> np.ndarray:
         """Per arm [num_arms]: its drafter's modelled prefill of ``backlogs`` [N] tokens

@@ -231,7 +231,7 @@ def test_hedge_uniform_until_losses_and_fixed_eta() -> None:
 def test_ahead_ranks_with_the_provisional_losses_and_leaves_the_learner_alone(name: str) -> None:
     """``ahead`` (what :meth:`Selector.select` ranks by) has the provisional losses in; the
     learner's own state does not move, and the copy draws from the learner's random
-    stream, as the learner itself would (``select_with`` = select on the copy)."""
+    stream, as the learner itself would (the selector selects on the copy)."""
     policy = make_policy(name, 4, seed=3)
     policy.update(Feedback(arm=0, k=1, max_k=1, num_draft_tokens=1, num_accepted_tokens=0,
                            losses=(np.array([0.1, 0.2, 0.3, 0.4]),)))

@@ -72,27 +72,17 @@ class FullInformationPolicy(Policy):
         """What the weights rank the arms by [num_arms], higher is better."""
         return self.probabilities()
 
-    def select_with(self, losses: Sequence[np.ndarray], allowed: np.ndarray | None = None) -> int:
-        """:meth:`select` as if ``losses`` (loss vectors [num_arms]) had arrived too: the
-        provisional losses of rounds whose feedback is still on its way
-        (:meth:`specmux.feedback.CounterfactualTracker.provisional`).  Only the random
-        stream moves, as in :meth:`select`."""
-        if not losses:
-            return self.select(allowed)
-        return self.ahead(losses).select(allowed)
-
     def ahead(self, losses: Sequence[np.ndarray]) -> FullInformationPolicy:
         """A copy of this learner that has also received ``losses`` (loss vectors
-        [num_arms]): how it would rank the arms were the provisional losses in.  Its
-        learned state is its own; its random stream is this one's (a draw from either
-        moves both).  :meth:`select_with` selects on such a copy.  (A shallow copy with
-        the state's arrays copied: a deep copy, random generator included, took 80 µs, a
-        tenth of the learner's time per round on llama.cpp.)"""
+        [num_arms]): how it would rank and select were the provisional losses of rounds
+        still on their way in (:meth:`specmux.feedback.CounterfactualTracker.provisional`;
+        :meth:`specmux.selector.Selector.select` selects on it).  Its learned state is
+        its own; its random stream is this one's (a draw from either moves both).  (A
+        shallow copy with the state copied: a deep copy, random generator included, took
+        80 µs, a tenth of the learner's time per round on llama.cpp.)"""
         ahead = copy.copy(self)
-        for key in self._state_keys:  # the arrays update() changes in place
-            value = getattr(self, key)
-            if isinstance(value, np.ndarray):
-                setattr(ahead, key, value.copy())
+        for key in self._state_keys:  # what update() may change in place
+            setattr(ahead, key, copy.copy(getattr(self, key)))
         ahead.update(Feedback(arm=0, k=0, max_k=1, num_draft_tokens=0, num_accepted_tokens=0,
                               losses=tuple(losses)))
         return ahead
