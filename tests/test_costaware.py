@@ -925,8 +925,8 @@ def test_the_prior_breaks_an_argmax_learners_ties_between_different_rounds() -> 
     """Past the cold start the prior chooses among the arms an argmax learner's ranking
     (with the provisional losses in) puts first, where they would play different rounds;
     arms that would play one and the same round (a drafter offering nothing: each of its
-    arms is a plain step) are left to the learner (pricing them cost 0.2 ms a round on
-    llama.cpp, 0.4% of a step); a learner that samples draws among its ties itself."""
+    arms is a plain step) are left to the learner (the same arm, without pricing them); a
+    learner that samples draws among its ties itself."""
     s = priced_selector(policy_kwargs={"selection": "argmax"})  # lm@2 lm@4 ngram@2 ngram@4 none
     s.policy.cumulative_loss[:] = [0.3, 0.3, 0.1, 0.1, 0.1]
     s._lengths = {"ngram": 0}  # ngram@2, ngram@4 and none: three plain steps

@@ -407,8 +407,8 @@ class Selector:
         the length loss ties every arm still matching where the window is not verified
         yet, and a lower index is no reason to pick one.  Arms that would play one and the
         same round (a drafter offering nothing: each of its arms is a plain step) are left
-        to the learner: pricing them all would change nothing and, on llama.cpp, cost
-        0.2 ms a round.  A learner that samples draws among its ties itself."""
+        to the learner: pricing them all would change nothing.  A learner that samples
+        draws among its ties itself."""
         preference = playing.preference()  # [num_arms]
         if not preference[mask].max() > preference[mask].min():
             return mask

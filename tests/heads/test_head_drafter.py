@@ -113,13 +113,21 @@ def test_counterfactual_rows_match_what_the_head_would_draft(tiny_head, target_m
     assert float(probs[:, outside].sum()) == 0.0  # q = 0 outside the draft vocabulary
 
 
-def test_product_dtype_is_measured_and_a_bfloat16_head_stays_lossless(
-        tiny_head, target_model, references) -> None:
-    from specmux.drafters.head import MEASURE_FROM, product_dtype
+def test_product_dtype_follows_the_cpu_and_a_bfloat16_head_stays_lossless(
+        tiny_head, target_model, references, monkeypatch) -> None:
+    """The draft product's dtype is decided by the CPU's flags, not by a timing (which
+    made drafts differ between processes), so it is the same every time on one machine."""
+    import specmux.drafters.head as head_module
+    from specmux.drafters.head import BF16_FROM, native_bfloat16, product_dtype
 
-    assert product_dtype(torch.ones(8, 4)) == torch.float32  # small: never timed
-    assert product_dtype(torch.ones(MEASURE_FROM // 64, 64), reps=1) in (torch.float32,
-                                                                         torch.bfloat16)
+    big = torch.ones(BF16_FROM // 64, 64)
+    assert product_dtype(torch.ones(8, 4)) == torch.float32  # small: float32 everywhere
+    assert product_dtype(big) == (torch.bfloat16 if native_bfloat16() else torch.float32)
+    assert len({product_dtype(big) for _ in range(3)}) == 1
+    for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(head_module, "native_bfloat16", lambda native=native: native)
+        assert product_dtype(big) == dtype
+    monkeypatch.undo()
     head = HeadDrafter(tiny_head, target_model, name="head")
     assert head.product_dtype == torch.float32 and head._w_run is head.w_draft
     head.product_dtype, head._w_run = torch.bfloat16, head.w_draft.to(torch.bfloat16)

@@ -14,8 +14,8 @@ counterfactual row is "no proposal", ``-1``), exactly as it would have drafted.
 Drafting ``k`` tokens costs ``k`` MLP steps and ``k`` products with the ``[V_d, H]`` draft
 rows of the LM head; the distributions along a path (counterfactual scoring) run the same
 chain over the path's tokens.  The product dominates (a 32,768-row draft vocabulary over a
-1,536-wide state is 200 MB of float32 read per step), so it runs in bfloat16 where that is
-measured faster on this CPU (:func:`product_dtype`: 4.8 ms against 12.1 ms per drafted token,
+1,536-wide state is 200 MB of float32 read per step), so it runs in bfloat16 where the CPU
+multiplies that in hardware (:func:`product_dtype`: 4.8 ms against 12.1 ms per drafted token,
 5.8 against 35.2 ms for a 9-position scoring run on the 2-core AVX512-BF16 development box,
 ``benchmarks/head_product.py``).
 In bfloat16 two candidates within a rounding step tie (argmax takes the lower index), and a
@@ -29,7 +29,6 @@ for any ``q`` (:mod:`specmux.verify`).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 
 import torch
@@ -44,29 +43,33 @@ from specmux.verify import process_logits, sample
 
 _NONE = torch.zeros(0, dtype=torch.long)
 log = logging.getLogger(__name__)
-MEASURE_FROM = 1 << 20  # draft rows with at least this many entries: time the product's dtype
+BF16_FROM = 1 << 20  # draft rows with at least this many entries may multiply in bfloat16
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags: bfloat16 products in hardware
 
 
-def product_dtype(w: torch.Tensor, reps: int = 3) -> torch.dtype:
-    """``torch.float32`` or ``torch.bfloat16``, whichever multiplies a ``[1, H]`` feature by
-    ``w`` [V_d, H] (transposed) faster on this machine: the fastest of ``reps`` timed
-    products each, after one warm-up.  bfloat16 halves the bytes read and wins where the CPU
-    multiplies it natively; without that it can be slower, hence measured, not assumed.
-    Small matrices (fewer than :data:`MEASURE_FROM` entries, the tests' heads) stay float32."""
-    if w.numel() < MEASURE_FROM:
+def native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware: one of :data:`BF16_FLAGS` among the
+    flags of ``/proc/cpuinfo`` (``False`` where there is no such file)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in BF16_FLAGS)
+
+
+def product_dtype(w: torch.Tensor) -> torch.dtype:
+    """``torch.bfloat16`` for draft rows ``w`` [V_d, H] of at least :data:`BF16_FROM` entries
+    on a CPU that multiplies bfloat16 in hardware (:func:`native_bfloat16`), else
+    ``torch.float32``.  bfloat16 halves the bytes read; without the hardware it can be
+    slower.  Decided by the CPU, not by timing both at load as before: on a busy machine
+    the timing picked float32 for some heads and bfloat16 for others, the two round a
+    near-tie differently, and so a head's drafts (never the output) and every MAT built on
+    them changed from one process to the next (issue 16's runs 28 and 33, UCBSpec's rounds).
+    Small matrices (the tests' heads) stay float32."""
+    if w.numel() < BF16_FROM or not native_bfloat16():
         return torch.float32
-    seconds = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        m = w.to(dtype)
-        x = torch.ones(1, w.shape[1], dtype=dtype)
-        best = float("inf")
-        for i in range(reps + 1):
-            t0 = time.perf_counter()
-            x @ m.T
-            if i:
-                best = min(best, time.perf_counter() - t0)
-        seconds[dtype] = best
-    return min(seconds, key=seconds.__getitem__)
+    return torch.bfloat16
 
 
 class HeadDrafter(Drafter):
