@@ -704,7 +704,7 @@ def test_cold_start_prior_learns_each_drafters_acceptance_from_its_plays() -> No
     assert str(selector.arms[selector.prior_arm(selector.policy, None, context=100)]) \
         == "lm@k=2"
     selector.observe(Outcome(arm=1, num_draft_tokens=2, num_accepted_tokens=2))
-    assert selector._played[:, 1].tolist() == [2.0, 2.0]  # all accepted: no rejection
+    assert selector._evidence[:, 1].tolist() == [2.0, 2.0]  # all accepted: no rejection
     selector.reset()
     assert str(selector.arms[selector.prior_arm(selector.policy, None, context=100)]) \
         == "head@k=2"

@@ -209,7 +209,7 @@ class Selector:
         # [2, N]: the prior's acceptance evidence per drafter: its right guesses and the
         # positions it was scored on along the verified paths, or, in rounds it was played
         # and not scored, its accepted draft tokens and trials (accepted + first rejection)
-        self._played = np.zeros((2, len(names)))
+        self._evidence = np.zeros((2, len(names)))
         # Scores a drafter over rows of the query's log (set by the engine: deferred scoring)
         self.span_scorer: SpanScorer | None = None
         self.stats = SpecStats()
@@ -232,7 +232,7 @@ class Selector:
             self.tracker.forget()
             self.contexts.clear()
             self.context_counts.clear()
-            self._played[:] = 0.0
+            self._evidence[:] = 0.0
         self.tracker.reset()
         self._final = None
         self._hits[:] = False
@@ -384,7 +384,7 @@ class Selector:
         if mask is None:
             return None
         n = self._draft_lengths().astype(float)
-        matches, positions = self._played  # [N] each
+        matches, positions = self._evidence  # [N] each
         a = np.minimum((matches + PRIOR_PSEUDO_TRIALS * PRIOR_ACCEPTANCE)
                        / (positions + PRIOR_PSEUDO_TRIALS), 0.999)[self.arm_drafter]  # [num_arms]
         tokens = (1.0 - a ** (n + 1.0)) / (1.0 - a)  # [num_arms]
@@ -589,7 +589,7 @@ class Selector:
             if len(scores[0]):  # [N]: each drafter's first guess on this round's path
                 self._hits = np.nan_to_num(scores[0][0]) >= 0.5
                 seen = ~np.isnan(scores[0])  # [n, N]: the prior's evidence, every guess
-                self._played += (np.where(seen, scores[0], 0.0).sum(axis=0), seen.sum(axis=0))
+                self._evidence += (np.where(seen, scores[0], 0.0).sum(axis=0), seen.sum(axis=0))
                 scored = seen.any(axis=0)
         elif self.arms[outcome.arm].k and outcome.num_draft_tokens:  # bandits: the played one
             self._hits[self.arm_drafter[outcome.arm]] = outcome.num_accepted_tokens > 0
@@ -597,7 +597,7 @@ class Selector:
                 and not scored[self.arm_drafter[outcome.arm]]):
             accepted = outcome.num_accepted_tokens
             missed = accepted < outcome.num_draft_tokens  # the first rejection: a trial
-            self._played[:, self.arm_drafter[outcome.arm]] += (accepted, accepted + missed)
+            self._evidence[:, self.arm_drafter[outcome.arm]] += (accepted, accepted + missed)
         feedback = Feedback(
             arm=outcome.arm, k=self.arms[outcome.arm].k, max_k=self.max_k,
             num_draft_tokens=outcome.num_draft_tokens,
@@ -698,7 +698,7 @@ class Selector:
         self.stats = SpecStats()
         self._final = None
         self._hits[:] = False
-        self._played[:] = 0.0
+        self._evidence[:] = 0.0
 
     def state_dict(self) -> dict[str, Any]:
         """The policy's JSON-able learned state (what a server persists); in contextual
