@@ -439,7 +439,8 @@ class CounterfactualTracker:
         factors = meta.factors
         # Positions a drafter was not run on are nan: past a drafter's first certain miss
         # (weight 0) they do not count, and a factor-0 drafter's arms use the baseline.
-        gamma, weight = np.nan_to_num(gamma), np.nan_to_num(weight)
+        if np.isnan(gamma).any() or np.isnan(weight).any():  # most rounds have none
+            gamma, weight = np.nan_to_num(gamma), np.nan_to_num(weight)
         if self.loss == "acceptance":
             per_drafter = (1.0 - gamma).sum(axis=0) / (self.max_k + 1)  # [N]
             losses = per_drafter[self.drafter_of_arm]

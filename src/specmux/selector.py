@@ -178,6 +178,7 @@ class Selector:
         self.drafter_names = names
         # arm -> score column (the no-speculation arm reads none: column 0, k = 0)
         self.arm_drafter = [names.index(a.drafter) if a.k else 0 for a in self.arms]
+        self._arm_drafter = np.array(self.arm_drafter)  # [num_arms]
         self.max_k = max(a.k for a in self.arms)
         if not 0.0 < score_rate <= 1.0:
             raise ConfigError(f"score_rate must be in (0, 1], got {score_rate}")
@@ -185,6 +186,8 @@ class Selector:
         self.scoring = ScoringPlan(names, score_rate, seed=seed)
         self._arm_specs = [(a.drafter, a.k) for a in self.arms]
         self._drafts = np.array([a.k > 0 for a in self.arms])  # [num_arms]: not the plain arm
+        self._ks = np.array([a.k for a in self.arms])  # [num_arms]
+        self._ks.flags.writeable = False
         if isinstance(policy, str):
             policy = make_policy(policy, len(self.arms), seed=seed, **(policy_kwargs or {}))
         if policy.num_arms != len(self.arms):
@@ -203,6 +206,8 @@ class Selector:
         self.context_counts: dict[int, int] = {}  # key -> loss vectors (bandits: updates)
         self._key: int | None = None  # context key of the round being played
         self._lengths: dict[str, int] = {}  # drafter -> tokens it offers this round (max_k)
+        # (the _lengths they were computed from, _drafted(), _draft_lengths()): once a round
+        self._per_arm: tuple[dict[str, int], Any, np.ndarray | None] = ({}, None, None)
         self._chosen_by = "learner"  # who chose the round's arm: "learner" or "prior"
         self._ruled_out: tuple[str, ...] = ()  # arms worth_starting/drafting ruled out
         self._hits = np.zeros(len(names), dtype=bool)  # [N] last round's first guess right
@@ -407,20 +412,26 @@ class Selector:
         the length loss ties every arm still matching where the window is not verified
         yet, and a lower index is no reason to pick one.  Arms that would play one and the
         same round (a drafter offering nothing: each of its arms is a plain step) are left
-        to the learner: pricing them all would change nothing.  A learner that samples
-        draws among its ties itself."""
+        to the learner, at the cold start too: pricing them all would change nothing (and
+        where nothing is ever offered, as in a contextual learner's no-signal context
+        without an LM drafter in play, every arm keeps the same loss, so the context stays
+        "cold" and the prior would price a plain step in every one of its rounds).  A
+        learner that samples draws among its ties itself."""
         preference = playing.preference()  # [num_arms]
         if not preference[mask].max() > preference[mask].min():
-            return mask
-        if ranking is None or getattr(ranking, "selection", None) != "argmax":
+            first = mask
+        elif ranking is None or getattr(ranking, "selection", None) != "argmax":
             return None
-        preference = ranking.preference()
-        top = preference[mask].max()
-        first = mask & (preference >= top - 1e-12 * max(1.0, abs(top)))
-        lengths = self._draft_lengths()
-        rounds = {(self.arm_drafter[i] if lengths[i] else -1, int(lengths[i]))
-                  for i in np.flatnonzero(first)}
-        return first if len(rounds) > 1 else None
+        else:
+            preference = ranking.preference()
+            top = preference[mask].max()
+            first = mask & (preference >= top - 1e-12 * max(1.0, abs(top)))
+        lengths = self._draft_lengths()[first]  # [candidates]
+        if not lengths.max() > 0:  # every candidate is a plain step
+            return None
+        drafters = self._arm_drafter[first]
+        same = lengths.min() == lengths.max() and drafters.min() == drafters.max()
+        return None if same else first
 
     def _prefill_surcharge(self, backlogs: Sequence[int] | None, remaining: int) -> np.ndarray:
         """Per arm [num_arms]: its drafter's modelled prefill of ``backlogs`` [N] tokens
@@ -587,7 +598,7 @@ class Selector:
             for tag, losses in released:
                 self.stats.record_losses(tag % len(self.arms), losses)
             if len(scores[0]):  # [N]: each drafter's first guess on this round's path
-                self._hits = np.nan_to_num(scores[0][0]) >= 0.5
+                self._hits = scores[0][0] >= 0.5  # nan (not run): False
                 seen = ~np.isnan(scores[0])  # [n, N]: the prior's evidence, every guess
                 self._evidence += (np.where(seen, scores[0], 0.0).sum(axis=0), seen.sum(axis=0))
                 scored = seen.any(axis=0)
@@ -616,14 +627,26 @@ class Selector:
         offers."""
         if not self._lengths:
             return None
-        return [min(k, self._lengths[d]) if d in self._lengths else None
-                for d, k in self._arm_specs]
+        lengths, drafted, _ = self._per_arm
+        if lengths is not self._lengths:  # this round's offers: computed once per round
+            drafted = [min(k, self._lengths[d]) if d in self._lengths else None
+                       for d, k in self._arm_specs]
+            self._per_arm = (self._lengths, drafted, None)
+        return drafted
 
     def _draft_lengths(self) -> np.ndarray:
         """Per arm [num_arms], how many tokens it would draft this round: ``min(k,
-        offered)`` where its drafter said, else its ``k``."""
-        return np.array([k if n is None else n for n, (_, k) in zip(
-            self._drafted() or [None] * len(self.arms), self._arm_specs, strict=True)])
+        offered)`` where its drafter said, else its ``k`` (do not modify: shared within
+        the round)."""
+        drafted = self._drafted()
+        if drafted is None:
+            return self._ks
+        if self._per_arm[2] is None:
+            lengths = np.array([k if n is None else n
+                                for n, (_, k) in zip(drafted, self._arm_specs, strict=True)])
+            lengths.flags.writeable = False
+            self._per_arm = (self._lengths, drafted, lengths)
+        return self._per_arm[2]
 
     def end_query(self) -> None:
         """The query ended (finished, or closed early): deliver the delayed feedback."""
