@@ -2,12 +2,14 @@
 
 The engine runs a bench learner over model-free drafters on a *fake* target with the
 embedded models' vocabulary (151,936 ids): its logits cost next to nothing, and its greedy
-path copies pieces of the prompt half of the time, so the drafters draft often.  Between
-rounds the fake target can do ``--compute-ms`` of the work a real forward pass does
-(float32 matrix products on ``--threads`` threads), which evicts the learner's code and
-data from the core's caches as a target pass does.  It reports the learner's seconds per
-round (``Step.learner_seconds``: offers, select, scoring, learning; verification excluded),
-split by the round's parts, and one part timed twice in a row: the first call after the
+path copies pieces of the prompt half of the time (``--copy-rate``; chat-like text: 0.1), so
+the drafters draft often.  Between rounds the fake target can do ``--compute-ms`` of the
+work a real forward pass does (float32 matrix products on ``--threads`` threads), which
+evicts the learner's code and data from the core's caches as a target pass does.  It
+reports the learner's seconds per round (``Step.learner_seconds``: offers, select, scoring,
+learning; verification excluded), of which the policy's (``Selector.policy_seconds``:
+select and update, the results page's ``policy ms/round``), split by the round's parts,
+and one part timed twice in a row: the first call after the
 pass against the same call at once (``plan_scoring``, which with model-free drafters only
 reads the learner's state).  Without work between rounds the fake target's passes are so
 fast that the model-free drafters' scoring counts as expensive and is sampled, so the
@@ -76,14 +78,16 @@ def make_burn(ms: float, threads: int) -> Any:
     return burn
 
 
-def workload(seed: int, prompt_tokens: int, length: int) -> tuple[list[int], list[int]]:
-    """A prompt and a target path after it that copies pieces of the prompt half the time."""
+def workload(seed: int, prompt_tokens: int, length: int,
+             copy_rate: float = 0.5) -> tuple[list[int], list[int]]:
+    """A prompt and a target path after it that copies pieces of the prompt a
+    ``copy_rate`` share of the time (chat-like text: low; an edit: high)."""
     rng = np.random.default_rng(seed)
     prompt = rng.integers(0, VOCAB, prompt_tokens).tolist()
     out: list[int] = []
     while len(out) < length:
         n = int(rng.integers(3, 15))
-        if rng.random() < 0.5:
+        if rng.random() < copy_rate:
             s = int(rng.integers(0, prompt_tokens - n))
             out += prompt[s : s + n]
         else:
@@ -92,7 +96,8 @@ def workload(seed: int, prompt_tokens: int, length: int) -> tuple[list[int], lis
 
 
 def run(args: argparse.Namespace, compute_ms: float) -> dict[str, Any]:
-    prompt, path = workload(args.seed, args.prompt_tokens, args.queries * args.max_new_tokens)
+    prompt, path = workload(args.seed, args.prompt_tokens, args.queries * args.max_new_tokens,
+                            args.copy_rate)
     target = FakeTarget(path, make_burn(compute_ms, args.threads))
     spec = parse_policy_spec(args.policy)
     decoder = SpeculativeDecoder(
@@ -130,6 +135,7 @@ def run(args: argparse.Namespace, compute_ms: float) -> dict[str, Any]:
     decoder.selector.plan_scoring = plan_twice
     decoder.warmup(prompt)
     parts.clear()
+    policy_before = decoder.selector.policy_seconds
     steps = []
     for q in range(args.queries):
         context = path[: args.prompt_tokens + q * args.max_new_tokens]
@@ -140,6 +146,7 @@ def run(args: argparse.Namespace, compute_ms: float) -> dict[str, Any]:
         "tokens_per_round": sum(len(s.tokens) for s in steps) / n,
         "learner_ms_per_round": 1e3 * sum(s.learner_seconds for s in steps) / n,
         "verify_ms_per_round": 1e3 * sum(s.verify_seconds for s in steps) / n,
+        "policy_ms_per_round": 1e3 * (decoder.selector.policy_seconds - policy_before) / n,
         "parts_ms_per_round": {k: 1e3 * sum(v) / n for k, v in parts.items()},
         "parts_ms_median_call": {k: 1e3 * statistics.median(v) for k, v in parts.items()},
         "drafter_share": {name: sum(s.drafter == name for s in steps) / n
@@ -159,6 +166,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=100)
     ap.add_argument("--prompt-tokens", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--copy-rate", type=float, default=0.5,
+                    help="share of the path's pieces copied from the prompt (chat: 0.1)")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
     try:
@@ -169,7 +178,9 @@ def main() -> None:
     runs = [run(args, args.compute_ms)]
     for r in runs:
         print(f"compute between rounds {r['compute_ms']:.0f} ms: {r['rounds']} rounds, "
-              f"learner {r['learner_ms_per_round']:.3f} ms/round")
+              f"learner {r['learner_ms_per_round']:.3f} ms/round, of which the policy "
+              f"(select and update, the results page's `policy ms/round`) "
+              f"{r['policy_ms_per_round']:.3f}")
         for part, ms in sorted(r["parts_ms_per_round"].items(), key=lambda kv: -kv[1]):
             print(f"  {part:34s} {ms:.3f} ms/round, "
                   f"median call {r['parts_ms_median_call'][part]:.3f} ms")
