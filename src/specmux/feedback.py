@@ -131,15 +131,20 @@ def position_scores(
     weight = np.zeros((n, len(dists)))
     if n == 0:
         return gamma, weight
+    if greedy:  # compared in numpy: a few tokens, where each torch op costs microseconds
+        path_np = path.numpy()  # [n]
+        for i, dist in enumerate(dists):
+            if dist is None:
+                gamma[:, i] = np.nan
+            else:
+                guess = dist.tokens if dist.probs is None else dist.probs.argmax(dim=-1)  # [n]
+                gamma[:, i] = guess.numpy() == path_np
+        weight[:] = gamma
+        return gamma, weight
     rows = torch.arange(n)
     for i, dist in enumerate(dists):
         if dist is None:
             gamma[:, i] = weight[:, i] = np.nan
-        elif greedy:
-            guess = dist.tokens if dist.probs is None else dist.probs.argmax(dim=-1)  # [n]
-            hit = (guess == path).double().numpy()
-            gamma[:, i] = hit
-            weight[:, i] = hit
         elif dist.probs is None:  # deterministic guess: q = one_hot(guess), or 0 if none
             guess = dist.tokens
             has = guess >= 0
@@ -469,12 +474,15 @@ class CounterfactualTracker:
         for key in (keys[1], keys[0]):  # any context's coins, then this context's
             total, weight = self._baselines.get(key, empty)
             base = (total + IMPUTE_PRIOR * base) / (weight + IMPUTE_PRIOR)
-        for key, mask in ((keys[0], f > 1), (-1, f > 1), (-2, f > 0)) if commit else ():
+        coins, scored = f > 1, f > 0
+        for key, mask in ((keys[0], coins), (-1, coins), (-2, scored)) if commit else ():
+            if not mask.any():  # most rounds: no coin came up
+                continue
             total, weight = self._baselines.setdefault(
                 key, (np.zeros(num_arms), np.zeros(num_arms)))
             total[mask] = self._decay * total[mask] + losses[mask]
             weight[mask] = self._decay * weight[mask] + 1.0
-        return np.where(f > 0, losses, base)
+        return np.where(scored, losses, base)
 
     def best_fixed_rate(self) -> float:
         """The best fixed arm's throughput so far, ``sum T_a / sum c_a`` (tokens per
@@ -518,10 +526,18 @@ class CounterfactualTracker:
             return 0.5 + (mean - gain) / (2.0 * max(self.time_scale, spread, 1e-9))
         # This round's tokens and costs feed the fixed arms' rates only after its loss.
         d = self._rate_decay
-        self._arm_tokens[seen] = d * self._arm_tokens[seen] + tokens[seen]
-        self._arm_seconds[seen] = d * self._arm_seconds[seen] + meta.costs[seen]
-        self._query_tokens[seen] += tokens[seen]
-        self._query_seconds[seen] += meta.costs[seen]
+        if meta.factors is None:  # every arm seen: whole arrays (masks cost more here)
+            self._arm_tokens *= d
+            self._arm_tokens += tokens
+            self._arm_seconds *= d
+            self._arm_seconds += meta.costs
+            self._query_tokens += tokens
+            self._query_seconds += meta.costs
+        else:
+            self._arm_tokens[seen] = d * self._arm_tokens[seen] + tokens[seen]
+            self._arm_seconds[seen] = d * self._arm_seconds[seen] + meta.costs[seen]
+            self._query_tokens[seen] += tokens[seen]
+            self._query_seconds[seen] += meta.costs[seen]
         self.time_scale = max(self.time_scale * self._scale_decay, spread, 1e-9)
         return 0.5 + (mean - gain) / (2.0 * self.time_scale)
 
@@ -534,7 +550,15 @@ class CounterfactualTracker:
             for k, sel, drafters in self._groups:
                 out[sel] = expected_accepted(gamma, weight, k)[drafters] + 1.0
             return out
-        for k in np.unique(ks):
-            sel = ks == k
-            out[sel] = expected_accepted(gamma, weight, int(k))[self.drafter_of_arm[sel]] + 1.0
-        return out
+        # every arm at once: E[min(A, k)] for each k is a prefix sum of the same terms
+        m = min(int(ks.max()), gamma.shape[0])
+        if m == 0:
+            return np.ones(len(ks))
+        reach = np.empty((m, gamma.shape[1]))  # [m, N] prod_{j<d} w_j, as expected_accepted
+        reach[0] = 1.0
+        if m > 1:
+            np.cumprod(weight[: m - 1], axis=0, out=reach[1:])
+        reach *= gamma[:m]
+        prefix = np.zeros((m + 1, gamma.shape[1]))  # [m + 1, N]: row d = E[min(A, d)]
+        np.cumsum(reach, axis=0, out=prefix[1:])
+        return prefix[np.minimum(ks, m), self.drafter_of_arm] + 1.0
