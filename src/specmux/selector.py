@@ -427,7 +427,7 @@ class Selector:
             top = preference[mask].max()
             first = mask & (preference >= top - 1e-12 * max(1.0, abs(top)))
         lengths = self._draft_lengths()[first]  # [candidates]
-        if not lengths.max() > 0:  # every candidate is a plain step
+        if not lengths.size or not lengths.max() > 0:  # none, or every one a plain step
             return None
         drafters = self._arm_drafter[first]
         same = lengths.min() == lengths.max() and drafters.min() == drafters.max()
