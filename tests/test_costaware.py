@@ -948,6 +948,23 @@ def test_the_prior_breaks_an_argmax_learners_ties_between_different_rounds() -> 
                               ranking=sampling.policy) is None
 
 
+def test_a_cold_context_of_identical_rounds_is_left_to_the_learner() -> None:
+    """A cold learner whose allowed arms would all play one and the same round (nothing
+    offered and the LM ruled out: plain steps only; or one drafter's arms that would all
+    draft the same tokens) is left to the learner, which picks the same round; where
+    they differ the prior prices them, as at any cold start."""
+    s = priced_selector(policy_kwargs={"selection": "argmax"})  # lm@2 lm@4 ngram@2 ngram@4 none
+    no_lm = np.array([False, False, True, True, True])
+    s._lengths = {"ngram": 0}  # ngram@2, ngram@4 and none: three plain steps
+    assert s.prior_arm(s.policy, no_lm, context=100) is None
+    s._lengths = {"ngram": 1}  # ngram@2 and ngram@4 both draft the one token; none differs
+    assert s.prior_arm(s.policy, no_lm, context=100) is not None
+    only_ngram = np.array([False, False, True, True, False])
+    assert s.prior_arm(s.policy, only_ngram, context=100) is None  # one round, twice
+    s._lengths = {"ngram": 0}  # with the LM allowed its arms differ: the prior prices
+    assert s.prior_arm(s.policy, None, context=100) == 0  # lm@2: 1.75 tokens in 0.27 s
+
+
 def test_engine_from_a_cold_start_is_greedy_identical(target_model, drafter_models) -> None:
     """Learners reset at every query start cold each time (the prior decides their opening
     rounds); the output stays the target's."""

@@ -155,3 +155,34 @@ def test_provisional_losses_count_positions_a_drafter_was_not_run_on_as_unknown(
     (_, first), (_, second) = tracker.provisional()
     assert first.tolist() == [0.0, 0.0]  # both 5 of 5 (not the LM 3: a miss where not run)
     assert second.tolist() == [0.5, 0.0]  # the LM unscored there: imputed
+
+
+def test_tokens_with_per_round_draft_lengths_match_each_length_on_its_own() -> None:
+    """Every arm's expected tokens when drafters offer fewer than ``k`` this round (``ks``)
+    come from one prefix sum; each must equal ``E[min(A, k_a)] + 1`` for its own ``k_a``,
+    including ``k_a = 0``, ``k_a`` past the known rows and rows past every ``k_a``."""
+    arms = [(d, k) for d in range(3) for k in (0, 2, 4, 8)]
+    tracker = CounterfactualTracker(arms, "length")
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(1, 11))  # rows of the path
+        gamma = rng.random((n, 3))
+        weight = np.where(rng.random((n, 3)) < 0.3, 0.0, rng.random((n, 3)))
+        ks = np.array([min(k, int(rng.integers(0, 9))) for _, k in arms])
+        want = np.array([expected_accepted(gamma, weight, int(k))[d] + 1.0
+                         for (d, _), k in zip(arms, ks, strict=True)])
+        np.testing.assert_allclose(tracker.tokens(gamma, weight, ks), want, rtol=0, atol=1e-12)
+    assert tracker.tokens(gamma, weight, np.zeros(len(arms), dtype=int)).tolist() == [1.0] * 12
+
+
+def test_greedy_scores_of_a_drafter_not_run_are_unknown_and_probs_are_argmaxed() -> None:
+    """A drafter skipped this round (``None``) scores ``nan`` in both arrays; a drafter
+    with full distributions is scored by its argmax; the arrays are separate copies."""
+    path = torch.tensor([2, 0])
+    probs = torch.tensor([[0.1, 0.2, 0.7], [0.5, 0.4, 0.1]])  # argmax 2, 0: both right
+    gamma, weight = position_scores(path, None, [None, PathDistributions(
+        tokens=probs.argmax(dim=-1), probs=probs)], greedy=True)
+    assert np.isnan(gamma[:, 0]).all() and np.isnan(weight[:, 0]).all()
+    assert gamma[:, 1].tolist() == [1.0, 1.0] and weight[:, 1].tolist() == [1.0, 1.0]
+    gamma[0, 1] = 0.0
+    assert weight[0, 1] == 1.0
