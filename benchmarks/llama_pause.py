@@ -44,8 +44,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60, help="steps per kind of pause")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
-    if args.context < 1 or args.steps < 1:
-        ap.error("--context and --steps must be >= 1")
+    if args.context < 1 or args.steps < 1 or args.threads < 1:
+        ap.error("--context, --steps and --threads must be >= 1")
     lm = LlamaCppLM.load(args.model, threads=args.threads)
     rng = np.random.default_rng(0)
     prefix = rng.integers(100, 20_000, args.context).tolist()

@@ -203,8 +203,9 @@ class CounterfactualTracker:
     ) -> None:
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-        self.drafter_of_arm = np.array([d for d, _ in arms], dtype=int)
-        self.k_of_arm = np.array([k for _, k in arms], dtype=int)
+        self.drafter_of_arm = np.array([d for d, _ in arms], dtype=int)  # [num_arms]
+        self.k_of_arm = np.array([k for _, k in arms], dtype=int)  # [num_arms]
+        self.drafter_of_arm.flags.writeable = self.k_of_arm.flags.writeable = False  # shared
         self.max_k = max(int(self.k_of_arm.max()), 1)
         self.loss = loss
         self.delayed = delayed

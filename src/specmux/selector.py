@@ -178,7 +178,6 @@ class Selector:
         self.drafter_names = names
         # arm -> score column (the no-speculation arm reads none: column 0, k = 0)
         self.arm_drafter = [names.index(a.drafter) if a.k else 0 for a in self.arms]
-        self._arm_drafter = np.array(self.arm_drafter)  # [num_arms]
         self.max_k = max(a.k for a in self.arms)
         if not 0.0 < score_rate <= 1.0:
             raise ConfigError(f"score_rate must be in (0, 1], got {score_rate}")
@@ -186,8 +185,6 @@ class Selector:
         self.scoring = ScoringPlan(names, score_rate, seed=seed)
         self._arm_specs = [(a.drafter, a.k) for a in self.arms]
         self._drafts = np.array([a.k > 0 for a in self.arms])  # [num_arms]: not the plain arm
-        self._ks = np.array([a.k for a in self.arms])  # [num_arms]
-        self._ks.flags.writeable = False
         if isinstance(policy, str):
             policy = make_policy(policy, len(self.arms), seed=seed, **(policy_kwargs or {}))
         if policy.num_arms != len(self.arms):
@@ -429,7 +426,7 @@ class Selector:
         lengths = self._draft_lengths()[first]  # [candidates]
         if not lengths.size or not lengths.max() > 0:  # none, or every one a plain step
             return None
-        drafters = self._arm_drafter[first]
+        drafters = self.tracker.drafter_of_arm[first]
         same = lengths.min() == lengths.max() and drafters.min() == drafters.max()
         return None if same else first
 
@@ -640,7 +637,7 @@ class Selector:
         the round)."""
         drafted = self._drafted()
         if drafted is None:
-            return self._ks
+            return self.tracker.k_of_arm
         if self._per_arm[2] is None:
             lengths = np.array([k if n is None else n
                                 for n, (_, k) in zip(drafted, self._arm_specs, strict=True)])
