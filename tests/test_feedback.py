@@ -186,3 +186,19 @@ def test_greedy_scores_of_a_drafter_not_run_are_unknown_and_probs_are_argmaxed()
     assert gamma[:, 1].tolist() == [1.0, 1.0] and weight[:, 1].tolist() == [1.0, 1.0]
     gamma[0, 1] = 0.0
     assert weight[0, 1] == 1.0
+
+
+def test_a_drafter_that_would_stop_scores_nothing_from_that_row_on() -> None:
+    """``stops`` rows score 0 in gamma and w, greedy and sampled: a draft reaching them
+    ends there, so expected_accepted counts only the rows before."""
+    path = torch.tensor([5, 6, 7, 8])
+    tokens = torch.tensor([5, 6, 7, 8])  # every guess right
+    stops = torch.tensor([False, False, True, False])
+    dists = [PathDistributions(tokens=tokens), PathDistributions(tokens=tokens, stops=stops)]
+    gamma, w = position_scores(path, None, dists, greedy=True)
+    assert gamma[:, 0].tolist() == [1, 1, 1, 1] and gamma[:, 1].tolist() == [1, 1, 0, 1]
+    assert expected_accepted(gamma, w, 4).tolist() == [4.0, 2.0]
+    p = torch.full((4, 10), 0.1)
+    gamma, w = position_scores(path, p, dists, greedy=False)
+    assert gamma[2, 1] == w[2, 1] == 0.0 and gamma[2, 0] > 0
+    assert expected_accepted(gamma, w, 4)[1] == expected_accepted(gamma[:2], w[:2], 2)[1]

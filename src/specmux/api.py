@@ -40,7 +40,8 @@ CONFIG_KEYS = ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min
                "suffix_decoding_min_token_prob", "suffix_decoding_max_cached_tokens",
                "suffix_decoding_eviction", "loss",
                "score_rate", "delayed_feedback", "reset_per_query", "contextual", "seed", "exact",
-               "backend", "drafter_backend", "drafter_context_window")
+               "backend", "drafter_backend", "drafter_context_window",
+               "draft_confidence_threshold")
 
 DrafterSpec = str | Drafter | PreTrainedModel
 
@@ -68,6 +69,7 @@ def make_drafter(
     threads: int | None = None,
     suffix_options: dict[str, Any] | None = None,
     context_window: int | None = None,
+    confidence_threshold: float = 0.0,
 ) -> Drafter:
     """A drafter from a spec: ``ngram``, ``suffix`` (SuffixDecoding over the request and
     earlier outputs), ``suffix:PATH`` (the same, seeded with a corpus) or a model (HF id,
@@ -77,12 +79,13 @@ def make_drafter(
     threads; its vocabulary is checked against ``target_lm`` if that is a ``LlamaCppLM``,
     else against ``tokenizer`` (a transformers target drafting with a GGUF).
     ``suffix_options``: keyword arguments of the suffix drafters
-    (:meth:`SpeculativeConfig.suffix_options`); ``context_window``: an LM drafter's
-    (:class:`~specmux.drafters.hf.HFDrafter`)."""
+    (:meth:`SpeculativeConfig.suffix_options`); ``context_window`` and
+    ``confidence_threshold``: an LM drafter's (:class:`~specmux.drafters.hf.HFDrafter`)."""
+    lm_options = {"context_window": context_window, "confidence_threshold": confidence_threshold}
     if isinstance(spec, Drafter):
         return spec
     if isinstance(spec, PreTrainedModel):
-        return HFDrafter(spec, name=type(spec).__name__, context_window=context_window)
+        return HFDrafter(spec, name=type(spec).__name__, **lm_options)
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(f"unknown drafter {spec!r}")
     if spec == "ngram":
@@ -110,14 +113,13 @@ def make_drafter(
             check_same_vocab(target_lm, lm)
         elif tokenizer is not None:
             check_tokenizer_vocab(tokenizer, lm, spec)
-        return LlamaCppDrafter(lm, name=spec.removeprefix("embedded:"),
-                               context_window=context_window)
+        return LlamaCppDrafter(lm, name=spec.removeprefix("embedded:"), **lm_options)
     from specmux.models import load_model
 
     model, drafter_tokenizer = load_model(spec, install=install)
     if tokenizer is not None:
         check_same_tokenizer(tokenizer, drafter_tokenizer, spec)
-    return HFDrafter(model, name=spec.removeprefix("embedded:"), context_window=context_window)
+    return HFDrafter(model, name=spec.removeprefix("embedded:"), **lm_options)
 
 
 def encode_chat(
@@ -253,7 +255,8 @@ class Pipeline:
                          prompt_lookup_min=config.prompt_lookup_min, install=install,
                          backend=config.drafter_backend or self.backend, target_lm=model,
                          threads=threads, suffix_options=config.suffix_options(),
-                         context_window=config.drafter_context_window)
+                         context_window=config.drafter_context_window,
+                         confidence_threshold=config.draft_confidence_threshold)
             for d in specs
         ]
         _unique_corpus_names(pool, specs)

@@ -66,7 +66,8 @@ SpeculativeConfigOption = Annotated[
         "suffix_decoding_min_token_prob) and specmux keys "
         "(suffix_decoding_max_cached_tokens, suffix_decoding_eviction, "
         "drafters, policy, loss, score_rate, delayed_feedback, reset_per_query, contextual, "
-        "seed, exact, backend, drafter_backend, drafter_context_window). Checked "
+        "seed, exact, backend, drafter_backend, drafter_context_window, "
+        "draft_confidence_threshold). Checked "
         "strictly (no strings for numbers, no unknown keys); its keys override the options "
         "above. method 'suffix' takes the corpus path as 'model'.",
     ),

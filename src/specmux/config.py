@@ -50,6 +50,9 @@ DEFAULT_DRAFTER_MODEL = "embedded:qwen2.5-coder-0.5b"
 DEFAULT_DRAFTERS: tuple[str, ...] = (DEFAULT_DRAFTER_MODEL, "ngram")
 DEFAULT_POLICY = "hedge"
 DEFAULT_NUM_SPECULATIVE_TOKENS = 4
+# An LM drafter's draft ends before a token it gives less probability than this (HF assisted
+# generation's assistant_confidence_threshold default; 0 turns the rule off).
+DEFAULT_DRAFT_CONFIDENCE_THRESHOLD = 0.4
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # any signed or unsigned 64-bit integer
 MAX_NGRAM = 64  # prompt_lookup_max bound (longer n-grams never match in practice)
@@ -99,8 +102,9 @@ class SpeculativeConfig(BaseModel):
     (the learner's seed), ``backend`` (``transformers`` or
     ``llama.cpp``), ``drafter_backend`` (the LM drafters' backend; default the target's: a
     transformers target can draft with a GGUF on llama.cpp), ``drafter_context_window`` (an
-    LM drafter sees at most this many recent tokens: it bounds its prefill of a long prompt)
-    and ``exact`` (batch-invariant target
+    LM drafter sees at most this many recent tokens: it bounds its prefill of a long prompt),
+    ``draft_confidence_threshold`` (an LM drafter's draft ends before a token it gives less
+    probability; HF's ``assistant_confidence_threshold``) and ``exact`` (batch-invariant target
     passes, see :mod:`specmux.exact`: greedy output bit-identical to target-only in bf16 too).
     """
 
@@ -141,6 +145,10 @@ class SpeculativeConfig(BaseModel):
     drafter_context_window: Annotated[int, Field(ge=1, le=1 << 20)] | None = Field(
         None, description="an LM drafter sees at most this many recent tokens when a query "
         "starts (its prefill is bounded; default: the whole context)")
+    draft_confidence_threshold: float = Field(
+        DEFAULT_DRAFT_CONFIDENCE_THRESHOLD, ge=0.0, lt=1.0,
+        description="an LM drafter's draft ends before a token it gives less probability "
+        "than this (0: drafts always have k tokens)")
 
     @field_validator("num_speculative_tokens", mode="before")
     @classmethod

@@ -122,7 +122,9 @@ def position_scores(
     not scored this round (its columns are ``nan``).  Returns ``gamma`` and ``w``, both
     [n, N] float64.  Under greedy decoding the path *is* the target's argmax along it, so
     ``gamma = w = 1[guess == path]`` and ``target_probs`` is not read (an argmax over a
-    150k vocabulary costs 0.13 ms per row on a CPU core): it may be ``None``.
+    150k vocabulary costs 0.13 ms per row on a CPU core): it may be ``None``.  A drafter's
+    ``stops`` rows (it would end its draft before them) score 0 in both: a draft that
+    reaches such a row drafts nothing there, so nothing from it on is accepted.
     """
     n = int(path.shape[0])
     if target_probs is None and not greedy:
@@ -139,6 +141,8 @@ def position_scores(
             else:
                 guess = dist.tokens if dist.probs is None else dist.probs.argmax(dim=-1)  # [n]
                 gamma[:, i] = guess.numpy() == path_np
+                if dist.stops is not None:
+                    gamma[dist.stops.numpy(), i] = 0.0
         weight[:] = gamma
         return gamma, weight
     rows = torch.arange(n)
@@ -157,6 +161,8 @@ def position_scores(
             p_x = target_probs[rows, path].double()
             q_x = q[rows, path].double()
             weight[:, i] = torch.clamp(q_x / p_x.clamp_min(1e-30), max=1.0).numpy()
+        if dist is not None and dist.stops is not None:
+            gamma[dist.stops.numpy(), i] = weight[dist.stops.numpy(), i] = 0.0
     return gamma, weight
 
 

@@ -69,11 +69,15 @@ class PathDistributions:
 
     Row ``j`` is the drafter's distribution given ``context + path[:j]``.  Either ``probs``
     [L, V] is set, or only ``tokens`` [L] (a deterministic guess per position; ``-1`` means
-    the drafter would not propose anything there, i.e. q = 0).
+    the drafter would not propose anything there, i.e. q = 0).  ``stops`` [L] (bool), for a
+    drafter that ends its draft early: ``True`` where it would stop before drafting row
+    ``j``'s token (an LM drafter below its confidence threshold), so a draft reaching that
+    row accepts nothing there or after it.
     """
 
     tokens: torch.Tensor  # [L] argmax / deterministic guess, -1 = no proposal
     probs: torch.Tensor | None = None  # [L, V] or None (one-hot on tokens)
+    stops: torch.Tensor | None = None  # [L] bool or None (never stops early)
 
 
 @dataclass(frozen=True)

@@ -112,3 +112,75 @@ def test_backlog_and_catch_up_leave_a_proposal_its_usual_cost(drafter_models) ->
     windowed = HFDrafter(drafter_models[0], context_window=16)
     windowed.start_query(ctx)
     assert windowed.backlog(ctx) == 16  # a window bounds the prefill
+
+
+def _confidences(drafter_model, ids: list[int]) -> list[float]:
+    """The drafter's top probability after each prefix ``ids[:j]``, j >= 1."""
+    lm = CachedLM(drafter_model)
+    import torch
+
+    return torch.softmax(lm.logits(ids, len(ids)).float(), -1).max(-1).values.tolist()
+
+
+def test_confidence_threshold_ends_drafts_and_scores_the_played_arm_exactly(
+        target_model, drafter_models) -> None:
+    """A draft ends before the first token the LM is less sure of than the threshold; the
+    output stays the target's, and counterfactual scoring applies the same rule along the
+    verified path: the played arm's leading matched rows are exactly what was accepted."""
+    random.seed(1)
+    prompt = [random.randrange(VOCAB) for _ in range(12)]
+    ref = autoregressive_generate(CachedLM(target_model), prompt, 48)
+    threshold = sorted(_confidences(drafter_models[1], prompt + ref))[len(ref) // 2]  # median
+    drafter = HFDrafter(CachedLM(drafter_models[1]), name="lm", confidence_threshold=threshold)
+    decoder = SpeculativeDecoder(CachedLM(target_model), [drafter], "hedge",
+                                 num_speculative_tokens=4)
+    out = decoder.generate(prompt, max_new_tokens=48)
+    assert out.token_ids == ref
+    drafted = [s.num_draft_tokens for s in out.steps]
+    assert any(0 < d < 4 for d in drafted) and 4 in drafted  # some drafts ended early
+    for s in out.steps:
+        gammas = s.gammas["lm"]
+        lead = next((j for j, g in enumerate(gammas) if g < 0.5), len(gammas))
+        assert min(lead, 4) == s.num_accepted_tokens, (s, gammas)
+    unsure = HFDrafter(CachedLM(drafter_models[1]), confidence_threshold=0.999)
+    assert len(unsure.propose(prompt, 4, SamplingParams())) == 0  # nothing it is sure of
+    with pytest.raises(ValueError, match="confidence_threshold"):
+        HFDrafter(CachedLM(drafter_models[1]), confidence_threshold=1.0)
+
+
+def test_confidence_threshold_samples_the_target_law(target_model, drafter_models) -> None:
+    """Over 4k seeded generations with drafts cut at the drafter's median confidence, the
+    first two tokens follow the target's joint law."""
+    import numpy as np
+
+    from stats import assert_distribution, target_first_two
+
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]
+    sampling = SamplingParams(temperature=1.0)
+    conf = sorted(_confidences(drafter_models[1], prompt))
+    drafter = HFDrafter(CachedLM(drafter_models[1]), name="lm",
+                        confidence_threshold=conf[len(conf) // 2])
+    decoder = SpeculativeDecoder(CachedLM(target_model), [drafter], "hedge",
+                                 num_speculative_tokens=3)
+    counts = np.zeros((VOCAB, VOCAB))
+    for seed in range(4_000):
+        out = decoder.generate(prompt, max_new_tokens=2, sampling=SamplingParams(1.0, seed=seed))
+        counts[out.token_ids[0], out.token_ids[1]] += 1
+    assert decoder.stats.num_accepted_tokens > 300  # drafts were really accepted
+    joint = target_first_two(target_model, prompt, sampling)
+    assert_distribution(counts.sum(1), joint.sum(1))
+    assert_distribution(counts, joint)
+
+
+def test_confidence_threshold_config_key_reaches_the_drafter(target_model, drafter_models) -> None:
+    from specmux.api import Pipeline
+    from specmux.config import DEFAULT_DRAFT_CONFIDENCE_THRESHOLD, parse_speculative_config
+    from specmux.errors import ConfigError
+
+    pipe = Pipeline(target_model, [drafter_models[1]], "hedge", draft_confidence_threshold=0.2)
+    assert pipe.decoder.drafters[0].confidence_threshold == 0.2
+    assert Pipeline(target_model, [drafter_models[1]], "hedge").decoder.drafters[
+        0].confidence_threshold == DEFAULT_DRAFT_CONFIDENCE_THRESHOLD
+    for bad in ("1.0", "-0.1", '"0.5"'):
+        with pytest.raises(ConfigError, match="draft_confidence_threshold"):
+            parse_speculative_config(f'{{"draft_confidence_threshold": {bad}}}')

@@ -337,5 +337,6 @@ class LlamaCppDrafter(HFDrafter):
     steps to propose, one batched pass to score a path) over a :class:`LlamaCppLM`."""
 
     def __init__(self, lm: LlamaCppLM, name: str | None = None,
-                 context_window: int | None = None) -> None:
-        super().__init__(lm, name=name or lm.name, context_window=context_window)
+                 context_window: int | None = None, confidence_threshold: float = 0.0) -> None:
+        super().__init__(lm, name=name or lm.name, context_window=context_window,
+                         confidence_threshold=confidence_threshold)

@@ -163,6 +163,11 @@ def bench(
                                  "when a query starts: its prefill of a long prompt costs at "
                                  "most this many tokens (default: the whole context).")
     ] = _D.drafter_context_window,
+    draft_confidence_threshold: Annotated[
+        float, typer.Option(help="The LM drafter's draft ends before a token it gives less "
+                            "probability than this (HF's assistant_confidence_threshold); "
+                            "0 drafts k tokens always.")
+    ] = _D.draft_confidence_threshold,
     anchors: Annotated[
         bool, typer.Option(help="llama.cpp: also run llama-cpp-python's own loops.")
     ] = _D.anchors,
@@ -205,6 +210,7 @@ def bench(
             prompts_file=str(prompts) if prompts is not None else None, exact=exact,
             exact_cost=exact_cost, backend=backend, drafter_backend=drafter_backend,
             drafter_context_window=drafter_context_window,
+            draft_confidence_threshold=draft_confidence_threshold,
             anchors=anchors, heads=heads,
         )
         summary = _run_bench(cfg, out, install, started)

@@ -646,6 +646,8 @@ def describe_run(summary: Summary) -> str:
                   f"{machine.get('llama_threads')} threads)" if on_llama else "")
     if cfg.get("drafter_context_window"):
         drafter_on += f", context window {cfg['drafter_context_window']} tokens"
+    if cfg.get("draft_confidence_threshold"):
+        drafter_on += f", drafts end below confidence {cfg['draft_confidence_threshold']}"
     return (
         f"Target `{meta.get('model_id')}`, drafter model `{meta.get('drafter_model')}`"
         f"{drafter_on}; pool "

@@ -63,7 +63,11 @@ from specmux.backends import check_backend
 from specmux.backends.llamacpp import LlamaCppLM
 from specmux.bench.datasets import ALL_CATEGORIES, ORDERS, DomainSplit, Example, mixed_stream
 from specmux.bench.prompts_file import PromptsFileInfo, example_at, iter_examples
-from specmux.config import DEFAULT_DRAFTER_MODEL, DEFAULT_TARGET
+from specmux.config import (
+    DEFAULT_DRAFT_CONFIDENCE_THRESHOLD,
+    DEFAULT_DRAFTER_MODEL,
+    DEFAULT_TARGET,
+)
 from specmux.drafters.base import Drafter
 from specmux.drafters.head import HeadDrafter
 from specmux.drafters.hf import HFDrafter
@@ -201,6 +205,8 @@ class BenchConfig:
     # GGUF on llama.cpp: drafting is a proposal, so the output stays the target's.
     drafter_backend: str | None = None
     drafter_context_window: int | None = None  # the LM drafter's window (None: everything)
+    # the LM drafter's draft ends before a token it is less sure of (0: always k tokens)
+    draft_confidence_threshold: float = DEFAULT_DRAFT_CONFIDENCE_THRESHOLD
     anchors: bool = True  # llama.cpp: llama-cpp-python's own generate and PLD loops
     heads: bool = True  # default pool: add the trained heads of the benchmarked domains
 
@@ -234,6 +240,9 @@ class BenchConfig:
                               f"{self.drafter_context_window}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
+        if not 0.0 <= self.draft_confidence_threshold < 1.0:
+            raise ConfigError(f"--draft-confidence-threshold must be in [0, 1), got "
+                              f"{self.draft_confidence_threshold}")
         if not self.domains and self.prompts_file is None:
             raise ConfigError("at least one category is needed")
         unknown = [d for d in self.domains if d not in ALL_CATEGORIES]
@@ -498,6 +507,7 @@ class DrafterFactory:
         drafter_model: PreTrainedModel | LlamaCppLM | None,
         target_model: PreTrainedModel | LlamaCppLM | None = None,
         context_window: int | None = None,
+        confidence_threshold: float = 0.0,
     ) -> None:
         self.names = list(names)
         self.suffix: dict[str, SuffixTreeDrafter] = {}
@@ -523,7 +533,8 @@ class DrafterFactory:
                 if drafter_model is None:
                     raise ConfigError("the 'lm' drafter needs a drafter model")
                 self.shared[name] = HFDrafter(drafter_model, name=LM_DRAFTER,  # any backend
-                                              context_window=context_window)
+                                              context_window=context_window,
+                                              confidence_threshold=confidence_threshold)
             else:
                 raise ConfigError(f"unknown drafter {name!r}")
 
@@ -619,7 +630,8 @@ class BenchRunner:
             self.pld = build_pld(self.target)
         self.factory = DrafterFactory(cfg.pool_names(), self.splits, models.tokenizer,
                                       models.drafter, models.target,
-                                      cfg.drafter_context_window)
+                                      cfg.drafter_context_window,
+                                      cfg.draft_confidence_threshold)
         self.methods = self._methods()
         self.calibration_seconds: dict[str, float] = {}  # method -> start-up calibration
         # (exact mode, query index) -> target-only output in that mode

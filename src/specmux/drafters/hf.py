@@ -30,14 +30,25 @@ class HFDrafter(Drafter):
     ``context_window`` tokens back when a query starts (the anchor moves forward by a window
     once the context outgrows two), so its prefill of a long prompt costs at most a window's
     tokens.  Drafts are proposals: the output stays the target's, only acceptance can change.
+
+    ``confidence_threshold`` (HF assisted generation's ``assistant_confidence_threshold``,
+    SpecDec++'s stopping rule in its simplest form): a draft ends before the first token whose
+    probability under the drafter, ``max q``, is below it (0: never; the first token too, so
+    a draft can be empty).  Its forward pass was paid, but neither the tokens after it, nor
+    the verification positions they would take: where the drafter is unsure it is mostly
+    wrong.  The rule reads only the path before the token, so counterfactual scoring applies
+    it exactly along a verified path (:attr:`PathDistributions.stops`).
     """
 
     model_based = True
 
     def __init__(self, model: PreTrainedModel | Target, name: str = "lm",
-                 context_window: int | None = None) -> None:
+                 context_window: int | None = None, confidence_threshold: float = 0.0) -> None:
         if context_window is not None and context_window < 1:
             raise ValueError(f"context_window must be >= 1, got {context_window}")
+        if not 0.0 <= confidence_threshold < 1.0:
+            raise ValueError(f"confidence_threshold must be in [0, 1), got {confidence_threshold}")
+        self.confidence_threshold = confidence_threshold
         self.lm: Target = as_target(model, name=name)
         self.name = name
         self.vocab_size = self.lm.vocab_size
@@ -93,6 +104,8 @@ class HFDrafter(Drafter):
             both = j == 0 and len(seq) + skipped > self._prompt_len
             rows = self.lm.logits(seq, 2 if both else 1)  # [1 or 2, V]
             q = process_logits(rows[-1:], sampling)[0]  # [V]
+            if self.confidence_threshold and float(q.max()) < self.confidence_threshold:
+                break  # unsure: the draft ends here
             x = int(q.argmax()) if sampling.greedy else sample(q, generator)
             tokens.append(x)
             probs.append(q)
@@ -107,7 +120,11 @@ class HFDrafter(Drafter):
         if not path:
             return PathDistributions(tokens=torch.zeros(0, dtype=torch.long))
         logits = self.lm.logits([*self._window(context), *path[:-1]], len(path))  # [L, V]
-        if sampling.greedy:  # only the argmax matters
+        if sampling.greedy and not self.confidence_threshold:  # only the argmax matters
             return PathDistributions(tokens=logits.argmax(dim=-1))
-        probs = process_logits(logits, sampling)
-        return PathDistributions(tokens=probs.argmax(dim=-1), probs=probs)
+        probs = process_logits(logits, sampling)  # [L, V]
+        stops = (probs.max(dim=-1).values < self.confidence_threshold  # [L]
+                 if self.confidence_threshold else None)
+        if sampling.greedy:
+            return PathDistributions(tokens=probs.argmax(dim=-1), stops=stops)
+        return PathDistributions(tokens=probs.argmax(dim=-1), probs=probs, stops=stops)
