@@ -757,6 +757,24 @@ def test_worth_starting_rules_out_a_drafter_whose_prefill_does_not_pay() -> None
     assert not bandit.prices_backlog and bandit.worth_starting([1100, 0], 48) is None
 
 
+def test_a_coin_does_not_pay_the_prefill_of_a_drafter_not_worth_starting() -> None:
+    """Where every arm of the LM is ruled out by its prefill, no scoring coin runs it (it
+    would pay that prefill to score it); once one arm of it pays, coins run again."""
+    s = rated_selector(score_rate=0.5, seed=3)
+    s.cost_model.observe_verify(1, 100, 0.2)
+    s.cost_model.observe_score("lm", 0.05)  # expensive: coin-scored
+    s.cost_model.observe_score("ngram", 0.0001)
+    ngram8 = 3
+    coins = {48: 0, 10_000: 0}
+    for remaining in coins:
+        for _ in range(200):
+            s.select(backlogs=[1100, 0], remaining=remaining)
+            run, factors, deferred = s.plan_scoring(ngram8, context=100)
+            coins[remaining] += bool(run[0] or 0 in deferred)
+            assert factors is None or factors[0] in (0.0, 1.0 / 0.5)
+    assert coins[48] == 0 and 60 < coins[10_000] < 140  # ruled out / amortized: coins
+
+
 @pytest.mark.parametrize("policy", ["hedge", "normalhedge"])
 def test_ruled_out_arms_are_never_played(policy: str) -> None:
     s = rated_selector(policy)
@@ -1006,3 +1024,26 @@ def test_sampling_from_a_cold_start_matches_target_distribution(
     assert_distribution(counts.sum(1), joint.sum(1))
     assert_distribution(counts.sum(0), joint.sum(0))
     assert_distribution(counts, joint)
+
+
+def test_a_drafter_that_ends_drafts_early_is_priced_by_its_steps() -> None:
+    """An LM drafter that ends drafts early (an empty one too) is priced at its mean
+    proposal length for verification and its mean drafting steps (the step that found
+    the unsure token included) for drafting."""
+    model = CostModel()
+    model.observe_verify(1, 100, 0.1)
+    model.observe_verify(5, 100, 0.3)  # 50 ms a position more
+    model.observe_draft("lm", 1, 0.02)
+    model.observe_draft("lm", 4, 0.08)  # 20 ms a step
+    for drafted, steps in ((0, 1), (2, 3), (4, None)):  # ended early twice, then all 4
+        model.observe_proposal("lm", 4, drafted, steps)
+    d = model.decay
+    length = (2 * d + 4) / (d * d + d + 1)
+    steps = (1 * d * d + 3 * d + 4) / (d * d + d + 1)
+    assert model.proposal_length("lm", 4) == pytest.approx(length)
+    assert model.proposal_steps("lm", 4) == pytest.approx(steps)
+    expected = model.draft_seconds("lm", math.ceil(steps)) + model._verify_fractional(
+        length + 1.0, 100)
+    assert model.round_seconds([("lm", 4)], 100)[0] == pytest.approx(expected)
+    model.observe_proposal("ngram", 4, 0)  # a model-free drafter's empty offer: not counted
+    assert model.proposal_length("ngram", 4) == 4.0

@@ -148,7 +148,7 @@ class SpeculativeConfig(BaseModel):
     draft_confidence_threshold: float = Field(
         DEFAULT_DRAFT_CONFIDENCE_THRESHOLD, ge=0.0, lt=1.0,
         description="an LM drafter's draft ends before a token it gives less probability "
-        "than this (0: drafts always have k tokens)")
+        "than this (0: drafts always have k tokens)")  # heads take it in specmux bench
 
     @field_validator("num_speculative_tokens", mode="before")
     @classmethod

@@ -195,20 +195,30 @@ class CostModel:
                                                        proportional=True, min_intercept=0.0)
         line.observe(float(tokens), float(seconds))
 
-    def observe_proposal(self, drafter: str, k: int, drafted: int) -> None:
+    def observe_proposal(self, drafter: str, k: int, drafted: int,
+                         steps: int | None = None) -> None:
         """``drafter``, asked for ``k`` tokens, offered ``drafted`` (empty ones are not
-        counted: the caller knows them from the drafter's signal)."""
-        if k < 1 or drafted < 1:
+        counted: the caller knows them from the drafter's signal), in ``steps`` drafting
+        steps where that is not ``drafted`` (a model drafter that ended its draft early:
+        its empty drafts count too, as nothing tells them in advance)."""
+        if k < 1 or (drafted < 1 and steps is None):
             return
-        entry = self.proposals.setdefault((drafter, int(k)), [0.0, 0.0])
+        entry = self.proposals.setdefault((drafter, int(k)), [0.0, 0.0, 0.0])
         entry[0] = self.decay * entry[0] + min(drafted, k)
         entry[1] = self.decay * entry[1] + 1.0
+        entry[2] = self.decay * entry[2] + (min(drafted, k) if steps is None else steps)
 
     def proposal_length(self, drafter: str, k: int) -> float:
         """Mean length of ``drafter``'s non-empty proposals when asked for ``k`` (``k``
-        until measured)."""
+        until measured; a drafter that ends drafts early: of all of them)."""
         entry = self.proposals.get((drafter, int(k)))
         return float(k) if entry is None or entry[1] <= 0 else entry[0] / entry[1]
+
+    def proposal_steps(self, drafter: str, k: int) -> float:
+        """Mean drafting steps of those proposals (the step that ended one early
+        included; ``k`` until measured)."""
+        entry = self.proposals.get((drafter, int(k)))
+        return float(k) if entry is None or entry[1] <= 0 else entry[2] / entry[1]
 
     def observe_round(self, tokens: int, seconds: float) -> None:
         """A played round committed ``tokens`` in ``seconds`` (wall clock, all included)."""
@@ -273,7 +283,8 @@ class CostModel:
                       drafted: Sequence[int | None] | None = None) -> np.ndarray:
         """Modelled seconds of one round per arm ``(drafter, k)``: drafting + verification
         of its proposal: ``drafted[i]`` tokens where the caller knows what arm ``i`` would
-        draft this round (0: one plain step), else its drafter's mean proposal length.
+        draft this round (0: one plain step), else its drafter's mean proposal length
+        (drafted in its mean steps: :meth:`proposal_steps`).
 
         [num_arms]; a drafter never timed drafts for free (optimistic: a learner then
         tries it, and the first proposal measures it).
@@ -283,12 +294,13 @@ class CostModel:
         for i, (drafter, k) in enumerate(arms):
             known = None if drafted is None else drafted[i]
             if k == 0:
-                length = 0.0
+                length = steps = 0.0
             elif known is not None:
-                length = float(known)
+                length = steps = float(known)
             else:
                 length = self.proposal_length(drafter, k)
-            draft = self.draft_seconds(drafter, math.ceil(length)) if length else 0.0
+                steps = self.proposal_steps(drafter, k)
+            draft = self.draft_seconds(drafter, math.ceil(steps)) if steps else 0.0
             verify = verify_of.get(length)
             if verify is None:
                 verify = verify_of[length] = self._verify_fractional(length + 1.0, context)

@@ -294,11 +294,18 @@ class SpeculativeDecoder:
             for seq in ([(ctx[0] + 3 + j) % vocab for j in range(longer)], ctx):
                 self._catch_up(d, seq, minimum=1)
             _propose(d, ctx, 1, greedy, generator)
-            for k in (1, 2):  # 1 and 2 forward passes after its prefill
-                seq = ctx + [(ctx[0] + j + 1) % vocab for j in range(k)]
-                t0 = time.perf_counter()
-                _propose(d, seq, k, greedy, generator)
-                model.observe_draft(d.name, k, time.perf_counter() - t0)
+            threshold = getattr(d, "confidence_threshold", None)  # timed at k steps: no
+            if threshold is not None:  # draft ends early here
+                d.confidence_threshold = 0.0  # type: ignore[attr-defined]
+            try:
+                for k in (1, 2):  # 1 and 2 forward passes after its prefill
+                    seq = ctx + [(ctx[0] + j + 1) % vocab for j in range(k)]
+                    t0 = time.perf_counter()
+                    _propose(d, seq, k, greedy, generator)
+                    model.observe_draft(d.name, k, time.perf_counter() - t0)
+            finally:
+                if threshold is not None:
+                    d.confidence_threshold = threshold  # type: ignore[attr-defined]
 
     def _round(
         self,
@@ -336,10 +343,11 @@ class SpeculativeDecoder:
         t3 = time.perf_counter()
         model = self.selector.cost_model
         timed = round_index > 0  # a query's first passes also prefill its prompt
+        steps = len(draft) if draft.steps is None else draft.steps  # drafting steps paid
         if drafter is not None and k == arm.k:
-            model.observe_proposal(drafter.name, k, len(draft))
-        if timed and drafter is not None and len(draft):
-            model.observe_draft(drafter.name, len(draft), t2 - t1 - caught_up)
+            model.observe_proposal(drafter.name, k, len(draft), draft.steps)
+        if timed and drafter is not None and steps:
+            model.observe_draft(drafter.name, steps, t2 - t1 - caught_up)
         if timed:
             model.observe_verify(len(draft) + 1, len(context), t3 - t2)
         committed, finish_reason = self._commit(verdict.tokens.tolist(), context, remaining,
@@ -500,7 +508,8 @@ class SpeculativeDecoder:
         self.selector.cost_model.observe_score(d.name, time.perf_counter() - t0)
         index = torch.tensor([p - first for p in positions], dtype=torch.long)
         picked = PathDistributions(tokens=dist.tokens[index],
-                                   probs=None if dist.probs is None else dist.probs[index])
+                                   probs=None if dist.probs is None else dist.probs[index],
+                                   stops=None if dist.stops is None else dist.stops[index])
         path = torch.tensor([log_.tokens[p] for p in positions], dtype=torch.long)  # [n]
         target = (torch.stack([log_.target[r] for r in range(lo, hi)])  # [n, V]
                   if log_.target else None)  # greedy: not kept (not read)

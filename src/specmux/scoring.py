@@ -31,10 +31,14 @@ queries of four.  Watching also costs the drafter's prefill of the prompt, so th
 falls with the prompt's length past ``WATCH_PROMPT_TOKENS``: ``max(1/4 * min(1, 256 /
 prompt length), 2 * share)`` (a 1,000-token prompt is watched in one query of sixteen unless
 the learner plays the drafter), which keeps the expected prefill spent on watching that of a
-256-token prompt.  A drafter whose every arm is *dominated* by a plain step is never
-watched: even with all ``k`` drafted tokens accepted, ``(k + 1) / (draft(k) + verify(k +
-1)) < 1 / verify(1)`` by the cost model (an LM drafter that costs nearly a target step per
-token: 0.5B against 1.5B on a GPU, or on llama.cpp with two threads), so no outcome of its
+256-token prompt.  Within a watched query, a coin does not run a drafter whose every arm
+the learner's prefill hint ruled out that round (``Selector.worth_starting``: its prefill
+of the prompt would not pay for playing it): the coin would pay that prefill only to score
+it (issue 11's run 39: three such coins, 1 to 3 s each, 5% of the learner's time over the
+stream).  A drafter whose every arm is *dominated* by a plain step is never watched: even
+with all ``k`` drafted tokens accepted, ``(k + 1) / (draft(k) + verify(k + 1)) < 1 /
+verify(1)`` by the cost model (an LM drafter that costs nearly a target step per token:
+0.5B against 1.5B on a GPU, or on llama.cpp with two threads), so no outcome of its
 scoring could make it worth playing.
 
 An expensive drafter never scored nor played yet is scored at its first round, as if its
@@ -147,11 +151,14 @@ class ScoringPlan:
 
     def decide(
         self, played: int | None, model: CostModel, context: int, defer: bool = False,
+        blocked: Sequence[bool] | np.ndarray | None = None,
     ) -> tuple[list[bool], np.ndarray | None, list[int]]:
         """``(run, factors, deferred)``: run drafter i along this round's path?  Its
         importance ``factors`` [N] (``None`` when every drafter is scored exactly); the
         drafters whose coin came up, to be scored over the round's window later
-        (``defer``; their ``run`` is ``False``)."""
+        (``defer``; their ``run`` is ``False``).  ``blocked`` [N]: expensive drafters no
+        coin runs this round (factor 0: imputed), as one whose prefill of the prompt the
+        learner judged not worth paying (:meth:`specmux.selector.Selector.worth_starting`)."""
         if self.rate >= 1.0:
             self.num_runs += 1
             return [True] * len(self.names), None, []
@@ -167,6 +174,7 @@ class ScoringPlan:
             # Never scored yet (nor played): scored now, so imputing its arms' losses has
             # a sample of them instead of a neutral 1/2 (module docstring).
             coin = coin or bool(self.num_runs[i] == 0 and self.watch_rate[i] > 0.0)
+            coin = coin and not (blocked is not None and blocked[i])
             factors[i] = 1.0 / (self.rate * self.watch_rate[i]) if coin else 0.0
             run.append(coin and not defer)
             if coin and defer:

@@ -207,6 +207,9 @@ class Selector:
         self._per_arm: tuple[dict[str, int], Any, np.ndarray | None] = ({}, None, None)
         self._chosen_by = "learner"  # who chose the round's arm: "learner" or "prior"
         self._ruled_out: tuple[str, ...] = ()  # arms worth_starting/drafting ruled out
+        # [N]: drafters whose every arm worth_starting ruled out this round (their prefill
+        # does not pay): a scoring coin does not pay it either (plan_scoring)
+        self._unstarted: np.ndarray | None = None
         self._hits = np.zeros(len(names), dtype=bool)  # [N] last round's first guess right
         # [2, N]: the prior's acceptance evidence per drafter: its right guesses and the
         # positions it was scored on along the verified paths, or, in rounds it was played
@@ -304,7 +307,11 @@ class Selector:
         self._lengths = {} if lengths is None else {
             name: int(n) for name, n in zip(self.drafter_names, lengths, strict=True)
             if n is not None}
-        allowed = self.drafting(self.worth_starting(backlogs, remaining))  # None: all
+        starting = self.worth_starting(backlogs, remaining)  # [num_arms] or None: all
+        self._unstarted = None if starting is None else np.bincount(
+            self.arm_drafter, weights=starting & self._drafts,
+            minlength=len(self.drafter_names)) == 0
+        allowed = self.drafting(starting)  # None: all
         playing = self._playing()
         pending = self._provisional(playing)  # the rounds whose losses are on their way
         ranking = playing.ahead(pending) if pending else playing  # type: ignore[attr-defined]
@@ -558,9 +565,12 @@ class Selector:
         """Which drafters to run along this round's path (``arm`` was played after
         ``context`` tokens), their importance factors for :meth:`observe`, and the drafters
         to score over the round's window later (only with a :attr:`span_scorer` and a
-        delayed ``length``/``time`` loss; :mod:`specmux.scoring`)."""
+        delayed ``length``/``time`` loss; :mod:`specmux.scoring`).  A drafter whose every
+        arm :meth:`worth_starting` ruled out this round is not run by a coin: its prefill,
+        which did not pay for playing it, would be spent on scoring it."""
         played = self.arm_drafter[arm] if self.arms[arm].k else None
-        return self.scoring.decide(played, self.cost_model, context, self.defers)
+        return self.scoring.decide(played, self.cost_model, context, self.defers,
+                                   blocked=self._unstarted)
 
     @property
     def defers(self) -> bool:

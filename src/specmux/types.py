@@ -54,10 +54,13 @@ class Draft:
     ``tokens``: [k] int64 drafted token ids (k may be 0: the drafter had nothing to say).
     ``probs``: [k, V] float32, the *processed* distributions the tokens were drawn from,
     or ``None`` for a deterministic drafter (treated as one-hot on ``tokens``).
+    ``steps``: the drafting steps it took where that is not ``k`` (a model drafter that
+    ended its draft early paid one step more than it drafted); ``None``: ``k``.
     """
 
     tokens: torch.Tensor  # [k]
     probs: torch.Tensor | None = None  # [k, V] or None
+    steps: int | None = None
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])

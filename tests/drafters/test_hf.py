@@ -184,3 +184,22 @@ def test_confidence_threshold_config_key_reaches_the_drafter(target_model, draft
     for bad in ("1.0", "-0.1", '"0.5"'):
         with pytest.raises(ConfigError, match="draft_confidence_threshold"):
             parse_speculative_config(f'{{"draft_confidence_threshold": {bad}}}')
+
+
+def test_deferred_scoring_keeps_the_drafters_stops(target_model, drafter_models) -> None:
+    """A deferred scoring run (engine ``_score_span``) scores the rows the drafter would
+    stop before as 0, as scoring at once does."""
+    from specmux.engine import _RowLog
+
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    path = autoregressive_generate(CachedLM(target_model), prompt, 3)
+    spans = {}
+    for threshold in (0.0, 0.999):
+        drafter = HFDrafter(CachedLM(drafter_models[1]), confidence_threshold=threshold)
+        decoder = SpeculativeDecoder(CachedLM(target_model), [drafter], "fixed",
+                                     num_speculative_tokens=3, score_all=True)
+        log_ = decoder._log = _RowLog(list(prompt), SamplingParams())
+        log_.add(0, len(prompt), len(path), None)
+        log_.tokens = [*prompt, *path]
+        spans[threshold] = decoder._score_span(0, 0, 3)[0]
+    assert spans[0.0].sum() > 0 and not spans[0.999].any()

@@ -180,6 +180,62 @@ def test_sampling_matches_target_distribution(tiny_head, target_model) -> None:
     assert_distribution(counts, joint)
 
 
+def _median_confidence(tiny_head, target_model) -> float:
+    """The head's median top probability (draft vocabulary) along PROMPTS' greedy outputs."""
+    target = CachedLM(target_model)
+    head = HeadDrafter(tiny_head, target_model, target=target)
+    conf = []
+    for p in PROMPTS:
+        out = autoregressive_generate(target, p, 20)
+        target.logits(p[:-1], 1)  # the state the head drafts from
+        probs = head.distributions(p, out, SamplingParams(temperature=1.0)).probs  # [20, V]
+        conf += probs.max(-1).values.tolist()
+    return sorted(conf)[len(conf) // 2]
+
+
+def test_confidence_threshold_ends_head_drafts_losslessly(tiny_head, target_model,
+                                                          references) -> None:
+    """With drafts cut at the head's median confidence: some drafts end early, greedy output
+    stays the target's, and the played arm's scored rows give exactly its accepted tokens."""
+    threshold = _median_confidence(tiny_head, target_model)
+    target = CachedLM(target_model)
+    head = HeadDrafter(tiny_head, target_model, target=target, confidence_threshold=threshold)
+    decoder = SpeculativeDecoder(target, [head], "hedge", num_speculative_tokens=4)
+    drafted = []
+    for p in PROMPTS:
+        out = decoder.generate(p, 40)
+        assert out.token_ids == references[tuple(p)]
+        for step in out.steps[1:]:  # the first round has no state to draft from
+            drafted.append(step.num_draft_tokens)
+            gammas = step.gammas[head.name]
+            lead = next((j for j, g in enumerate(gammas) if g < 0.5), len(gammas))
+            assert min(lead, 4) == step.num_accepted_tokens, (step, gammas)
+    assert any(d < 4 for d in drafted) and any(d > 0 for d in drafted)
+    with pytest.raises(ConfigError, match="confidence_threshold"):
+        HeadDrafter(tiny_head, target_model, confidence_threshold=1.0)
+
+
+def test_confidence_threshold_head_samples_the_target_law(tiny_head, target_model) -> None:
+    """4k seeded generations at temperature 1 with the head's drafts cut at its median
+    confidence: the first two tokens follow the target's joint law."""
+    sampling = SamplingParams(temperature=1.0)
+    prompt = [3, 1, 4, 1, 5]
+    target = CachedLM(target_model)
+    head = HeadDrafter(tiny_head, target_model, target=target,
+                       confidence_threshold=_median_confidence(tiny_head, target_model))
+    decoder = SpeculativeDecoder(target, [head], "fixed", num_speculative_tokens=3)
+    counts = np.zeros((VOCAB, VOCAB))
+    for seed in range(4_000):
+        target.logits(prompt[:-1], 1)
+        out = decoder.generate(prompt, max_new_tokens=3, sampling=SamplingParams(1.0, seed=seed))
+        counts[out.token_ids[0], out.token_ids[1]] += 1
+    assert 0 < decoder.stats.num_draft_tokens < 3 * 4_000 * 2  # drafts, some cut short
+    assert decoder.stats.num_accepted_tokens > 200
+    joint = target_first_two(target_model, prompt, sampling)
+    assert_distribution(counts.sum(1), joint.sum(1))
+    assert_distribution(counts, joint)
+
+
 # ---------------------------------------------------------------- online evolution
 
 

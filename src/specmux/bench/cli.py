@@ -164,9 +164,9 @@ def bench(
                                  "most this many tokens (default: the whole context).")
     ] = _D.drafter_context_window,
     draft_confidence_threshold: Annotated[
-        float, typer.Option(help="The LM drafter's draft ends before a token it gives less "
-                            "probability than this (HF's assistant_confidence_threshold); "
-                            "0 drafts k tokens always.")
+        float, typer.Option(help="The LM drafter's and the heads' drafts end before a token "
+                            "they give less probability than this (HF's "
+                            "assistant_confidence_threshold); 0 drafts k tokens always.")
     ] = _D.draft_confidence_threshold,
     anchors: Annotated[
         bool, typer.Option(help="llama.cpp: also run llama-cpp-python's own loops.")

@@ -205,7 +205,7 @@ class BenchConfig:
     # GGUF on llama.cpp: drafting is a proposal, so the output stays the target's.
     drafter_backend: str | None = None
     drafter_context_window: int | None = None  # the LM drafter's window (None: everything)
-    # the LM drafter's draft ends before a token it is less sure of (0: always k tokens)
+    # an LM drafter's or head's draft ends before a token it is less sure of (0: always k)
     draft_confidence_threshold: float = DEFAULT_DRAFT_CONFIDENCE_THRESHOLD
     anchors: bool = True  # llama.cpp: llama-cpp-python's own generate and PLD loops
     heads: bool = True  # default pool: add the trained heads of the benchmarked domains
@@ -528,7 +528,8 @@ class DrafterFactory:
                 if target_model is None:
                     raise ConfigError(f"the {name!r} drafter needs the target model")
                 self.shared[name] = HeadDrafter(load_head(_head_path(name)), target_model,
-                                                name=name)
+                                                name=name,
+                                                confidence_threshold=confidence_threshold)
             elif name == LM_DRAFTER:
                 if drafter_model is None:
                     raise ConfigError("the 'lm' drafter needs a drafter model")

@@ -81,6 +81,9 @@ class HeadDrafter(Drafter):
     against the float32 rows).  ``draft_vocab_size`` keeps only the first (most
     frequent) ids of the head's draft vocabulary.  ``target``: the
     :class:`~specmux.lm.CachedLM` the engine verifies with (else bound by the engine).
+    ``confidence_threshold``: the draft ends before a token the head gives less probability
+    (over its draft vocabulary), as an LM drafter's does
+    (:class:`~specmux.drafters.hf.HFDrafter`; 0: never).
     """
 
     def __init__(
@@ -91,7 +94,11 @@ class HeadDrafter(Drafter):
         name: str | None = None,
         draft_vocab_size: int | None = None,
         target: object | None = None,
+        confidence_threshold: float = 0.0,
     ) -> None:
+        if not 0.0 <= confidence_threshold < 1.0:
+            raise ConfigError(f"confidence_threshold must be in [0, 1), got {confidence_threshold}")
+        self.confidence_threshold = confidence_threshold
         out = model.get_output_embeddings().weight  # [V, H]
         vocab, hidden = int(out.shape[0]), int(out.shape[1])
         if head.net.hidden_size != hidden:
@@ -182,17 +189,24 @@ class HeadDrafter(Drafter):
         for _ in range(k):
             f = self.net(f, self.embed([tok]))  # [1, H]
             z = self.draft_rows(f)  # [1, V_d]
-            rows.append(z)
             if sampling.greedy:
+                if self.confidence_threshold and self._unsure(z)[0]:
+                    break  # the draft ends here
                 tok = int(self.draft_vocab[int(z.argmax())])
             else:
                 q = process_logits(self.full_logits(z), sampling)[0]  # [V]
+                if self.confidence_threshold and float(q.max()) < self.confidence_threshold:
+                    break
                 tok = sample(q, generator)
                 probs.append(q)
+            rows.append(z)
             tokens.append(tok)
+        ended = len(tokens) + 1 if len(tokens) < k else None  # the step that found it unsure
+        if not tokens:
+            return Draft(tokens=_NONE, steps=ended)
         self._drafted = (list(context), tokens, torch.cat(rows))
         return Draft(tokens=torch.tensor(tokens, dtype=torch.long),
-                     probs=torch.stack(probs) if probs else None)
+                     probs=torch.stack(probs) if probs else None, steps=ended)
 
     def _drafted_rows(self, context: Sequence[int], path: Sequence[int]) -> torch.Tensor | None:
         """The logit rows [L, V_d] this head computed while drafting, when they cover
@@ -218,6 +232,16 @@ class HeadDrafter(Drafter):
             feats = self.chain(h, [context[-1], *path[:-1]])  # [L, H]
             z = self.draft_rows(feats)  # [L, V_d]
         if sampling.greedy:
-            return PathDistributions(tokens=self.draft_vocab[z.argmax(-1)])
-        probs = process_logits(self.full_logits(z), sampling)
-        return PathDistributions(tokens=probs.argmax(-1), probs=probs)
+            return PathDistributions(tokens=self.draft_vocab[z.argmax(-1)],
+                                     stops=self._unsure(z) if self.confidence_threshold else None)
+        probs = process_logits(self.full_logits(z), sampling)  # [L, V]
+        stops = (probs.max(dim=-1).values < self.confidence_threshold
+                 if self.confidence_threshold else None)
+        return PathDistributions(tokens=probs.argmax(-1), probs=probs, stops=stops)
+
+    def _unsure(self, z: torch.Tensor) -> torch.Tensor:
+        """[n] bool: rows of draft logits ``z`` [n, V_d] whose top probability (the greedy
+        softmax, over the draft vocabulary) is below :attr:`confidence_threshold`."""
+        if not self.confidence_threshold:
+            return torch.zeros(z.shape[0], dtype=torch.bool)
+        return torch.softmax(z.float(), dim=-1).max(dim=-1).values < self.confidence_threshold

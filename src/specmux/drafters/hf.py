@@ -96,6 +96,7 @@ class HFDrafter(Drafter):
         skipped = len(context) - len(seq)
         tokens: list[int] = []
         probs: list[torch.Tensor] = []
+        steps = 0
         for j in range(k):
             # The first pass also keeps the row before the last context token: after a
             # fully accepted draft that is the bonus position's row, which counterfactual
@@ -104,15 +105,18 @@ class HFDrafter(Drafter):
             both = j == 0 and len(seq) + skipped > self._prompt_len
             rows = self.lm.logits(seq, 2 if both else 1)  # [1 or 2, V]
             q = process_logits(rows[-1:], sampling)[0]  # [V]
+            steps += 1
             if self.confidence_threshold and float(q.max()) < self.confidence_threshold:
                 break  # unsure: the draft ends here
             x = int(q.argmax()) if sampling.greedy else sample(q, generator)
             tokens.append(x)
             probs.append(q)
             seq.append(x)
+        ended = None if steps == len(tokens) else steps  # one step found the unsure token
         if not tokens:
-            return Draft(tokens=torch.zeros(0, dtype=torch.long), probs=None)
-        return Draft(tokens=torch.tensor(tokens, dtype=torch.long), probs=torch.stack(probs))
+            return Draft(tokens=torch.zeros(0, dtype=torch.long), probs=None, steps=ended)
+        return Draft(tokens=torch.tensor(tokens, dtype=torch.long), probs=torch.stack(probs),
+                     steps=ended)
 
     def distributions(
         self, context: Sequence[int], path: Sequence[int], sampling: SamplingParams
