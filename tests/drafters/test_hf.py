@@ -71,26 +71,36 @@ def test_config_key_reaches_the_drafter(target_model, drafter_models) -> None:
     assert out.token_ids == autoregressive_generate(CachedLM(target_model), [1, 2, 3] * 20, 8)
 
 
-def test_windowed_drafter_samples_the_target_law(target_model, drafter_models) -> None:
-    """Over 4k seeded generations, with a drafter that sees only the last 4 of 12 prompt
-    tokens, the first two tokens follow the target's joint law (its q is what it sampled)."""
+SAMPLED_PROMPT = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]
+
+
+def assert_samples_target_law(target_model, drafter: HFDrafter, policy: str,
+                              min_accepted: int) -> None:
+    """Over 4k seeded generations at temperature 1 after :data:`SAMPLED_PROMPT`, the first
+    two tokens follow the target's joint law, with at least ``min_accepted`` drafted tokens
+    accepted (drafts really took part)."""
     import numpy as np
 
     from stats import assert_distribution, target_first_two
 
-    prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]
-    sampling = SamplingParams(temperature=1.0)
-    drafter = HFDrafter(CachedLM(drafter_models[1]), name="lm", context_window=4)
-    decoder = SpeculativeDecoder(CachedLM(target_model), [drafter], "fixed",
+    decoder = SpeculativeDecoder(CachedLM(target_model), [drafter], policy,
                                  num_speculative_tokens=3)
     counts = np.zeros((VOCAB, VOCAB))
     for seed in range(4_000):
-        out = decoder.generate(prompt, max_new_tokens=2, sampling=SamplingParams(1.0, seed=seed))
+        out = decoder.generate(SAMPLED_PROMPT, max_new_tokens=2,
+                               sampling=SamplingParams(1.0, seed=seed))
         counts[out.token_ids[0], out.token_ids[1]] += 1
-    assert decoder.stats.num_accepted_tokens > 500  # drafts were really accepted
-    joint = target_first_two(target_model, prompt, sampling)
+    assert decoder.stats.num_accepted_tokens > min_accepted
+    joint = target_first_two(target_model, SAMPLED_PROMPT, SamplingParams(temperature=1.0))
     assert_distribution(counts.sum(1), joint.sum(1))
     assert_distribution(counts, joint)
+
+
+def test_windowed_drafter_samples_the_target_law(target_model, drafter_models) -> None:
+    """With a drafter that sees only the last 4 of 12 prompt tokens, sampling follows the
+    target's law (its q is what it sampled)."""
+    drafter = HFDrafter(CachedLM(drafter_models[1]), name="lm", context_window=4)
+    assert_samples_target_law(target_model, drafter, "fixed", min_accepted=500)
 
 
 def test_backlog_and_catch_up_leave_a_proposal_its_usual_cost(drafter_models) -> None:
@@ -149,27 +159,12 @@ def test_confidence_threshold_ends_drafts_and_scores_the_played_arm_exactly(
 
 
 def test_confidence_threshold_samples_the_target_law(target_model, drafter_models) -> None:
-    """Over 4k seeded generations with drafts cut at the drafter's median confidence, the
-    first two tokens follow the target's joint law."""
-    import numpy as np
-
-    from stats import assert_distribution, target_first_two
-
-    prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]
-    sampling = SamplingParams(temperature=1.0)
-    conf = sorted(_confidences(drafter_models[1], prompt))
+    """With drafts cut at the drafter's median confidence (scored by Hedge), sampling
+    follows the target's law."""
+    conf = sorted(_confidences(drafter_models[1], SAMPLED_PROMPT))
     drafter = HFDrafter(CachedLM(drafter_models[1]), name="lm",
                         confidence_threshold=conf[len(conf) // 2])
-    decoder = SpeculativeDecoder(CachedLM(target_model), [drafter], "hedge",
-                                 num_speculative_tokens=3)
-    counts = np.zeros((VOCAB, VOCAB))
-    for seed in range(4_000):
-        out = decoder.generate(prompt, max_new_tokens=2, sampling=SamplingParams(1.0, seed=seed))
-        counts[out.token_ids[0], out.token_ids[1]] += 1
-    assert decoder.stats.num_accepted_tokens > 300  # drafts were really accepted
-    joint = target_first_two(target_model, prompt, sampling)
-    assert_distribution(counts.sum(1), joint.sum(1))
-    assert_distribution(counts, joint)
+    assert_samples_target_law(target_model, drafter, "hedge", min_accepted=300)
 
 
 def test_confidence_threshold_config_key_reaches_the_drafter(target_model, drafter_models) -> None:
