@@ -42,7 +42,8 @@ verify(1)`` by the cost model (an LM drafter that costs nearly a target step per
 scoring could make it worth playing.
 
 An expensive drafter never scored nor played yet is scored at its first round, as if its
-coin had come up (unless dominated): until one of its rounds is scored its arms' imputed
+coin had come up (unless dominated, or blocked as above: then at its first round that is
+not): until one of its rounds is scored its arms' imputed
 losses are a neutral 1/2, which ranks it behind whichever scored arm is best so far.  In
 issue 11's twentieth run the first query played draft heads that accepted nothing for 11
 rounds while the 0.5B LM drafter, which then accepted 8 of 8, waited for its first coin.
