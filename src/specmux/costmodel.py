@@ -31,7 +31,10 @@ when it gets busier and the context when it gets longer.
   fewer than ``k`` tokens to offer (prompt lookup without a match offers none), and its
   round then costs a pass over fewer positions.  A drafter that says what it has this
   round (:meth:`~specmux.drafters.base.Drafter.offer`) is priced by that; otherwise the
-  decayed mean length of its non-empty proposals at each ``k`` (``k`` until measured).
+  decayed mean length of its non-empty proposals at each ``k`` (``k`` until measured).  A
+  model drafter that ends drafts early (:class:`~specmux.drafters.hf.HFDrafter`'s
+  confidence threshold) counts its empty drafts too, and its drafting is priced by its
+  mean steps, ``proposal_steps``: the step that found the unsure token is paid as well.
 * **Throughput**, ``throughput()``: decayed total tokens / decayed total seconds of the
   rounds played: a ratio of sums, not a mean of per-round ratios (Dinkelbach's ``rho``).
 
@@ -157,7 +160,7 @@ class CostModel:
         self.draft: dict[str, DecayedLine] = {}  # drafter -> seconds(k)
         self.score: dict[str, DecayedLine] = {}  # drafter -> seconds (x unused)
         self.prefill: dict[str, DecayedLine] = {}  # drafter -> seconds(tokens fed)
-        # (drafter, k) -> [decayed sum of non-empty proposal lengths, decayed count]
+        # (drafter, k) -> decayed [sum of proposal lengths, count, sum of drafting steps]
         self.proposals: dict[tuple[str, int], list[float]] = {}
         self.tokens_sum = 0.0
         self.seconds_sum = 0.0

@@ -599,7 +599,8 @@ def _propose(
     """The drafter's proposal of at most ``k`` tokens (none asked when ``k == 0``)."""
     draft = drafter.propose(context, k, sampling, generator) if k else _EMPTY
     if len(draft) > k:
-        draft = Draft(draft.tokens[:k], None if draft.probs is None else draft.probs[:k])
+        draft = Draft(draft.tokens[:k], None if draft.probs is None else draft.probs[:k],
+                      draft.steps)
     return draft
 
 

@@ -189,6 +189,7 @@ class HeadDrafter(Drafter):
         for _ in range(k):
             f = self.net(f, self.embed([tok]))  # [1, H]
             z = self.draft_rows(f)  # [1, V_d]
+            rows.append(z)  # a stop row too: scoring the path reads it back
             if sampling.greedy:
                 if self.confidence_threshold and self._unsure(z)[0]:
                     break  # the draft ends here
@@ -199,24 +200,25 @@ class HeadDrafter(Drafter):
                     break
                 tok = sample(q, generator)
                 probs.append(q)
-            rows.append(z)
             tokens.append(tok)
         ended = len(tokens) + 1 if len(tokens) < k else None  # the step that found it unsure
+        self._drafted = (list(context), tokens, torch.cat(rows))  # [len(tokens) (+ 1), V_d]
         if not tokens:
             return Draft(tokens=_NONE, steps=ended)
-        self._drafted = (list(context), tokens, torch.cat(rows))
         return Draft(tokens=torch.tensor(tokens, dtype=torch.long),
                      probs=torch.stack(probs) if probs else None, steps=ended)
 
     def _drafted_rows(self, context: Sequence[int], path: Sequence[int]) -> torch.Tensor | None:
         """The logit rows [L, V_d] this head computed while drafting, when they cover
-        ``path`` (row j is reusable while ``path[:j]`` equals what it drafted): when it was
-        the chosen drafter, scoring its path costs nothing."""
+        ``path`` (row j is reusable while ``path[:j]`` equals what it drafted; the row that
+        ended a draft early is kept too): when it was the chosen drafter, scoring its path
+        costs nothing, and its stop is read from the very row that made it."""
         if self._drafted is None or not path:
             return None
         ctx, tokens, rows = self._drafted
         n = len(path)
-        if n > len(tokens) or list(path[: n - 1]) != tokens[: n - 1] or ctx != list(context):
+        if (n > rows.shape[0] or list(path[: n - 1]) != tokens[: n - 1]
+                or ctx != list(context)):
             return None
         return rows[:n]
 
