@@ -34,8 +34,8 @@ the learner plays the drafter), which keeps the expected prefill spent on watchi
 256-token prompt.  Within a watched query, a coin does not run a drafter whose every arm
 the learner's prefill hint ruled out that round (``Selector.worth_starting``: its prefill
 of the prompt would not pay for playing it): the coin would pay that prefill only to score
-it (issue 11's run 39: three such coins, 1 to 3 s each, 5% of the learner's time over the
-stream).  A drafter whose every arm is *dominated* by a plain step is never watched: even
+it (issue 11's run 39: three such coins, 1 to 3 s each, 5% of the learner's run).  A
+drafter whose every arm is *dominated* by a plain step is never watched: even
 with all ``k`` drafted tokens accepted, ``(k + 1) / (draft(k) + verify(k + 1)) < 1 /
 verify(1)`` by the cost model (an LM drafter that costs nearly a target step per token:
 0.5B against 1.5B on a GPU, or on llama.cpp with two threads), so no outcome of its
