@@ -162,7 +162,8 @@ def position_scores(
             q_x = q[rows, path].double()
             weight[:, i] = torch.clamp(q_x / p_x.clamp_min(1e-30), max=1.0).numpy()
         if dist is not None and dist.stops is not None:
-            gamma[dist.stops.numpy(), i] = weight[dist.stops.numpy(), i] = 0.0
+            stops = dist.stops.numpy()  # [n]
+            gamma[stops, i] = weight[stops, i] = 0.0
     return gamma, weight
 
 

@@ -7,7 +7,23 @@ from collections.abc import Sequence
 
 import torch
 
+from specmux.errors import ConfigError
 from specmux.types import Draft, PathDistributions, SamplingParams
+
+
+def check_confidence_threshold(threshold: float) -> float:
+    """``threshold`` when it is a draft confidence threshold, in [0, 1) (0: drafts never end
+    early), else :class:`~specmux.errors.ConfigError`."""
+    if not 0.0 <= threshold < 1.0:
+        raise ConfigError(f"confidence_threshold must be in [0, 1), got {threshold}")
+    return threshold
+
+
+def unsure_rows(probs: torch.Tensor, threshold: float) -> torch.Tensor | None:
+    """[n] bool: the rows of a drafter's distributions ``probs`` [n, V] whose top
+    probability is below ``threshold`` (a draft ends before such a row's token:
+    :attr:`PathDistributions.stops`); ``None`` when the threshold is 0."""
+    return probs.max(dim=-1).values < threshold if threshold else None
 
 
 class Drafter(ABC):

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel
 
-from specmux.drafters.base import Drafter
+from specmux.drafters.base import Drafter, check_confidence_threshold, unsure_rows
 from specmux.errors import ConfigError
 from specmux.heads.net import HeadNet
 from specmux.heads.store import HeadFile
@@ -96,9 +96,7 @@ class HeadDrafter(Drafter):
         target: object | None = None,
         confidence_threshold: float = 0.0,
     ) -> None:
-        if not 0.0 <= confidence_threshold < 1.0:
-            raise ConfigError(f"confidence_threshold must be in [0, 1), got {confidence_threshold}")
-        self.confidence_threshold = confidence_threshold
+        self.confidence_threshold = check_confidence_threshold(confidence_threshold)
         out = model.get_output_embeddings().weight  # [V, H]
         vocab, hidden = int(out.shape[0]), int(out.shape[1])
         if head.net.hidden_size != hidden:
@@ -191,7 +189,8 @@ class HeadDrafter(Drafter):
             z = self.draft_rows(f)  # [1, V_d]
             rows.append(z)  # a stop row too: scoring the path reads it back
             if sampling.greedy:
-                if self.confidence_threshold and self._unsure(z)[0]:
+                unsure = self._unsure(z)
+                if unsure is not None and unsure[0]:
                     break  # the draft ends here
                 tok = int(self.draft_vocab[int(z.argmax())])
             else:
@@ -235,15 +234,15 @@ class HeadDrafter(Drafter):
             z = self.draft_rows(feats)  # [L, V_d]
         if sampling.greedy:
             return PathDistributions(tokens=self.draft_vocab[z.argmax(-1)],
-                                     stops=self._unsure(z) if self.confidence_threshold else None)
+                                     stops=self._unsure(z))
         probs = process_logits(self.full_logits(z), sampling)  # [L, V]
-        stops = (probs.max(dim=-1).values < self.confidence_threshold
-                 if self.confidence_threshold else None)
-        return PathDistributions(tokens=probs.argmax(-1), probs=probs, stops=stops)
+        return PathDistributions(tokens=probs.argmax(-1), probs=probs,
+                                 stops=unsure_rows(probs, self.confidence_threshold))
 
-    def _unsure(self, z: torch.Tensor) -> torch.Tensor:
+    def _unsure(self, z: torch.Tensor) -> torch.Tensor | None:
         """[n] bool: rows of draft logits ``z`` [n, V_d] whose top probability (the greedy
-        softmax, over the draft vocabulary) is below :attr:`confidence_threshold`."""
+        softmax, over the draft vocabulary) is below :attr:`confidence_threshold`; ``None``
+        when it is 0 (:func:`~specmux.drafters.base.unsure_rows`)."""
         if not self.confidence_threshold:
-            return torch.zeros(z.shape[0], dtype=torch.bool)
-        return torch.softmax(z.float(), dim=-1).max(dim=-1).values < self.confidence_threshold
+            return None
+        return unsure_rows(torch.softmax(z.float(), dim=-1), self.confidence_threshold)

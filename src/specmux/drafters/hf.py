@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel
 
-from specmux.drafters.base import Drafter
+from specmux.drafters.base import Drafter, check_confidence_threshold, unsure_rows
 from specmux.lm import as_target
 from specmux.target import Target, common_prefix_length
 from specmux.types import Draft, PathDistributions, SamplingParams
@@ -46,9 +46,7 @@ class HFDrafter(Drafter):
                  context_window: int | None = None, confidence_threshold: float = 0.0) -> None:
         if context_window is not None and context_window < 1:
             raise ValueError(f"context_window must be >= 1, got {context_window}")
-        if not 0.0 <= confidence_threshold < 1.0:
-            raise ValueError(f"confidence_threshold must be in [0, 1), got {confidence_threshold}")
-        self.confidence_threshold = confidence_threshold
+        self.confidence_threshold = check_confidence_threshold(confidence_threshold)
         self.lm: Target = as_target(model, name=name)
         self.name = name
         self.vocab_size = self.lm.vocab_size
@@ -127,8 +125,7 @@ class HFDrafter(Drafter):
         if sampling.greedy and not self.confidence_threshold:  # only the argmax matters
             return PathDistributions(tokens=logits.argmax(dim=-1))
         probs = process_logits(logits, sampling)  # [L, V]
-        stops = (probs.max(dim=-1).values < self.confidence_threshold  # [L]
-                 if self.confidence_threshold else None)
+        stops = unsure_rows(probs, self.confidence_threshold)  # [L]
         if sampling.greedy:
             return PathDistributions(tokens=probs.argmax(dim=-1), stops=stops)
         return PathDistributions(tokens=probs.argmax(dim=-1), probs=probs, stops=stops)
