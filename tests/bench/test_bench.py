@@ -224,7 +224,8 @@ def test_reset_per_query_and_reduced_pool(models: BenchModels, tmp_path: Path) -
     dict(policies=("nope",)), dict(drafters=("suffix:law",)), dict(drafters=("bogus",)),
     dict(prompts_per_domain=0), dict(max_new_tokens=0), dict(order="random"),
     dict(drafters=("ngram", "ngram")), dict(temperature=-1.0), dict(dtype="int8"),
-    dict(threads=0),
+    dict(threads=0), dict(draft_confidence_threshold=1.0),
+    dict(draft_confidence_threshold=-0.1), dict(draft_confidence_threshold=float("nan")),
 ])
 def test_bad_config(kw) -> None:
     with pytest.raises(ConfigError):
@@ -234,6 +235,9 @@ def test_bad_config(kw) -> None:
 def test_cli_bad_input_exits_2(tmp_path: Path) -> None:
     r = cli.invoke(app, ["bench", "--policies", "hedge,nope", "--out", str(tmp_path)])
     assert r.exit_code == 2 and "unknown policy 'nope'" in _plain(r.output)
+    r = cli.invoke(app, ["bench", "--draft-confidence-threshold", "1.5", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "--draft-confidence-threshold must be in [0, 1)" in _plain(
+        r.output)
     r = cli.invoke(app, ["report", str(tmp_path / "missing")])
     assert r.exit_code == 2 and "no benchmark trace" in _plain(r.output)
     (tmp_path / "trace.jsonl").write_text('{"type": "answer"}\n')
