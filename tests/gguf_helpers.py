@@ -43,11 +43,12 @@ def _tokens(vocab: int) -> tuple[list[str], list[int]]:
 
 
 def write_gguf(model: LlamaForCausalLM, path: Path, *, vocab_pieces: list[str] | None = None,
-               f16: bool = False) -> Path:
+               f16: bool = False, q8: bool = False) -> Path:
     """Write ``model`` (a tiny ``LlamaForCausalLM``) to ``path`` as a GGUF; returns ``path``.
 
     ``vocab_pieces`` overrides the token strings (a different tokenizer of the same size);
-    ``f16`` stores the matrices in float16 (norms stay float32, as llama.cpp expects).
+    ``f16`` stores the matrices in float16, ``q8`` quantizes them to Q8_0 (rows must be a
+    multiple of 32 long: ``hidden`` 64, say); norms stay float32, as llama.cpp expects.
     """
     cfg = model.config
     n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -65,7 +66,8 @@ def write_gguf(model: LlamaForCausalLM, path: Path, *, vocab_pieces: list[str] |
                                or cfg.rope_parameters["rope_theta"]))
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     w.add_vocab_size(cfg.vocab_size)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.ALL_F32)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if q8 else
+                    gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.ALL_F32)
     tokens, types = _tokens(cfg.vocab_size)
     if vocab_pieces is not None:
         tokens = list(vocab_pieces)
@@ -79,7 +81,11 @@ def write_gguf(model: LlamaForCausalLM, path: Path, *, vocab_pieces: list[str] |
 
     def put(name: str, t: torch.Tensor, matrix: bool = True) -> None:
         a = t.detach().float().numpy()
-        w.add_tensor(name, a.astype(np.float16) if f16 and matrix else a)
+        if q8 and matrix:
+            q8_0 = gguf.GGMLQuantizationType.Q8_0
+            w.add_tensor(name, gguf.quants.quantize(a, q8_0), raw_dtype=q8_0)
+        else:
+            w.add_tensor(name, a.astype(np.float16) if f16 and matrix else a)
 
     sd = model.state_dict()
     put("token_embd.weight", sd["model.embed_tokens.weight"])

@@ -5,6 +5,8 @@ llama.cpp target-only greedy, sampling follows the target's law, bad files fail 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ from specmux.lm import CachedLM
 from specmux.policies import POLICIES
 from specmux.types import SamplingParams
 
-from conftest import VOCAB
+from conftest import VOCAB, tiny_lm
 from gguf_helpers import write_gguf
 from helpers import tiny_tokenizer
 from stats import assert_distribution, target_first_two
@@ -110,6 +112,44 @@ def test_long_prompt_is_fed_in_batches(ggufs) -> None:
     assert many.shape == (30, VOCAB) and len(lm.rows) <= lm.max_saved_rows
     torch.testing.assert_close(many[-2], rows[-1], atol=1e-4, rtol=1e-4)
     lm.close()
+
+
+def test_quantized_gguf_scores_a_batch_on_any_cpu(tmp_path) -> None:
+    """A Q8_0 GGUF (a layout llama.cpp's AMX kernels take) scores a 32-token batch: on a
+    CPU with AMX, llama.cpp's AMX matmul segfaults on any batch of more than one token
+    (llama.cpp #20824) unless ``new_llama`` leaves its extra buffer types out.  The batch
+    runs in a child process, so a segfault fails this test instead of ending the run."""
+    model = tiny_lm(0, hidden=64)
+    path = write_gguf(model, tmp_path / "q8.gguf", q8=True)
+    code = ("from specmux.backends.llamacpp import LlamaCppLM\n"
+            f"lm = LlamaCppLM.load({str(path)!r}, threads=2, context=256)\n"
+            "rows = lm.logits(list(range(5, 37)), 9)\n"
+            "print(*rows.argmax(-1).tolist())\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, f"exit {run.returncode}: {run.stderr[-1500:]}"
+    with torch.no_grad():  # [9] the float model's greedy tokens at the same positions
+        expected = model(torch.tensor([list(range(5, 37))])).logits[0, -9:].argmax(-1)
+    got = [int(t) for t in run.stdout.split()]
+    assert len(got) == 9
+    assert sum(a == b for a, b in zip(got, expected.tolist(), strict=True)) >= 7
+
+
+def test_new_llama_leaves_extra_buffers_out_where_amx_runs(monkeypatch, ggufs) -> None:
+    import specmux.backends.llamacpp as backend
+
+    class Info:  # what llama_print_system_info() says on an AMX Xeon / elsewhere
+        def __init__(self, text: bytes) -> None:
+            self.llama_print_system_info = lambda: text
+
+    assert backend.amx_kernels(Info(b"CPU : AVX512 = 1 | AMX_INT8 = 1 | REPACK = 1 |"))
+    assert not backend.amx_kernels(Info(b"CPU : AVX2 = 1 | AVX512 = 1 | REPACK = 1 |"))
+    for amx in (True, False):
+        monkeypatch.setattr(backend, "amx_kernels", lambda lc, amx=amx: amx)
+        llama = backend.new_llama(model_path=str(ggufs["target"]), n_ctx=64, verbose=False)
+        assert llama.model_params.use_extra_bufts is not amx
+        llama.close()
+    assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts  # put back
 
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))

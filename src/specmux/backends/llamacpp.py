@@ -21,6 +21,12 @@ diagnoses each mismatch (logit gap in ulp).
 Measured (2 threads, Qwen2.5-Coder-1.5B Q4_K_M, this machine kind): one token ~21 ms;
 scoring k tokens in one batch 41 / 58 / 66 / 97 / 115 ms for k = 2 / 3 / 4 / 6 / 8, i.e. a
 batch costs nearly linearly more on two cores (see docs/BENCHMARKS.md).
+
+On a CPU with AMX (Intel Xeon since Sapphire Rapids) a llama.cpp build with its AMX kernels
+segfaults in ``ggml_backend_amx_mul_mat`` on every batch of more than one token (a prompt, a
+verification pass; llama.cpp issue #20824, seen with llama-cpp-python 0.3.36 on an AMX
+Xeon), so :func:`new_llama` loads models there without llama.cpp's extra CPU buffer types
+(the AMX and repacked weight layouts): plain quantized kernels, slower per token but sound.
 """
 
 from __future__ import annotations
@@ -31,7 +37,9 @@ import logging
 import os
 import pathlib
 import re
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -70,6 +78,55 @@ def llama_cpp_module() -> Any:
             f"(builds from source in 3-5 minutes) [{err}]"
         ) from None
     return llama_cpp
+
+
+def amx_kernels(lc: Any) -> bool:
+    """Whether this llama.cpp build runs its AMX kernels on this CPU (``AMX_INT8 = 1`` in
+    ``llama_print_system_info()``)."""
+    try:
+        info = lc.llama_print_system_info()
+    except AttributeError:
+        return False
+    text = info.decode("utf-8", "replace") if isinstance(info, bytes) else str(info)
+    return "AMX_INT8 = 1" in text
+
+
+_PARAMS_LOCK = threading.Lock()  # new_llama swaps a module function while a model loads
+
+
+@contextmanager
+def _model_params(lc: Any, **fields: Any) -> Iterator[None]:
+    """Within the block, ``Llama(...)`` loads its model with ``fields`` set in its
+    ``llama_model_params``: llama-cpp-python's ``Llama`` fills them from
+    ``llama_cpp.llama_cpp.llama_model_default_params()`` and has no argument for these."""
+    module = lc.llama_cpp
+    default = module.llama_model_default_params
+
+    def params() -> Any:
+        out = default()
+        for key, value in fields.items():
+            setattr(out, key, value)
+        return out
+
+    with _PARAMS_LOCK:
+        module.llama_model_default_params = params
+        try:
+            yield
+        finally:
+            module.llama_model_default_params = default
+
+
+def new_llama(**kwargs: Any) -> Llama:
+    """``llama_cpp.Llama(**kwargs)``, without llama.cpp's extra CPU buffer types where its
+    AMX kernels would run (module docstring: they segfault on batches of more than one
+    token).  Every ``Llama`` specmux builds comes from here."""
+    lc = llama_cpp_module()
+    fields = [name for name, _ in getattr(lc.llama_model_params, "_fields_", ())]
+    if "use_extra_bufts" not in fields or not amx_kernels(lc):
+        return lc.Llama(**kwargs)
+    log.info("llama.cpp: AMX CPU, loading without extra buffer types (llama.cpp #20824)")
+    with _model_params(lc, use_extra_bufts=False):
+        return lc.Llama(**kwargs)
 
 
 def check_gguf(path: pathlib.Path) -> pathlib.Path:
@@ -159,10 +216,10 @@ class LlamaCppLM:
         if context < 1 or n_batch < 1 or (threads is not None and threads < 1):
             raise ConfigError("context, n_batch and threads must be >= 1")
         path = resolve_gguf(str(spec), install=install)
-        lc = llama_cpp_module()
+        llama_cpp_module()  # a one-line error, before any loading, if it is missing
         threads = threads or default_threads()
         try:
-            llama = lc.Llama(
+            llama = new_llama(
                 model_path=str(path), n_ctx=context, n_batch=n_batch, n_ubatch=n_batch,
                 n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False,
             )

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from specmux.backends.llamacpp import LlamaCppLM, llama_cpp_module
+from specmux.backends.llamacpp import LlamaCppLM, new_llama
 from specmux.types import SamplingParams
 
 ANCHOR_GENERATE = "llama.cpp-generate"
@@ -39,10 +39,9 @@ class AnchorRun:
 
 def build_pld(target: LlamaCppLM) -> Any:
     """A second ``Llama`` over the target's GGUF with prompt-lookup speculative decoding."""
-    lc = llama_cpp_module()
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
-    return lc.Llama(
+    return new_llama(
         model_path=target.path, n_ctx=target.max_context, n_batch=target.n_batch,
         n_ubatch=target.n_batch, n_threads=target.threads, n_threads_batch=target.threads,
         logits_all=True, draft_model=LlamaPromptLookupDecoding(num_pred_tokens=PLD_TOKENS),
