@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import os
 import pathlib
@@ -371,8 +370,9 @@ def test_embedded_qwen_pair_shares_vocab(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_wrong_packed_gguf_hint_is_dropped_when_weights_are_dequantized() -> None:
-    """Without the ``kernels`` package transformers dequantizes GGUF weights, yet first warns
-    that they "stay quantized"; that line is dropped while loading, and nothing else is."""
+    """Offline, transformers dequantizes GGUF weights (its packed path needs a kernel from
+    the hub), yet first warns that they "stay quantized"; that line is dropped while
+    loading, and nothing else is."""
     from specmux.models import _quiet_dequantized_gguf
 
     seen: list[str] = []
@@ -393,8 +393,35 @@ def test_wrong_packed_gguf_hint_is_dropped_when_weights_are_dequantized() -> Non
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
-    dropped = importlib.util.find_spec("kernels") is None
-    assert seen == (["Dequantizing the whole model"] if dropped else [
-        "Loading a GGUF checkpoint with its weights packed is fastest",
-        "Dequantizing the whole model",
-    ]) + ["Loading a GGUF checkpoint with its weights packed, outside"]
+    assert seen == ["Dequantizing the whole model",
+                    "Loading a GGUF checkpoint with its weights packed, outside"]
+
+
+def test_quantized_gguf_loads_dequantized_to_the_requested_dtype(tmp_path) -> None:
+    """A Q8_0 GGUF comes back as plain ``nn.Linear`` layers in the dtype asked for, without
+    the "stay quantized" hint: loading is offline, so transformers' packed-GGUF path (a
+    kernel from the hub) is never taken."""
+    from conftest import tiny_lm
+    from gguf_helpers import write_gguf
+
+    path = write_gguf(tiny_lm(0, hidden=64), tmp_path / "q8.gguf", q8=True)
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    log = logging.getLogger("transformers.quantizers.quantizer_gguf")
+    handler, level = Collect(logging.WARNING), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING)
+    try:
+        model, _ = models.load_model(str(path), dtype=torch.bfloat16)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer; the LM head
+    assert all(type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16
+               for m in linears)
+    assert not any("stay quantized" in message for message in seen), seen

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import logging
 import os
 import pathlib
@@ -167,8 +166,10 @@ def _fast_gguf_names() -> Iterator[None]:
 class _DropPackedGgufHint(logging.Filter):
     """Drops transformers' "GGUF weights packed ... stay quantized" dtype warning.
 
-    It is logged before transformers finds that the ``kernels`` package is missing, and it
-    is wrong on that path: the weights are then dequantized to the requested dtype.
+    It is logged before transformers looks for its GGUF matmul kernel, and it is wrong on
+    specmux's path: the ``kernels`` package (a dependency of transformers since 5.25) fetches
+    that kernel from the hub, which loading never reaches (:func:`_offline`), so the weights
+    are dequantized to the requested dtype (plain ``nn.Linear`` layers).
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -177,10 +178,7 @@ class _DropPackedGgufHint(logging.Filter):
 
 @contextlib.contextmanager
 def _quiet_dequantized_gguf() -> Iterator[None]:
-    """Silence that warning while loading, when ``kernels`` (packed GGUF) is unavailable."""
-    if importlib.util.find_spec("kernels") is not None:
-        yield
-        return
+    """Silence that warning while loading."""
     quantizer_log = logging.getLogger("transformers.quantizers.quantizer_gguf")
     hint = _DropPackedGgufHint()
     quantizer_log.addFilter(hint)
