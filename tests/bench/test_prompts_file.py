@@ -112,6 +112,21 @@ def test_runner_streams_a_1000_line_file(models: BenchModels, tmp_path: Path) ->
     assert answers[-1]["question_id"] == "conv" and answers[-1]["category"] == "prompts"
 
 
+def test_prompts_shorter_than_k_warm_up_and_decode(models: BenchModels, tmp_path: Path) -> None:
+    """Warm-up passes of k + 1 positions on prompts of 1-3 tokens (a user's "hi"), with k
+    up to 16: each prompt is followed by its own tokens, cycled, however short it is."""
+    path = _write(tmp_path / "short.jsonl", [{"prompt": "hi"}, {"prompt": "a"}])
+    cfg = BenchConfig(target="t", drafter_model="d", max_new_tokens=6, policies=("hedge",),
+                      drafters=("suffix", "ngram"), hf_baseline=False, dtype="float32",
+                      prompts_file=str(path), num_speculative_tokens=16,
+                      single_drafters=False)
+    runner = BenchRunner(cfg, models, {}, prompts=scan(path))
+    answers = [r for r in write_trace(runner.run(), tmp_path / "trace.jsonl")
+               if r["type"] == "answer"]
+    assert len(answers) == 4 and all(a["lossless"] for a in answers
+                                     if a["method"] != TARGET_ONLY)
+
+
 def test_cli_prompts_file_end_to_end(tmp_path: Path) -> None:
     target = save_tiny_model(tmp_path / "target", tiny_lm(0, hidden=48, max_positions=4096))
     drafter = save_tiny_model(tmp_path / "drafter", tiny_lm(1, hidden=32, layers=1,
