@@ -67,15 +67,48 @@ def test_verification_rows_are_bitwise_one_token_rows(exact_target, m, prefix) -
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
 
 
-def test_prefill_rows_match_too(exact_target) -> None:
+@pytest.mark.parametrize("n", [30, 100])
+def test_prefill_rows_match_too(exact_target, n) -> None:
     """The first speculative round feeds prompt + draft at once; every row of it must be the
-    row target-only decoding computes (prompt alone, then one token at a time)."""
-    ids = _prompt(30, 3)
+    row target-only decoding computes (prompt alone, then one token at a time).  100 rows:
+    past the sizes where oneDNN switches kernels on an AMX CPU (``M >= 33``)."""
+    ids = _prompt(n, 3)
     lm_a, lm_b = CachedLM(exact_target), CachedLM(exact_target)
-    joint = lm_a.logits(ids, 5)  # one pass over 30 tokens
-    lm_b.logits(ids[:-4], 1)  # prefill 26, then one token at a time
-    alone = torch.stack([lm_b.logits(ids[: 26 + j], 1)[0] for j in range(5)])
+    joint = lm_a.logits(ids, 5)  # one pass over n tokens
+    lm_b.logits(ids[:-4], 1)  # prefill n - 4, then one token at a time
+    alone = torch.stack([lm_b.logits(ids[: n - 4 + j], 1)[0] for j in range(5)])
     assert torch.equal(joint, alone)
+
+
+def test_linear_calls_are_cut_where_big_calls_round_apart(monkeypatch) -> None:
+    """A kernel that rounds every row differently once a call has more than 4 rows (as
+    oneDNN's bf16 kernels do beyond 32 on an AMX Xeon): exact mode finds the piece size 4
+    and computes each row of a 50-row call exactly as a two-row call does."""
+    import types
+
+    import torch.nn.functional as F
+
+    import specmux.exact as exact
+
+    def skewed(x, weight, bias=None):
+        out = F.linear(x, weight, bias)
+        return out + 0.125 if x.numel() // x.shape[-1] > 4 else out
+
+    monkeypatch.setattr(exact, "F", types.SimpleNamespace(linear=skewed))
+    monkeypatch.setattr(exact, "_CHUNKS", {})
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48).to(torch.bfloat16)
+    assert exact.row_chunk(lin) == 4
+    lin._specmux_row_chunk = 4
+    lin.forward = types.MethodType(exact.exact_linear_forward, lin)
+    x = torch.randn(50, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        rows = torch.cat([lin(x[i:i + 1]) for i in range(50)])  # [50, 48]: one row a call
+        assert torch.equal(lin(x), rows) and torch.equal(lin(x[None])[0], rows)
+        assert not torch.equal(skewed(x, lin.weight, lin.bias), rows)  # uncut, it differs
+    plain = torch.nn.Linear(64, 48).to(torch.bfloat16)
+    monkeypatch.setattr(exact, "F", F)
+    assert exact.row_chunk(plain) in (None, *exact.ROW_CHUNKS, 1)
 
 
 def test_set_exact_toggles_and_restores() -> None:

@@ -12,7 +12,11 @@ Nondeterminism in LLM Inference", 2025), with the two changes this CPU needs:
   work split for ``M = 1`` (the reduction over K is cut differently across threads), while
   every ``M >= 2`` rounds each row the same way.  A one-row input is duplicated to two rows
   and the first result row kept.  This covers q/k/v/o, the MLP and the LM head, and so the
-  KV cache entries a pass writes.
+  KV cache entries a pass writes.  Where larger calls round differently again (on an Intel
+  Xeon with AMX, every linear shape of Qwen2.5-1.5B rounds rows apart from two-row calls
+  for ``M >= 33``: a prefill, or a first verification pass that carries the prompt), calls
+  are cut into pieces of at most :func:`row_chunk` rows, the largest piece size found, once
+  per linear shape and thread count, to compute every row exactly as a two-row call does.
 * **attention** is computed one query row at a time, each row exactly as a one-token decode
   step computes it: SDPA over the keys up to its own position, with the query heads packed
   per key/value head (transformers' decode layout).  A batched pass otherwise runs a
@@ -51,18 +55,70 @@ _FLAG = "_specmux_exact"
 _PREVIOUS_ATTENTION = "_specmux_previous_attention"
 
 
+ROW_CHUNKS = (32, 16, 8, 4, 2)  # piece sizes tried, largest first, where big calls differ
+_PROBE_ROWS = 80  # rows of the calibration call: past the M >= 33 and M >= 65 regimes
+_CHUNKS: dict[tuple[Any, ...], int | None] = {}  # linear shape + threads -> row_chunk
+
+
+def _linear_rows(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor,
+                 chunk: int | None) -> torch.Tensor:
+    """``F.linear`` of ``x`` [M, K] in pieces of at most ``chunk`` rows (``None``: one
+    call), a one-row piece computed as the first row of a two-row call: [M, N]."""
+    pieces = [x] if chunk is None else list(x.split(chunk))
+    out = []
+    for piece in pieces:
+        if piece.shape[0] == 1:
+            out.append(F.linear(torch.cat([piece, piece]), weight, bias)[:1])  # [1, N]
+        else:
+            out.append(F.linear(piece, weight, bias))  # [m, N]
+    return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def _calibrate(weight: torch.Tensor, bias: torch.Tensor | None) -> int | None:
+    """The largest piece size (``None``: any ``M``) at which calls compute every row as a
+    two-row call does, on :data:`_PROBE_ROWS` random rows and on prefixes of them of
+    3, 5, 9, 17 and the piece size (kernels are chosen by ``M``, not by the values)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(_PROBE_ROWS, weight.shape[1], generator=gen).to(weight.dtype)  # [M, K]
+    singles = torch.cat([_linear_rows(weight, bias, x[i:i + 1], None)
+                         for i in range(_PROBE_ROWS)])  # [M, N]: each row alone
+    for chunk in (None, *ROW_CHUNKS):
+        size = _PROBE_ROWS if chunk is None else chunk
+        if all(torch.equal(_linear_rows(weight, bias, x[:m], chunk), singles[:m])
+               for m in sorted({3, 5, 9, 17, size - 1, size, _PROBE_ROWS} - {0, 1, 2})):
+            return chunk
+    return 1  # pieces of one row (each a two-row call): every row as a decode step
+
+
+def row_chunk(module: torch.nn.Linear) -> int | None:
+    """The piece size exact mode cuts ``module``'s calls into (``None``: none needed), found
+    once per weight shape, dtype, bias and thread count (:func:`_calibrate`; module
+    docstring)."""
+    key = (tuple(module.weight.shape), module.weight.dtype, module.bias is not None,
+           torch.get_num_threads())
+    if key not in _CHUNKS:
+        with torch.no_grad():
+            _CHUNKS[key] = _calibrate(module.weight, module.bias)
+        if _CHUNKS[key] is not None:
+            log.info("exact mode: linear %s computes rows apart beyond %d rows here; calls "
+                     "are cut into pieces of %d", tuple(module.weight.shape), _CHUNKS[key],
+                     _CHUNKS[key])
+    return _CHUNKS[key]
+
+
 def exact_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``F.linear`` whose rows never depend on how many rows the call has.
 
     ``x`` [..., K] -> [..., N].  A single row is computed as the first row of a two-row call
-    (a fresh contiguous [2, K] tensor), the same kernel path as every larger call.
+    (a fresh contiguous [2, K] tensor), the same kernel path as every larger call; a call of
+    more rows than the module's :func:`row_chunk` (set by :func:`set_exact`) in pieces of it.
     """
     rows = x.numel() // max(x.shape[-1], 1)
-    if rows != 1:
+    chunk = getattr(self, "_specmux_row_chunk", None)
+    if rows != 1 and (chunk is None or rows <= chunk):
         return F.linear(x, self.weight, self.bias)
-    row = x.reshape(1, x.shape[-1])  # [1, K]
-    out = F.linear(torch.cat([row, row]), self.weight, self.bias)  # [2, N]
-    return out[:1].reshape(*x.shape[:-1], out.shape[-1])
+    out = _linear_rows(self.weight, self.bias, x.reshape(rows, x.shape[-1]), chunk)  # [M, N]
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def _masks_only_the_future(mask: torch.Tensor | None, q: int, kv: int) -> bool:
@@ -154,6 +210,7 @@ def set_exact(model: PreTrainedModel, on: bool = True) -> PreTrainedModel:
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             if on:
+                module._specmux_row_chunk = row_chunk(module)  # type: ignore[assignment]
                 module.forward = types.MethodType(exact_linear_forward, module)
             elif "forward" in module.__dict__:
                 del module.forward
