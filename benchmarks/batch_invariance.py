@@ -17,7 +17,9 @@ script compares, bitwise:
    called with M = 1, 2, 3, k+1, 16, 64, 256 rows; its first rows against one-row calls and
    all rows against the largest call;
 3. **end to end**: after the same prefill, k+1 one-token steps against one (k+1)-token pass:
-   logit rows, the argmax and the KV cache each writes;
+   logit rows, the argmax and the KV cache each writes; and the whole prompt cut plus k+1
+   tokens in ONE pass (as a first speculative round feeds prompt + draft) against the
+   prompt's prefill then k+1 one-token steps (target-only decoding): logit rows;
 4. **cost**: seconds of a prefill, a one-token step and a (k+1)-token pass after it (median
    of ``--repeats``).
 """
@@ -190,6 +192,22 @@ def end_to_end(model: PreTrainedModel, ids: list[int], k: int) -> dict[str, Any]
 
 
 @torch.inference_mode()
+def prefill_vs_steps(model: PreTrainedModel, ids: list[int], k: int) -> dict[str, Any]:
+    """The last k+1 rows of one pass over all of ``ids`` against a prefill of the rest
+    followed by k+1 one-token steps (the prompt rows' KV cache written by passes of
+    different sizes)."""
+    m = k + 1
+    c1, c2 = DynamicCache(), DynamicCache()
+    kw = cache_kwarg(model)
+    model(input_ids=torch.tensor([ids[:-m]]), **{kw: c1}, use_cache=True)
+    steps = [model(input_ids=torch.tensor([[t]]), **{kw: c1}, use_cache=True).logits[0, -1]
+             for t in ids[-m:]]
+    joint = model(input_ids=torch.tensor([ids]), **{kw: c2}, use_cache=True).logits[0, -m:]
+    return {"rows_identical": [bool(torch.equal(s, j)) for s, j in zip(steps, joint,
+                                                                         strict=True)]}
+
+
+@torch.inference_mode()
 def cost(model: PreTrainedModel, ids: list[int], k: int, repeats: int) -> dict[str, float]:
     """Median seconds of a one-token step and of a (k+1)-token pass after a cached prefix."""
     m = k + 1
@@ -291,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         report["modes"][mode] = {
             "components": {k: f"{b}/{t} rows differ" for k, (b, t) in sorted(comp.items())},
             "end_to_end": e2e,
+            "prefill_vs_steps": [prefill_vs_steps(model, ids[:n], args.k) for n in cuts],
             "cost_s": cost(model, ids[:args.prompt_tokens], args.k, args.repeats),
         }
     set_exact(model, False)
@@ -319,6 +338,10 @@ def _print(r: dict[str, Any]) -> None:
                   f"argmax identical {sum(e['argmax_identical'])}/{len(e['argmax_identical'])}, "
                   f"max |diff| {max(e['max_abs_logit_diff']):.3g}, "
                   f"KV layers identical {e['kv_layers_identical']}")
+        for e in res.get("prefill_vs_steps", []):
+            rows = e["rows_identical"]
+            print(f"  prompt + {len(rows)} tokens in one pass vs prefill then steps: logit "
+                  f"rows identical {sum(rows)}/{len(rows)}")
         c = res["cost_s"]
         print("  cost: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in c.items()))
     print("\n## linear kernel per M (default F.linear): rows == one-row calls? == largest call?")
