@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from specmux.backends.llamacpp import LlamaCppLM, amx_kernels, llama_cpp_module
 from specmux.exact import set_exact
 from specmux.lm import CachedLM
 from specmux.models import load_model
-from specmux.versions import package_versions
+from specmux.versions import cpu_name, package_versions
 
 SIZES = (1, 2, 3, 5, 9, 17)
 AMX_ON = """
@@ -75,17 +74,6 @@ def amx_on(spec: str, threads: int) -> dict:
         if run.returncode == 0:
             row["step_seconds"] = float(run.stdout.split()[-1])
     return row
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

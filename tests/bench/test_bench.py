@@ -39,6 +39,7 @@ from specmux.errors import ConfigError
 from specmux.policies import make_policy
 from specmux.selector import Outcome, Selector, make_arms
 from specmux.types import SamplingParams
+from specmux.versions import cpu_name
 
 from conftest import tiny_lm
 from helpers import save_tiny_model, tiny_tokenizer
@@ -120,6 +121,7 @@ def test_table_and_plots(bench_dir: Path) -> None:
                    "only suffix:code", "oracle", "Learner overhead", "Goals"]:
         assert needle in text, needle
     assert "MISMATCH" not in text
+    assert f"Machine: {cpu_name()}, " in text  # which CPU: kinds differ in rounding and cost
     for name in PLOTS:
         png = bench_dir / name
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name

@@ -82,7 +82,7 @@ from specmux.heads.store import find_heads, load_head
 from specmux.lm import as_target
 from specmux.policies import POLICIES
 from specmux.types import SamplingParams
-from specmux.versions import package_versions
+from specmux.versions import cpu_name, package_versions
 
 log = logging.getLogger(__name__)
 
@@ -1062,6 +1062,7 @@ def machine_info() -> dict[str, Any]:
 
     return {
         "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(), "torch": torch.__version__,
         "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
         "device": "cpu" if not torch.cuda.is_available() else "cuda",
