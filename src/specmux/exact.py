@@ -56,7 +56,9 @@ _PREVIOUS_ATTENTION = "_specmux_previous_attention"
 
 
 ROW_CHUNKS = (32, 16, 8, 4, 2)  # piece sizes tried, largest first, where big calls differ
-_PROBE_ROWS = 80  # rows of the calibration call: past the M >= 33 and M >= 65 regimes
+_PROBE_ROWS = 130  # rows of the largest calibration call
+_WHOLE_SIZES = (3, 5, 9, 17, 33, 65, 129, _PROBE_ROWS)  # calls tried uncut: each side of
+# the kernel switches seen (M = 1 / 2, 33 on an AMX Xeon, 16 and 64 for float32's sgemm)
 _CHUNKS: dict[tuple[Any, ...], int | None] = {}  # linear shape + threads -> row_chunk
 
 
@@ -75,17 +77,20 @@ def _linear_rows(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tenso
 
 
 def _calibrate(weight: torch.Tensor, bias: torch.Tensor | None) -> int | None:
-    """The largest piece size (``None``: any ``M``) at which calls compute every row as a
-    two-row call does, on :data:`_PROBE_ROWS` random rows and on prefixes of them of
-    3, 5, 9, 17 and the piece size (kernels are chosen by ``M``, not by the values)."""
+    """The largest piece size (``None``: any ``M``; ``1``: one row a call) at which calls
+    compute every row as a two-row call does, on :data:`_PROBE_ROWS` random rows (kernels
+    are chosen by ``M``, not by the values): uncut calls of :data:`_WHOLE_SIZES` rows, else,
+    for a piece size ``c`` of :data:`ROW_CHUNKS`, every call of 3 to ``c`` rows and the whole
+    probe cut into pieces of ``c``."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(_PROBE_ROWS, weight.shape[1], generator=gen).to(weight.dtype)  # [M, K]
-    singles = torch.cat([_linear_rows(weight, bias, x[i:i + 1], None)
-                         for i in range(_PROBE_ROWS)])  # [M, N]: each row alone
-    for chunk in (None, *ROW_CHUNKS):
-        size = _PROBE_ROWS if chunk is None else chunk
-        if all(torch.equal(_linear_rows(weight, bias, x[:m], chunk), singles[:m])
-               for m in sorted({3, 5, 9, 17, size - 1, size, _PROBE_ROWS} - {0, 1, 2})):
+    pairs = _linear_rows(weight, bias, x, 2)  # [M, N]: each row in a two-row call
+    if all(torch.equal(_linear_rows(weight, bias, x[:m], None), pairs[:m])
+           for m in _WHOLE_SIZES):
+        return None
+    for chunk in ROW_CHUNKS:
+        if all(torch.equal(_linear_rows(weight, bias, x[:m], chunk), pairs[:m])
+               for m in [*range(3, chunk + 1), _PROBE_ROWS]):
             return chunk
     return 1  # pieces of one row (each a two-row call): every row as a decode step
 
@@ -93,16 +98,19 @@ def _calibrate(weight: torch.Tensor, bias: torch.Tensor | None) -> int | None:
 def row_chunk(module: torch.nn.Linear) -> int | None:
     """The piece size exact mode cuts ``module``'s calls into (``None``: none needed), found
     once per weight shape, dtype, bias and thread count (:func:`_calibrate`; module
-    docstring)."""
-    key = (tuple(module.weight.shape), module.weight.dtype, module.bias is not None,
-           torch.get_num_threads())
+    docstring).  Only CPU kernels are calibrated (``None`` elsewhere)."""
+    weight = module.weight
+    if weight.device.type != "cpu":
+        return None
+    key = (tuple(weight.shape), weight.dtype, module.bias is not None, torch.get_num_threads())
     if key not in _CHUNKS:
         with torch.no_grad():
-            _CHUNKS[key] = _calibrate(module.weight, module.bias)
-        if _CHUNKS[key] is not None:
-            log.info("exact mode: linear %s computes rows apart beyond %d rows here; calls "
-                     "are cut into pieces of %d", tuple(module.weight.shape), _CHUNKS[key],
-                     _CHUNKS[key])
+            _CHUNKS[key] = chunk = _calibrate(weight, module.bias)
+        if chunk is not None:
+            log.log(logging.WARNING if chunk == 1 else logging.INFO,
+                    "exact mode: linear %s computes rows apart in calls of more than %d "
+                    "rows here (%d threads); calls are cut into pieces of %d",
+                    tuple(weight.shape), chunk, key[-1], chunk)
     return _CHUNKS[key]
 
 
@@ -111,10 +119,10 @@ def exact_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor
 
     ``x`` [..., K] -> [..., N].  A single row is computed as the first row of a two-row call
     (a fresh contiguous [2, K] tensor), the same kernel path as every larger call; a call of
-    more rows than the module's :func:`row_chunk` (set by :func:`set_exact`) in pieces of it.
+    more rows than :func:`row_chunk` (for the thread count of this call) in pieces of it.
     """
     rows = x.numel() // max(x.shape[-1], 1)
-    chunk = getattr(self, "_specmux_row_chunk", None)
+    chunk = row_chunk(self) if rows > 1 else None
     if rows != 1 and (chunk is None or rows <= chunk):
         return F.linear(x, self.weight, self.bias)
     out = _linear_rows(self.weight, self.bias, x.reshape(rows, x.shape[-1]), chunk)  # [M, N]
@@ -210,7 +218,7 @@ def set_exact(model: PreTrainedModel, on: bool = True) -> PreTrainedModel:
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             if on:
-                module._specmux_row_chunk = row_chunk(module)  # type: ignore[assignment]
+                row_chunk(module)  # calibrated now, at load, for the current thread count
                 module.forward = types.MethodType(exact_linear_forward, module)
             elif "forward" in module.__dict__:
                 del module.forward

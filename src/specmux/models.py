@@ -166,10 +166,12 @@ def _fast_gguf_names() -> Iterator[None]:
 class _DropPackedGgufHint(logging.Filter):
     """Drops transformers' "GGUF weights packed ... stay quantized" dtype warning.
 
-    It is logged before transformers looks for its GGUF matmul kernel, and it is wrong on
-    specmux's path: the ``kernels`` package (a dependency of transformers since 5.25) fetches
-    that kernel from the hub, which loading never reaches (:func:`_offline`), so the weights
-    are dequantized to the requested dtype (plain ``nn.Linear`` layers).
+    transformers (5.25) logs it for every GGUF asked for in another dtype than float32
+    unless it has already decided to dequantize, which it decides only for the
+    architectures its packed path handles (``is_gguf_arch_supported``: not ``llama`` or
+    ``qwen2``, whose weights the older loader dequantizes to the requested dtype, plain
+    ``nn.Linear`` layers).  Where weights do stay packed, :func:`load_model` says so
+    itself, once the model is loaded.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -279,6 +281,11 @@ def load_model(
     tok = _tokenizer(src, spec)
     model.eval()
     model.requires_grad_(False)
+    packed = sum(type(m).__name__.startswith("Gguf") for m in model.modules())
+    if packed:  # transformers' own hint was dropped while loading (_DropPackedGgufHint)
+        log.warning("%s: %d layers keep their GGUF blocks (transformers' packed path: "
+                    "float32 compute, casts to and from %s)", src.label, packed,
+                    str(model.dtype).removeprefix("torch."))
     log.info(
         "loaded %s (%s, %.0fM params, %s) in %.1fs",
         src.label,
