@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -369,12 +370,9 @@ def test_embedded_qwen_pair_shares_vocab(monkeypatch: pytest.MonkeyPatch) -> Non
         assert ttok.encode(text) == dtok.encode(text)
 
 
-def test_wrong_packed_gguf_hint_is_dropped_when_weights_are_dequantized() -> None:
-    """Offline, transformers dequantizes GGUF weights (its packed path needs a kernel from
-    the hub), yet first warns that they "stay quantized"; that line is dropped while
-    loading, and nothing else is."""
-    from specmux.models import _quiet_dequantized_gguf
-
+@contextlib.contextmanager
+def _gguf_quantizer_warnings() -> Iterator[list[str]]:
+    """The warnings transformers' GGUF quantizer logs inside the block (its messages)."""
     seen: list[str] = []
 
     class Collect(logging.Handler):
@@ -386,40 +384,38 @@ def test_wrong_packed_gguf_hint_is_dropped_when_weights_are_dequantized() -> Non
     log.addHandler(handler)
     log.setLevel(logging.WARNING)  # other tests may quiet transformers' loggers
     try:
+        yield seen
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
+def test_wrong_packed_gguf_hint_is_dropped_when_weights_are_dequantized() -> None:
+    """transformers warns that GGUF weights "stay quantized" before deciding, and for
+    llama / qwen2 they are dequantized; that line is dropped while loading, and nothing
+    else is."""
+    from specmux.models import _quiet_dequantized_gguf
+
+    log = logging.getLogger("transformers.quantizers.quantizer_gguf")
+    with _gguf_quantizer_warnings() as seen:
         with _quiet_dequantized_gguf():
             log.warning("Loading a GGUF checkpoint with its weights packed is fastest")
             log.warning("Dequantizing the whole model")
         log.warning("Loading a GGUF checkpoint with its weights packed, outside")
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
     assert seen == ["Dequantizing the whole model",
                     "Loading a GGUF checkpoint with its weights packed, outside"]
 
 
 def test_quantized_gguf_loads_dequantized_to_the_requested_dtype(tmp_path) -> None:
     """A Q8_0 GGUF comes back as plain ``nn.Linear`` layers in the dtype asked for, without
-    the "stay quantized" hint: loading is offline, so transformers' packed-GGUF path (a
-    kernel from the hub) is never taken."""
+    the wrong "stay quantized" hint (a llama GGUF: transformers' packed path does not take
+    it, its older loader dequantizes)."""
     from conftest import tiny_lm
     from gguf_helpers import write_gguf
 
     path = write_gguf(tiny_lm(0, hidden=64), tmp_path / "q8.gguf", q8=True)
-    seen: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            seen.append(record.getMessage())
-
-    log = logging.getLogger("transformers.quantizers.quantizer_gguf")
-    handler, level = Collect(logging.WARNING), log.level
-    log.addHandler(handler)
-    log.setLevel(logging.WARNING)
-    try:
+    with _gguf_quantizer_warnings() as seen:
         model, _ = models.load_model(str(path), dtype=torch.bfloat16)
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert len(linears) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer; the LM head
     assert all(type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16
