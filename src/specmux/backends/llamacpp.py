@@ -18,14 +18,15 @@ differently from a one-token step (different matmul kernels), so greedy speculat
 equals target-only greedy output on this backend except at near-ties; the benchmark
 diagnoses each mismatch (logit gap in ulp).
 
-Measured (2 threads, Qwen2.5-Coder-1.5B Q4_K_M, this machine kind): one token ~21 ms;
+Measured (2 threads, Qwen2.5-Coder-1.5B Q4_K_M, a 2-core AMD EPYC): one token ~21 ms;
 scoring k tokens in one batch 41 / 58 / 66 / 97 / 115 ms for k = 2 / 3 / 4 / 6 / 8, i.e. a
-batch costs nearly linearly more on two cores (see docs/BENCHMARKS.md).
+batch costs nearly linearly more on two cores (see docs/BENCHMARKS.md; on a 2-vCPU AMX
+Xeon, ``benchmarks/pass_cost.py``: 90 ms a token, 9 positions 3.2x that).
 
 On a CPU with AMX (Intel Xeon since Sapphire Rapids) a llama.cpp build with its AMX kernels
-segfaults in ``ggml_backend_amx_mul_mat`` on every batch of more than one token (a prompt, a
-verification pass; llama.cpp issue #20824, seen with llama-cpp-python 0.3.36 on an AMX
-Xeon), so :func:`new_llama` loads models there without llama.cpp's extra CPU buffer types
+can segfault in ``ggml_backend_amx_mul_mat`` on every batch of more than one token (a
+prompt, a verification pass; llama.cpp issue #20824; it did with llama-cpp-python 0.3.36 on
+an AMX Xeon), so :func:`new_llama` loads models there without llama.cpp's extra CPU buffer types
 (the AMX and repacked weight layouts): plain quantized kernels, slower per token but sound.
 """
 
