@@ -171,16 +171,19 @@ def linear_per_m(model: PreTrainedModel, ids: list[int], ms: list[int]) -> list[
 
 @torch.inference_mode()
 def end_to_end(model: PreTrainedModel, ids: list[int], k: int) -> dict[str, Any]:
-    """k+1 one-token steps against one (k+1)-token pass after the same prefill."""
+    """k+1 one-token steps against one (k+1)-token pass after the same prefill; and the
+    same steps against the last k+1 rows of ONE pass over all of ``ids`` (the prompt's KV
+    cache then written by a pass of another size: ``one_pass_rows_identical``)."""
     m = k + 1
     prefix = torch.tensor([ids[:-m]])
-    c1, c2 = DynamicCache(), DynamicCache()
+    c1, c2, c3 = DynamicCache(), DynamicCache(), DynamicCache()
     kw = cache_kwarg(model)
     model(input_ids=prefix, **{kw: c1}, use_cache=True)
     model(input_ids=prefix, **{kw: c2}, use_cache=True)
     steps = [model(input_ids=torch.tensor([[t]]), **{kw: c1}, use_cache=True).logits[0, -1]
              for t in ids[-m:]]
     batch = model(input_ids=torch.tensor([ids[-m:]]), **{kw: c2}, use_cache=True).logits[0]
+    joint = model(input_ids=torch.tensor([ids]), **{kw: c3}, use_cache=True).logits[0, -m:]
     rows = [bool(torch.equal(s, b)) for s, b in zip(steps, batch, strict=True)]
     argmax = [int(s.argmax()) == int(b.argmax()) for s, b in zip(steps, batch, strict=True)]
     diff = [float((s.float() - b.float()).abs().max()) for s, b in zip(steps, batch, strict=True)]
@@ -188,23 +191,9 @@ def end_to_end(model: PreTrainedModel, ids: list[int], k: int) -> dict[str, Any]
                and torch.equal(a.values[:, :, -m:], b.values[:, :, -m:]))
           for a, b in zip(c1.layers, c2.layers, strict=True)]
     return {"rows_identical": rows, "argmax_identical": argmax, "max_abs_logit_diff": diff,
-            "kv_layers_identical": f"{sum(kv)}/{len(kv)}"}
-
-
-@torch.inference_mode()
-def prefill_vs_steps(model: PreTrainedModel, ids: list[int], k: int) -> dict[str, Any]:
-    """The last k+1 rows of one pass over all of ``ids`` against a prefill of the rest
-    followed by k+1 one-token steps (the prompt rows' KV cache written by passes of
-    different sizes)."""
-    m = k + 1
-    c1, c2 = DynamicCache(), DynamicCache()
-    kw = cache_kwarg(model)
-    model(input_ids=torch.tensor([ids[:-m]]), **{kw: c1}, use_cache=True)
-    steps = [model(input_ids=torch.tensor([[t]]), **{kw: c1}, use_cache=True).logits[0, -1]
-             for t in ids[-m:]]
-    joint = model(input_ids=torch.tensor([ids]), **{kw: c2}, use_cache=True).logits[0, -m:]
-    return {"rows_identical": [bool(torch.equal(s, j)) for s, j in zip(steps, joint,
-                                                                         strict=True)]}
+            "kv_layers_identical": f"{sum(kv)}/{len(kv)}",
+            "one_pass_rows_identical": [bool(torch.equal(s, j))
+                                        for s, j in zip(steps, joint, strict=True)]}
 
 
 @torch.inference_mode()
@@ -309,7 +298,6 @@ def main(argv: list[str] | None = None) -> int:
         report["modes"][mode] = {
             "components": {k: f"{b}/{t} rows differ" for k, (b, t) in sorted(comp.items())},
             "end_to_end": e2e,
-            "prefill_vs_steps": [prefill_vs_steps(model, ids[:n], args.k) for n in cuts],
             "cost_s": cost(model, ids[:args.prompt_tokens], args.k, args.repeats),
         }
     set_exact(model, False)
@@ -338,8 +326,8 @@ def _print(r: dict[str, Any]) -> None:
                   f"argmax identical {sum(e['argmax_identical'])}/{len(e['argmax_identical'])}, "
                   f"max |diff| {max(e['max_abs_logit_diff']):.3g}, "
                   f"KV layers identical {e['kv_layers_identical']}")
-        for e in res.get("prefill_vs_steps", []):
-            rows = e["rows_identical"]
+        for e in res["end_to_end"]:
+            rows = e["one_pass_rows_identical"]
             print(f"  prompt + {len(rows)} tokens in one pass vs prefill then steps: logit "
                   f"rows identical {sum(rows)}/{len(rows)}")
         c = res["cost_s"]
