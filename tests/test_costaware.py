@@ -745,8 +745,9 @@ def test_worth_starting_rules_out_a_drafter_whose_prefill_does_not_pay() -> None
     s.tracker._arm_tokens[1] = 0.0  # lm@8 never scored: not ruled out
     assert s.worth_starting([1100, 0], remaining=48).tolist() == [False, True, True, True, True]
     chat = rated_selector()  # this query ngram offers nothing: plain steps, 200 ms a token
-    chat.tracker._query_tokens[:] = [0.0, 0.0, 8.0, 8.0, 8.0]
-    chat.tracker._query_seconds[:] = [0.0, 0.0, 1.6, 1.6, 1.6]
+    chat.tracker._query_tokens[:] = [0.0, 0.0, 3.0, 3.0, 3.0]
+    chat.tracker._query_seconds[:] = [0.0, 0.0, 0.6, 0.6, 0.6]
+    chat.tracker._query_rounds[:] = [0.0, 0.0, 3.0, 3.0, 3.0]
     assert chat.worth_starting([1100, 0], remaining=48) is None  # 80 + 115 < 200 ms
     chat.tracker.reset()  # a new query: the stream's rates again
     assert chat.worth_starting([1100, 0], remaining=48).tolist()[:2] == [False, False]
@@ -755,6 +756,26 @@ def test_worth_starting_rules_out_a_drafter_whose_prefill_does_not_pay() -> None
     assert unknown.worth_starting([1100, 0], remaining=48) is None
     bandit = rated_selector("ucb", score_all=True)
     assert not bandit.prices_backlog and bandit.worth_starting([1100, 0], 48) is None
+
+
+def test_a_free_drafter_failing_at_once_lets_the_lm_start_in_three_rounds() -> None:
+    """The query's rate of a drafter that misses at once counts after three one-token
+    rounds, not eight tokens (the rounds still waiting for their window count too:
+    CounterfactualTracker.seconds_per_token's doctest)."""
+    s = rated_selector(score_rate=0.05)
+    costs = np.array([0.3, 0.4, 0.22, 0.24, 0.2])  # [num_arms]: lm@4, lm@8, ngram@4/8, none
+    for _ in range(3):
+        assert s.worth_starting([1100, 0], remaining=48).tolist()[:2] == [False, False]
+        # [1, N = (lm, ngram)]: the LM not run (factor 0), prompt lookup misses
+        s.tracker.add_round_tagged(np.array([[np.nan, 0.0]]), np.array([[np.nan, 0.0]]), 0,
+                                   costs=costs, rho=5.0, factors=np.array([0.0, 1.0]))
+    assert s.worth_starting([1100, 0], remaining=48) is None  # 70-80 + 115 < 200 ms
+    prompt_lookup = rated_selector(score_rate=0.05)  # copying: 9 tokens a round
+    for _ in range(3):
+        prompt_lookup.tracker.add_round_tagged(
+            np.ones((1, 2)), np.ones((1, 2)), 0, costs=costs, rho=5.0,
+            factors=np.array([0.0, 1.0]))
+    assert prompt_lookup.worth_starting([1100, 0], remaining=48).tolist()[:2] == [False, False]
 
 
 def test_a_coin_does_not_pay_the_prefill_of_a_drafter_not_worth_starting() -> None:

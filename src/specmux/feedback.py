@@ -92,7 +92,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -254,6 +254,7 @@ class CounterfactualTracker:
         # Per arm, this query's sums of counterfactual tokens and modelled seconds.
         self._query_tokens = np.zeros(len(self.k_of_arm))
         self._query_seconds = np.zeros(len(self.k_of_arm))
+        self._query_rounds = np.zeros(len(self.k_of_arm))
 
     @property
     def next_row(self) -> int:
@@ -424,26 +425,32 @@ class CounterfactualTracker:
         >>> [losses.tolist() for _, losses in tracker.provisional()]  # 1 and 5 tokens of 5
         [[0.8, 0.0]]
         """
-        if self.loss == "acceptance" or not self.delayed or self._gamma is None:
+        if self.loss == "acceptance" or not self.delayed:
             return []
-        out: list[tuple[int, np.ndarray]] = []
+        return [(meta.tag, self._losses(gamma, weight, meta, commit=False))
+                for meta, gamma, weight in self._pending_windows()]
+
+    def _pending_windows(self) -> Iterator[tuple[_Pending, np.ndarray, np.ndarray]]:
+        """Per round still waiting for its window, with a position verified: the round
+        (``factors`` 0 for a coin's drafter whose run has not come) and its optimistic
+        ``gamma``, ``weight`` [max_k, N]: positions not verified yet, or where a drafter
+        was not run, match (:meth:`provisional`)."""
+        if self._gamma is None:
+            return
         for meta in self._pending:
             lo = meta.start - self._offset
             hi = min(lo + self.max_k, self._len)
             if hi <= lo:
                 continue
-            # [max_k, N]: positions not verified yet, or where a drafter was not run, match
             gamma = np.ones((self.max_k, self._gamma.shape[1]))
             weight = gamma.copy()
             known = self._gamma[lo:hi]  # [n, N] (nan: not run there)
             gamma[: hi - lo] = np.where(np.isnan(known), 1.0, known)
             weight[: hi - lo] = np.where(np.isnan(known), 1.0, self._weight[lo:hi])
-            factors = None
-            if meta.factors is not None:  # a coin's drafter whose run has not come: imputed
-                factors = np.where(np.isnan(known).all(axis=0), 0.0, meta.factors)
-            out.append((meta.tag, self._losses(gamma, weight, replace(meta, factors=factors),
-                                               commit=False)))
-        return out
+            if meta.factors is not None:  # a coin's drafter whose run has not come
+                meta = replace(meta, factors=np.where(np.isnan(known).all(axis=0), 0.0,
+                                                      meta.factors))
+            yield meta, gamma, weight
 
     def _losses(self, gamma: np.ndarray, weight: np.ndarray, meta: _Pending,
                 commit: bool = True) -> np.ndarray:
@@ -500,16 +507,40 @@ class CounterfactualTracker:
             return 0.0
         return float(np.max(self._arm_tokens[ok] / self._arm_seconds[ok]))
 
-    def seconds_per_token(self, query_tokens: float = math.inf) -> np.ndarray:
+    def seconds_per_token(self, query_rounds: float = math.inf) -> np.ndarray:
         """Each fixed arm's modelled seconds per token so far, ``sum c_a / sum T_a``
         [num_arms] (``"time"`` loss; ``nan`` for an arm never scored): over this query's
-        rounds for an arm scored in rounds worth at least ``query_tokens`` of its tokens in
-        it, else over the stream (decayed)."""
+        rounds for an arm scored in at least ``query_rounds`` of them, else over the stream
+        (decayed).  The query's rounds include those still waiting for their window, at
+        their provisional tokens (:meth:`provisional`: exact for a drafter that already
+        missed, optimistic for one still matching), so an arm that fails at once shows it
+        in the rounds it fails, not ``max_k`` positions later.
+
+        >>> tracker = CounterfactualTracker([(0, 4), (1, 4)], "time")
+        >>> tracker._arm_tokens[:], tracker._arm_seconds[:] = [30.0, 30.0], [3.0, 6.0]
+        >>> for _ in range(2):  # drafter 0 misses at once, drafter 1 matches
+        ...     _ = tracker.add_round_tagged(np.array([[0.0, 1.0]]), np.array([[0.0, 1.0]]),
+        ...                                  -1, costs=np.array([0.3, 0.3]), rho=10.0)
+        >>> tracker.seconds_per_token(query_rounds=2).round(3).tolist()  # 1 and 5 tokens
+        [0.3, 0.06]
+        >>> tracker.seconds_per_token(query_rounds=3).round(3).tolist()  # the stream's
+        [0.1, 0.2]
+        """
         out = np.full(len(self._arm_tokens), np.nan)
         ok = self._arm_tokens > 0
         out[ok] = self._arm_seconds[ok] / self._arm_tokens[ok]
-        mine = self._query_tokens >= query_tokens
-        out[mine] = self._query_seconds[mine] / self._query_tokens[mine]
+        tokens, seconds = self._query_tokens.copy(), self._query_seconds.copy()  # [num_arms]
+        rounds = self._query_rounds.copy()
+        if query_rounds > rounds.min(initial=math.inf) and self.loss == "time" and self.delayed:
+            for meta, gamma, weight in self._pending_windows():
+                assert meta.costs is not None
+                seen = (np.ones(len(rounds), dtype=bool) if meta.factors is None
+                        else meta.factors[self.drafter_of_arm] > 0)
+                tokens[seen] += self.tokens(gamma, weight, meta.ks)[seen]
+                seconds[seen] += meta.costs[seen]
+                rounds[seen] += 1.0
+        mine = (rounds >= query_rounds) & (tokens > 0)
+        out[mine] = seconds[mine] / tokens[mine]
         return out
 
     def _time_losses(self, tokens: np.ndarray, meta: _Pending, commit: bool = True) -> np.ndarray:
@@ -541,11 +572,13 @@ class CounterfactualTracker:
             self._arm_seconds += meta.costs
             self._query_tokens += tokens
             self._query_seconds += meta.costs
+            self._query_rounds += 1.0
         else:
             self._arm_tokens[seen] = d * self._arm_tokens[seen] + tokens[seen]
             self._arm_seconds[seen] = d * self._arm_seconds[seen] + meta.costs[seen]
             self._query_tokens[seen] += tokens[seen]
             self._query_seconds[seen] += meta.costs[seen]
+            self._query_rounds[seen] += 1.0
         self.time_scale = max(self.time_scale * self._scale_decay, spread, 1e-9)
         return 0.5 + (mean - gain) / (2.0 * self.time_scale)
 

@@ -78,7 +78,7 @@ Scores = tuple[np.ndarray, np.ndarray]  # gamma, w: [n, N] along a round's verif
 NO_DRAFT = "none"  # the drafter name of the no-speculation arm (k = 0)
 CONTEXT_WARMUP = 8  # loss vectors (bandits: updates) a context's learner needs to play
 CONTEXT_KEYS = "drafter-level-hit"  # the key scheme of :meth:`Selector.context_key` (state)
-QUERY_RATE_TOKENS = 8.0  # an arm's counterfactual tokens in a query before its rate there counts
+QUERY_RATE_ROUNDS = 3  # rounds an arm is scored in a query before its rate there counts
 PRIOR_ACCEPTANCE = 0.5  # per-token acceptance assumed while the learner ranks all arms alike
 PRIOR_PSEUDO_TRIALS = 2.0  # ...worth this many draft-token trials next to a drafter's own
 
@@ -494,12 +494,16 @@ class Selector:
         ``prefill_seconds(backlog) / remaining`` more per token; an arm of it is ruled out
         when its seconds per token so far plus that lose to the best arm's of a drafter
         with no such backlog (the no-speculation arm included), each over this query's
-        rounds once it has :data:`QUERY_RATE_TOKENS` counterfactual tokens in it (a
-        model-free drafter is scored every round: in chat it offers nothing, on a
-        multi-turn prompt it copies), else over the stream's.  Arms never scored are never
-        ruled out.  (Shrinking the query's rate toward the stream's by 4 pseudo-tokens
-        instead started the LM sooner, on summaries and grounded answers too, where prompt
-        lookup pays later: issue 11's run 25, reverted.)
+        rounds once it was scored in :data:`QUERY_RATE_ROUNDS` of them, those still
+        waiting for their window included at their provisional tokens (a model-free
+        drafter is scored every round: in chat it offers nothing, on a multi-turn prompt it
+        copies), else over the stream's.  Arms never scored are never ruled out.  (Until
+        issue 11's run 46 the query's rate counted once an arm had 8 counterfactual tokens
+        released in the query: a drafter that fails at once gets 1 token a round, released
+        ``max_k`` positions late, so the LM stayed ruled out for 8-16 rounds of chat.
+        Shrinking the query's rate toward the stream's by 4 pseudo-tokens instead started
+        the LM sooner, on summaries and grounded answers too, where prompt lookup pays
+        later: run 25, reverted.)
 
         >>> from specmux.costmodel import CostModel
         >>> model = CostModel()
@@ -518,7 +522,7 @@ class Selector:
             return None
         # [num_arms] (nan: never scored): this query's own rates where known (model-free
         # drafters are scored every round), else the stream's
-        per_token = self.tracker.seconds_per_token(query_tokens=QUERY_RATE_TOKENS)
+        per_token = self.tracker.seconds_per_token(query_rounds=QUERY_RATE_ROUNDS)
         free = (surcharge == 0) & np.isfinite(per_token)
         if not free.any():
             return None
