@@ -3,8 +3,7 @@
     python benchmarks/trace_decisions.py bench-out/trace.jsonl --method hedge:time:ctx:argmax
 
 Per query of ``--method``: its category and prompt length; its rounds; how many of them the
-cold-start prior chose (``chosen_by``, :meth:`specmux.selector.Selector.prior_arm`), how
-many the query's own losses chose (:meth:`~specmux.selector.Selector.query_leader`) and in
+cold-start prior chose (``chosen_by``, :meth:`specmux.selector.Selector.prior_arm`) and in
 how many the prefill hint ruled out some arm of ``--drafter`` (``ruled_out``,
 :meth:`~specmux.selector.Selector.worth_starting`); the first round that drafter played
 (``-``: never); the query's seconds, and, where the trace has the single-drafter runs, the
@@ -52,13 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.query is not None:
         return _list_rounds(rounds, args.query, args.method)
     print(f"{'query':>5} {'category':10} {'prompt':>6} {'rounds':>6} {'prior':>5} "
-          f"{'query':>5} {'ruled out':>9} {'first ' + args.drafter:>9} {'seconds':>7} "
-          f"{'oracle':>7} {'ratio':>6}  fastest fixed arm")
+          f"{'ruled out':>9} {'first ' + args.drafter:>9} {'seconds':>7} {'oracle':>7} "
+          f"{'ratio':>6}  fastest fixed arm")
     total = oracle_total = 0.0
     for q in sorted(rounds):
         rs = rounds[q]
         prior = sum(r.get("chosen_by") == "prior" for r in rs)
-        leader = sum(r.get("chosen_by") == "query" for r in rs)
         ruled = sum(any(a.startswith(args.drafter + "@") for a in r.get("ruled_out", ()))
                     for r in rs)
         first = next((str(r["round"]) for r in rs if r["drafter"] == args.drafter), "-")
@@ -71,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             oracle_total += singles[best]
             cells = [f"{singles[best]:7.2f}", f"{mine / singles[best]:6.2f}", best]
         category, prompt = info[q]
-        print(f"{q:>5} {category:10} {prompt:>6} {len(rs):>6} {prior:>5} {leader:>5} {ruled:>9} "
+        print(f"{q:>5} {category:10} {prompt:>6} {len(rs):>6} {prior:>5} {ruled:>9} "
               f"{first:>9} {mine:7.2f} {cells[0]:>7} {cells[1]:>6}  {cells[2]}")
     line = f"total seconds {total:.2f}"
     if oracle_total:

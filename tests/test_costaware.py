@@ -836,7 +836,7 @@ def test_engine_does_not_start_an_lm_whose_prefill_does_not_pay(
             target_model, prompt, 12)
     assert steps[0].drafter not in ("small", "good")  # the second query's opening round
     assert {"small@k=2", "good@k=4"} <= set(steps[0].ruled_out)  # the trace says why
-    assert all(s.chosen_by != "prior" for s in steps)  # the arms' rates were known
+    assert all(s.chosen_by == "learner" for s in steps)  # the arms' rates were known
     model = decoder.cost_model
     assert set(model.prefill) == {"small", "good"}  # calibration, then each query's start
 

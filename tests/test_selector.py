@@ -96,9 +96,8 @@ def test_a_learner_leaves_a_failing_arm_before_its_losses_arrive() -> None:
     def run(provisional: bool) -> list[int]:
         selector = Selector(make_arms(["a", "b"], 8), "hedge",
                             policy_kwargs={"selection": "argmax"})
-        selector.query_local = False  # the learner's own ranking (query leader: below)
         if not provisional:
-            selector._provisional = lambda playing, pending: []  # type: ignore[method-assign]
+            selector._provisional = lambda playing: []  # type: ignore[method-assign]
         selector.start_query()
         for _ in range(2):  # a matches 8 of 8, b nothing: two losses (windows complete)
             arm = selector.select()
@@ -117,41 +116,6 @@ def test_a_learner_leaves_a_failing_arm_before_its_losses_arrive() -> None:
     # outweighs a's two good rounds; the first real loss would come after 8 rounds
     assert run(provisional=True) == [0, 0, 0, 1, 1, 1]
     assert run(provisional=False) == [0] * 6
-
-
-def test_the_query_leader_overrides_what_the_stream_taught() -> None:
-    """Per context, once a query has 3 loss vectors of it (pending ones included), the arm
-    of least loss in this query plays, whatever the stream taught the learner; the next
-    query starts over; with ``query_local`` off the learner keeps its stream choice."""
-    def run(query_local: bool) -> list[int]:
-        selector = Selector(make_arms(["a", "b"], 8), "hedge", loss="time",
-                            policy_kwargs={"selection": "argmax"})
-        selector.query_local = query_local
-        selector.start_query()
-        for _ in range(40):  # a long first query: a matches 8 of 8, b nothing
-            arm = selector.select()
-            gamma = np.tile([1.0, 0.0], (9, 1))
-            selector.observe(Outcome(arm, 8, 8), (gamma, gamma.copy()))
-        selector.end_query()
-        selector.start_query()
-        played = []
-        for _ in range(6):  # the next query: a misses every first token, b matches
-            arm = selector.select()
-            played.append(arm)
-            gamma = np.array([[0.0, 1.0]])
-            selector.observe(Outcome(arm, 8, 0), (gamma, gamma.copy()))
-        selector.end_query()
-        # this query's losses, kept until the next query starts (none when off)
-        assert (selector._query_losses.get(-1, [0, 0])[1] > 0) == query_local
-        selector.start_query()
-        assert not selector._query_losses
-        return played
-
-    assert run(query_local=True) == [0, 0, 0, 1, 1, 1]  # 3 rounds of evidence, then b
-    assert run(query_local=False) == [0] * 6  # 40 good rounds of a outweigh 6 pending
-    length = Selector(make_arms(["a", "b"], 8), "hedge")  # the length loss: no leader
-    length._query_losses[-1] = [np.array([1.0, 0.0]), 5]
-    assert length.query_leader(None, []) is None
 
 
 @pytest.mark.parametrize("name", ["hedge", "normalhedge"])

@@ -79,7 +79,6 @@ NO_DRAFT = "none"  # the drafter name of the no-speculation arm (k = 0)
 CONTEXT_WARMUP = 8  # loss vectors (bandits: updates) a context's learner needs to play
 CONTEXT_KEYS = "drafter-level-hit"  # the key scheme of :meth:`Selector.context_key` (state)
 QUERY_RATE_ROUNDS = 3  # rounds an arm is scored in a query before its rate there counts
-QUERY_LEADER_ROUNDS = 3  # loss vectors of a context in a query before its leader plays
 PRIOR_ACCEPTANCE = 0.5  # per-token acceptance assumed while the learner ranks all arms alike
 PRIOR_PSEUDO_TRIALS = 2.0  # ...worth this many draft-token trials next to a drafter's own
 
@@ -206,11 +205,7 @@ class Selector:
         self._lengths: dict[str, int] = {}  # drafter -> tokens it offers this round (max_k)
         # (the _lengths they were computed from, _drafted(), _draft_lengths()): once a round
         self._per_arm: tuple[dict[str, int], Any, np.ndarray | None] = ({}, None, None)
-        self._chosen_by = "learner"  # who chose the round's arm: learner, prior or query
-        # Selection by the query's own losses where it has enough (query_leader); per
-        # context key (-1: none) this query's [sum of loss vectors [num_arms], count]
-        self.query_local = True
-        self._query_losses: dict[int, list[Any]] = {}
+        self._chosen_by = "learner"  # who chose the round's arm: "learner" or "prior"
         self._ruled_out: tuple[str, ...] = ()  # arms worth_starting/drafting ruled out
         # [N]: drafters whose every arm worth_starting ruled out this round (their prefill
         # does not pay): a scoring coin does not pay it either (plan_scoring)
@@ -246,7 +241,6 @@ class Selector:
         self.tracker.reset()
         self._final = None
         self._hits[:] = False
-        self._query_losses.clear()
         if self.needs_scores and self.scoring.rate < 1.0:  # which drafters it watches
             plays = self.policy.probabilities() * self._drafts  # [num_arms]
             allowed = self.worth_starting(backlogs, budget)
@@ -319,16 +313,10 @@ class Selector:
             minlength=len(self.drafter_names)) == 0
         allowed = self.drafting(starting)  # None: all
         playing = self._playing()
-        # (tag, losses) of the rounds whose losses are on their way
-        tagged = (self.tracker.provisional()
-                  if playing.full_information and self.needs_scores else [])
-        pending = self._provisional(playing, tagged)
+        pending = self._provisional(playing)  # the rounds whose losses are on their way
         ranking = playing.ahead(pending) if pending else playing  # type: ignore[attr-defined]
-        arm = self.query_leader(allowed, tagged)
-        self._chosen_by = "query"
-        if arm is None:
-            arm = self.prior_arm(playing, allowed, backlogs, remaining, context, ranking)
-            self._chosen_by = "learner" if arm is None else "prior"
+        arm = self.prior_arm(playing, allowed, backlogs, remaining, context, ranking)
+        self._chosen_by = "learner" if arm is None else "prior"
         self._ruled_out = () if allowed is None else tuple(
             str(self.arms[i]) for i in np.flatnonzero(~allowed))
         if arm is None:
@@ -337,63 +325,20 @@ class Selector:
         self.policy_seconds += time.perf_counter() - t0
         return arm
 
-    def _provisional(self, playing: Policy,
-                     pending: list[tuple[int, np.ndarray]]) -> list[np.ndarray]:
+    def _provisional(self, playing: Policy) -> list[np.ndarray]:
         """For a full-information learner: the provisional losses of the query's rounds
-        still waiting for their window (``pending``: :meth:`CounterfactualTracker.provisional`),
-        those of the playing learner's context when it is a context's (what :meth:`_update`
-        will give it).  Selecting as if they had arrived lets a learner leave an arm that
-        keeps failing at once rather than ``max_k`` rounds later."""
+        still waiting for their window (:meth:`CounterfactualTracker.provisional`), those of
+        the playing learner's context when it is a context's (what :meth:`_update` will
+        give it).  Selecting as if they had arrived lets a learner leave an arm that keeps
+        failing at once rather than ``max_k`` rounds later."""
+        if not (playing.full_information and self.needs_scores):
+            return []
+        pending = self.tracker.provisional()
         if playing is self.policy:
             return [losses for _, losses in pending]
-        # a context learner plays only with a key
-        return [losses for tag, losses in pending if self._tag_key(tag) == self._key]
-
-    def _tag_key(self, tag: int) -> int:
-        """The context key of a round's tag (:meth:`observe`), -1 for none."""
-        return tag // len(self.arms) - 1
-
-    @property
-    def _leads(self) -> bool:
-        """Whether :meth:`query_leader` may choose: on, full information, time loss."""
-        return (self.query_local and self.policy.full_information and self.needs_scores
-                and self.tracker.loss == "time")
-
-    def query_leader(self, allowed: np.ndarray | None,
-                     pending: list[tuple[int, np.ndarray]]) -> int | None:
-        """The arm of least loss over this query's rounds of this round's context (all of
-        them without contexts), once it has :data:`QUERY_LEADER_ROUNDS` loss vectors
-        there, those still on their way (``pending``) at their provisional losses; among
-        the ``allowed`` [num_arms] arms.  ``None`` before that, for bandits and under the
-        ``length`` and ``acceptance`` losses (a longer draft never loses there: the leader
-        would always be the longest).
-
-        The learners rank arms by their losses over the stream (per context), which
-        suits the stream's average query and no query in particular: in a chat answer a
-        context in which prompt lookup pays on code edits goes on playing it, a round at a
-        time, while its counterfactual losses in this very query say the LM does better
-        (issue 11's run 47: 9 such rounds of 23 in one chat query, 1.41× the best single
-        arm's time).  The per-query oracle plays the best arm of each query; following
-        the leader of the query's own losses, once a context has a few, is the learner's
-        way to it.  Where a drafter was not scored (an LM drafter between its scoring
-        coins) its arms' losses are imputed from the stream's, as for the learners.
-
-        >>> s = Selector(make_arms(["lm", "ngram"], [4]), "hedge", loss="time")
-        >>> s._query_losses[-1] = [np.array([0.9, 0.2]), 2]
-        >>> s.query_leader(None, [(0, np.array([0.5, 0.4]))])  # three rounds: ngram@4
-        1
-        >>> s.query_leader(None, []) is None  # two: the learner's choice
-        True
-        """
-        if not self._leads:
-            return None
-        key = -1 if self._key is None else self._key
-        total, count = self._query_losses.get(key, (0.0, 0))
-        mine = [losses for tag, losses in pending if self._tag_key(tag) == key]
-        if count + len(mine) < QUERY_LEADER_ROUNDS:
-            return None
-        loss = total + np.sum(mine, axis=0) if mine else total  # [num_arms]
-        return int(np.argmin(loss if allowed is None else np.where(allowed, loss, np.inf)))
+        # a tag's context, decoded as _update_contexts does (a context learner plays only
+        # with a key)
+        return [losses for tag, losses in pending if tag // len(self.arms) - 1 == self._key]
 
     def prior_arm(self, playing: Policy, allowed: np.ndarray | None,
                   backlogs: Sequence[int] | None = None, remaining: int = 0,
@@ -552,10 +497,10 @@ class Selector:
         rounds once it was scored in :data:`QUERY_RATE_ROUNDS` of them, those still
         waiting for their window included at their provisional tokens (a model-free
         drafter is scored every round: in chat it offers nothing, on a multi-turn prompt it
-        copies), else over the stream's.  Arms never scored are never ruled out.  (Before
+        copies), else over the stream's.  Arms never scored are never ruled out.  (Until
         issue 11's run 46 the query's rate counted once an arm had 8 counterfactual tokens
-        released in the query: a drafter that fails at once earns 1 token a round, so the
-        LM stayed ruled out for 8 rounds or more: 7-11 in six queries of run 45's 14.
+        released in the query: a drafter that fails at once gets 1 token a round, released
+        ``max_k`` positions late, so the LM stayed ruled out for 8-16 rounds of chat.
         Shrinking the query's rate toward the stream's by 4 pseudo-tokens instead started
         the LM sooner, on summaries and grounded answers too, where prompt lookup pays
         later: run 25, reverted.)
@@ -601,10 +546,9 @@ class Selector:
 
     @property
     def round_choice(self) -> tuple[str, tuple[str, ...]]:
-        """How the round last selected was decided: ``"learner"``, ``"prior"``
-        (:meth:`prior_arm`) or ``"query"`` (:meth:`query_leader`), and the arms
-        :meth:`worth_starting` (the prefill hint) or :meth:`drafting` (nothing to draft)
-        ruled out (their names)."""
+        """How the round last selected was decided: ``"learner"`` or ``"prior"``
+        (:meth:`prior_arm`), and the arms :meth:`worth_starting` (the prefill hint) or
+        :meth:`drafting` (nothing to draft) ruled out (their names)."""
         return self._chosen_by, self._ruled_out
 
     @property
@@ -742,11 +686,6 @@ class Selector:
         self.policy.update(feedback)
         if self.contextual:
             self._update_contexts(feedback, tags, key)
-        if self._leads:
-            for tag, losses in zip(tags, feedback.losses, strict=True):
-                entry = self._query_losses.setdefault(self._tag_key(tag), [0.0, 0])
-                entry[0] = entry[0] + losses
-                entry[1] += 1
         self.policy_seconds += time.perf_counter() - t0
 
     def _update_contexts(self, feedback: Feedback, tags: Sequence[int],

@@ -150,8 +150,6 @@ class Step:
     # gamma[name][j] = sum_x min(p_j(x), q_j(x)) (greedy: the argmax indicator).
     gammas: dict[str, tuple[float, ...]] = field(default_factory=dict)
     context: int | None = None  # the round's context key (contextual selection), else None
-    # "prior": the cold start chose the arm (Selector.prior_arm); "query": the query's own
-    # losses did (Selector.query_leader)
-    chosen_by: str = "learner"
+    chosen_by: str = "learner"  # "prior": the cold start chose the arm (Selector.prior_arm)
     ruled_out: tuple[str, ...] = ()  # arms not allowed: worth_starting's prefill hint, or
     # drafting's nothing-to-draft rule (Selector.round_choice)

@@ -47,9 +47,7 @@ def bench(
     policies: Annotated[
         list[str] | None,
         typer.Option(help="Learners to compare (repeatable or comma-separated), each "
-                     "NAME[:LOSS][:ctx|:noctx][:sample|:argmax][:query|:noquery], e.g. "
-                     "hedge:time:ctx (:noquery: the learner never follows the query's own "
-                     "losses). Default: "
+                     "NAME[:LOSS][:ctx|:noctx][:sample|:argmax], e.g. hedge:time:ctx. Default: "
                      + ",".join(DEFAULT_POLICIES) + "."),
     ] = None,
     drafters: Annotated[

@@ -63,8 +63,7 @@ def label(method: str, meta: dict[str, Any] | None = None) -> str:
         return "best fixed single drafter of the stream in hindsight (time)"
     name, *mods = method.split(":")
     words = {"ctx": "contextual", "noctx": "not contextual", "argmax": "plays the best arm",
-             "sample": "samples", "query": "follows the query's leader",
-             "noquery": "no query leader"}
+             "sample": "samples"}
     notes = [words.get(m, f"{m} loss") for m in mods]
     return POLICY_LABELS.get(name, name) + (f" [{', '.join(notes)}]" if notes else "")
 

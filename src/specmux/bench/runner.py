@@ -127,27 +127,24 @@ def _trained_heads(target: str) -> dict[str, Path]:
 
 
 CONTEXT_FLAGS = {"ctx": True, "noctx": False}
-# a full-information learner follows the query's own losses (Selector.query_leader) or not
-QUERY_FLAGS = {"query": True, "noquery": False}
 SELECTIONS = ("sample", "argmax")  # a full-information learner's selection rule
 
 
 @dataclass(frozen=True)
 class PolicySpec:
-    """A bench learner: ``NAME[:LOSS][:ctx|:noctx][:sample|:argmax][:query|:noquery]``."""
+    """A bench learner: ``NAME[:LOSS][:ctx|:noctx][:sample|:argmax]``."""
 
     name: str
     loss: str | None = None  # None: BenchConfig.loss
     contextual: bool | None = None  # None: BenchConfig.contextual
     selection: str | None = None  # Hedge/NormalHedge: draw from the weights, or play the best
-    query_local: bool | None = None  # None: the selector's default (on)
 
 
 def parse_policy_spec(spec: str) -> PolicySpec:
     """Parse a ``--policies`` entry; ConfigError on an unknown policy, loss or flag.
 
     >>> parse_policy_spec("hedge:time:ctx:argmax")
-    PolicySpec(name='hedge', loss='time', contextual=True, selection='argmax', query_local=None)
+    PolicySpec(name='hedge', loss='time', contextual=True, selection='argmax')
     """
     name, *mods = spec.split(":")
     if name not in POLICIES or name == "fixed":
@@ -162,14 +159,10 @@ def parse_policy_spec(spec: str) -> PolicySpec:
         elif (mod in SELECTIONS and out.selection is None
               and POLICIES[name].full_information):
             out = replace(out, selection=mod)
-        elif (mod in QUERY_FLAGS and out.query_local is None
-              and POLICIES[name].full_information):
-            out = replace(out, query_local=QUERY_FLAGS[mod])
         else:
             raise ConfigError(f"bad policy spec {spec!r}: after the name, at most one loss "
                               f"({', '.join(LOSSES)}), one of ctx, noctx and, for hedge and "
-                              f"normalhedge, one of {', '.join(SELECTIONS)} and one of "
-                              f"query, noquery")
+                              f"normalhedge, one of {', '.join(SELECTIONS)}")
     return out
 
 
@@ -699,8 +692,6 @@ class BenchRunner:
                 contextual=cfg.contextual if ps.contextual is None else ps.contextual,
                 policy_kwargs={"selection": ps.selection} if ps.selection else None,
             )
-            if ps.query_local is not None:
-                decoder.selector.query_local = ps.query_local
             methods.append(_Method(spec, "policy", decoder, exact=cfg.exact))
         return methods
 
