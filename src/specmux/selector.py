@@ -497,10 +497,10 @@ class Selector:
         rounds once it was scored in :data:`QUERY_RATE_ROUNDS` of them, those still
         waiting for their window included at their provisional tokens (a model-free
         drafter is scored every round: in chat it offers nothing, on a multi-turn prompt it
-        copies), else over the stream's.  Arms never scored are never ruled out.  (Until
+        copies), else over the stream's.  Arms never scored are never ruled out.  (Before
         issue 11's run 46 the query's rate counted once an arm had 8 counterfactual tokens
-        released in the query: a drafter that fails at once gets 1 token a round, released
-        ``max_k`` positions late, so the LM stayed ruled out for 8-16 rounds of chat.
+        released in the query: a drafter that fails at once earns 1 token a round, so the
+        LM stayed ruled out for 8 rounds or more: 7-11 in six queries of run 45's 14.
         Shrinking the query's rate toward the stream's by 4 pseudo-tokens instead started
         the LM sooner, on summaries and grounded answers too, where prompt lookup pays
         later: run 25, reverted.)
