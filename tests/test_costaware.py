@@ -770,12 +770,33 @@ def test_a_free_drafter_failing_at_once_lets_the_lm_start_in_three_rounds() -> N
         s.tracker.add_round_tagged(np.array([[np.nan, 0.0]]), np.array([[np.nan, 0.0]]), 0,
                                    costs=costs, rho=5.0, factors=np.array([0.0, 1.0]))
     assert s.worth_starting([1100, 0], remaining=48) is None  # 70-80 + 115 < 200 ms
-    prompt_lookup = rated_selector(score_rate=0.05)  # copying: 9 tokens a round
+    # copying: prompt lookup still matching, so its windows wait (8 positions); by the
+    # stream's rates (ngram and plain steps 200 ms a token) the LM would start
+    prompt_lookup = rated_selector(score_rate=0.05)
+    prompt_lookup.tracker._arm_seconds[:] = [0.8, 0.7, 2.0, 2.0, 2.0]
+    assert prompt_lookup.worth_starting([1100, 0], remaining=48) is None
     for _ in range(3):
         prompt_lookup.tracker.add_round_tagged(
             np.ones((1, 2)), np.ones((1, 2)), 0, costs=costs, rho=5.0,
             factors=np.array([0.0, 1.0]))
+    assert len(prompt_lookup.tracker._pending) == 3  # nothing released: all pending
+    # ngram@8: 9 provisional tokens a round for 0.24 s (27 ms a token) rules the LM out
     assert prompt_lookup.worth_starting([1100, 0], remaining=48).tolist()[:2] == [False, False]
+
+
+def test_the_plain_arm_is_known_exactly_when_column_0_is_an_unscored_lm() -> None:
+    """The no-speculation arm reads drafter column 0; a plain step's one token is known
+    without any drafter, so an LM in column 0 left unscored by its coin (factor 0) neither
+    imputes the plain arm's loss nor keeps its rounds out of the query's rate."""
+    s = rated_selector(score_rate=0.05)  # arms lm@4, lm@8, ngram@4, ngram@8, none
+    costs = np.array([0.3, 0.4, 0.22, 0.24, 0.2])
+    assert s.tracker._arm_factors(np.array([0.0, 1.0])).tolist() == [0, 0, 1, 1, 1]
+    for _ in range(3):
+        s.tracker.add_round_tagged(
+            np.array([[np.nan, 0.0]]), np.array([[np.nan, 0.0]]), 0, costs=costs, rho=5.0,
+            factors=np.array([0.0, 1.0]))
+    assert s.tracker._query_rounds.tolist() == [0.0, 0.0, 3.0, 3.0, 3.0]
+    assert s.tracker.seconds_per_token(query_rounds=3)[4] == pytest.approx(0.2)
 
 
 def test_a_coin_does_not_pay_the_prefill_of_a_drafter_not_worth_starting() -> None:

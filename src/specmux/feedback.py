@@ -472,7 +472,13 @@ class CounterfactualTracker:
                 losses = self._time_losses(tokens, meta, commit)
         if factors is None:
             return losses
-        return self._impute(losses, factors[self.drafter_of_arm], meta.tag, commit)
+        return self._impute(losses, self._arm_factors(factors), meta.tag, commit)
+
+    def _arm_factors(self, factors: np.ndarray) -> np.ndarray:
+        """Per arm [num_arms]: its drafter's scoring factor (``factors`` [N]); 1 for the
+        no-speculation arm, whose one token for a plain step is known without any drafter
+        (its arms read drafter column 0, which may be an LM between scoring coins)."""
+        return np.where(self.k_of_arm == 0, 1.0, factors[self.drafter_of_arm])
 
     def _impute(self, losses: np.ndarray, f: np.ndarray, tag: int,
                 commit: bool = True) -> np.ndarray:
@@ -531,11 +537,11 @@ class CounterfactualTracker:
         out[ok] = self._arm_seconds[ok] / self._arm_tokens[ok]
         tokens, seconds = self._query_tokens.copy(), self._query_seconds.copy()  # [num_arms]
         rounds = self._query_rounds.copy()
-        if query_rounds > rounds.min(initial=math.inf) and self.loss == "time" and self.delayed:
+        if math.isfinite(query_rounds) and self.loss == "time" and self.delayed:
             for meta, gamma, weight in self._pending_windows():
                 assert meta.costs is not None
                 seen = (np.ones(len(rounds), dtype=bool) if meta.factors is None
-                        else meta.factors[self.drafter_of_arm] > 0)
+                        else self._arm_factors(meta.factors) > 0)
                 tokens[seen] += self.tokens(gamma, weight, meta.ks)[seen]
                 seconds[seen] += meta.costs[seen]
                 rounds[seen] += 1.0
@@ -548,7 +554,7 @@ class CounterfactualTracker:
         ``commit=False`` leaves the arms' rates and the scale as they are."""
         assert meta.costs is not None
         exact = (np.ones(len(tokens), dtype=bool) if meta.factors is None
-                 else meta.factors[self.drafter_of_arm] == 1.0)
+                 else self._arm_factors(meta.factors) == 1.0)
         if not exact.any():
             exact[:] = True
         rho = max(meta.rho, self.best_fixed_rate())
@@ -558,7 +564,7 @@ class CounterfactualTracker:
         gain = tokens - rho * meta.costs  # [num_arms], in tokens
         mean = float(gain[exact].mean())
         spread = float(np.abs(gain[exact] - mean).max())
-        seen = exact if meta.factors is None else meta.factors[self.drafter_of_arm] > 0
+        seen = exact if meta.factors is None else self._arm_factors(meta.factors) > 0
         if seen.any():  # scored by a coin: known exactly too
             spread = max(spread, float(np.abs(gain[seen] - mean).max()))
         if not commit:

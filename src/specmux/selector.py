@@ -500,7 +500,7 @@ class Selector:
         copies), else over the stream's.  Arms never scored are never ruled out.  (Before
         issue 11's run 46 the query's rate counted once an arm had 8 counterfactual tokens
         released in the query: a drafter that fails at once earns 1 token a round, so the
-        LM stayed ruled out for 8 rounds or more: 7-11 in six queries of run 45's 14.
+        LM stayed ruled out for about 8 rounds: 7-11 in six queries of run 45's 14.
         Shrinking the query's rate toward the stream's by 4 pseudo-tokens instead started
         the LM sooner, on summaries and grounded answers too, where prompt lookup pays
         later: run 25, reverted.)
