@@ -553,8 +553,10 @@ class CounterfactualTracker:
         """Dinkelbach's gain ``T - rho * c`` per arm, shifted and scaled (module docstring);
         ``commit=False`` leaves the arms' rates and the scale as they are."""
         assert meta.costs is not None
-        exact = (np.ones(len(tokens), dtype=bool) if meta.factors is None
-                 else self._arm_factors(meta.factors) == 1.0)
+        # [num_arms]: each arm's scoring factor (None: every arm scored exactly)
+        arm_factors = None if meta.factors is None else self._arm_factors(meta.factors)
+        exact = (np.ones(len(tokens), dtype=bool) if arm_factors is None
+                 else arm_factors == 1.0)
         if not exact.any():
             exact[:] = True
         rho = max(meta.rho, self.best_fixed_rate())
@@ -564,7 +566,7 @@ class CounterfactualTracker:
         gain = tokens - rho * meta.costs  # [num_arms], in tokens
         mean = float(gain[exact].mean())
         spread = float(np.abs(gain[exact] - mean).max())
-        seen = exact if meta.factors is None else self._arm_factors(meta.factors) > 0
+        seen = exact if arm_factors is None else arm_factors > 0
         if seen.any():  # scored by a coin: known exactly too
             spread = max(spread, float(np.abs(gain[seen] - mean).max()))
         if not commit:
